@@ -1,0 +1,134 @@
+"""What a backend and a destination must provide.
+
+A backend type is registered by a plugin (see
+:func:`dqr.hookspecs.dqr_register_backends`) with a factory that builds one
+:class:`Backend` per configured source. Backends are called from several
+engine threads at once: they own their connection pools (associations, HTTP
+sessions) and keep them within ``context.limits``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from dqr.model import (
+    Instance,
+    ReceivedInstance,
+    RetrieveReport,
+    RetrieveRequest,
+    Series,
+    Study,
+    StudyQuery,
+)
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from dqr.config import Limits
+
+#: Called by a backend for every instance it receives; thread-safe. It
+#: relabels and stores the instance and raises if that failed (a DIMSE
+#: backend then answers the C-STORE with a failure status).
+StoreCallback = Callable[[ReceivedInstance], None]
+
+
+@dataclass(frozen=True)
+class SourceContext:
+    """What a backend factory gets besides its own config."""
+
+    name: str
+    """The source's name under ``sources:``."""
+    config_dir: Path
+    """Directory of the site config: relative paths are relative to it."""
+    limits: Limits
+    """Effective limits for this source (global, then source, then CLI)."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A source of studies: a PACS reached over some protocol."""
+
+    def echo(self) -> str:
+        """Check the source answers; return a short human description.
+
+        Raises :class:`dqr.errors.RemoteError` saying why it does not.
+        """
+
+    def query_studies(self, query: StudyQuery) -> Iterator[Study]:
+        """Yield the studies matching ``query.filters`` (study level).
+
+        Filter values follow DICOM matching (wildcards, date ranges, UID
+        lists). Duplicate answers are allowed; the engine de-duplicates.
+        """
+
+    def query_series(self, study: Study) -> Iterator[Series]:
+        """Yield the series of a study (series level)."""
+
+    def query_instances(self, study: Study, series: Series) -> Iterator[Instance]:
+        """Yield the instances of a series (image level).
+
+        Raise :class:`NotImplementedError` when the source cannot answer;
+        the engine then relies on ``Series.n_instances``.
+        """
+
+    def retrieve(self, request: RetrieveRequest, store: StoreCallback) -> RetrieveReport:
+        """Fetch the requested instances and hand each to ``store``.
+
+        Streams: every instance goes to ``store`` as it arrives and is not
+        kept. Returns when the remote says the retrieval is over (or a
+        timeout passed); raises :class:`dqr.errors.RemoteError` on failure.
+        """
+
+    def close(self) -> None:
+        """Release connections and servers; called once at the end of a job."""
+
+
+#: ``factory(config, context) -> Backend``
+BackendFactory = Callable[["BaseModel", SourceContext], Backend]
+
+
+class SeriesWriter(Protocol):
+    """Stores the instances of one series for a destination."""
+
+    def exists(self, sop_instance_uid: str) -> bool:
+        """Whether this instance is already durably stored."""
+
+    def write(self, sop_instance_uid: str, part10: bytes, replaced: dict[str, str]) -> None:
+        """Store one relabeled instance (a complete DICOM Part-10 file).
+
+        ``replaced`` maps each keyword relabeling changed to its original
+        value (kept as provenance). Thread-safe for one series.
+        """
+
+    def commit(self) -> list[str]:
+        """Make everything written so far durable; return the SOP Instance
+        UIDs made durable since the last commit. Only then are they stored."""
+
+
+class Destination(Protocol):
+    """Where relabeled instances end up."""
+
+    def open_series(self, study: Study, series: Series, subject: str, session: str) -> SeriesWriter:
+        """Prepare to store one series under the given labels."""
+
+    def describe(self) -> str:
+        """Short human description, e.g. the archive path."""
+
+
+#: ``factory(config, context) -> Destination``
+DestinationFactory = Callable[..., Destination]
+
+
+__all__ = [
+    "Backend",
+    "BackendFactory",
+    "Destination",
+    "DestinationFactory",
+    "Instance",
+    "SeriesWriter",
+    "SourceContext",
+    "StoreCallback",
+]

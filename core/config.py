@@ -1,0 +1,329 @@
+"""The site config (``site.yaml``): parsing, validation and error locations.
+
+Every problem is reported at once with the YAML file's line, and unknown keys
+get the closest valid key suggested, so that a typo never silently does
+nothing. Source sections are validated by the config model their backend
+type registered.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dqr.errors import ConfigError, Problem
+from dqr.labels import validate_label
+
+#: Keys that would put a secret into the YAML itself: refused outright.
+SECRET_KEYS = frozenset({"password", "token", "secret", "api_key", "apikey", "bearer"})
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Limits(Strict):
+    """How hard dqr may push a source. ``limits:`` at the top level sets the
+    defaults; a source's own ``limits:`` overrides them; CLI flags override
+    both."""
+
+    max_queries: int = Field(4, ge=1, le=64, description="simultaneous queries")
+    max_retrievals: int = Field(2, ge=1, le=64, description="simultaneous retrievals")
+    batch_size: int = Field(100, ge=1, description="CSV rows planned and queried per batch")
+    requests_per_second: float | None = Field(None, gt=0, description="query rate cap")
+    retries: int = Field(3, ge=0, le=20, description="retries of a retriable failure")
+    backoff_initial: float = Field(1.0, ge=0, description="first retry delay, seconds")
+    backoff_max: float = Field(60.0, ge=0, description="longest retry delay, seconds")
+    query_timeout: float = Field(60.0, gt=0, description="one query, seconds")
+    retrieve_timeout: float = Field(600.0, gt=0, description="one series retrieval, seconds")
+
+    def merged(self, overrides: dict[str, Any]) -> Limits:
+        data = self.model_dump()
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return Limits.model_validate(data)
+
+
+class MatchingOptions(Strict):
+    """How a source's matching differs from the DICOM standard.
+
+    Kept in one place so that the engine, not each backend, adapts queries.
+    """
+
+    uid_lists: bool = Field(True, description="send a UID list as one query (else one query per UID)")
+    value_lists: bool = Field(False, description="send non-UID lists as one query (not standard)")
+    modalities_in_study: bool = Field(
+        True, description="the source matches ModalitiesInStudy (else dqr checks series modalities)"
+    )
+
+
+class SourceConfig(Strict):
+    """Keys every source has; a backend type's config model extends this."""
+
+    type: str
+    limits: dict[str, Any] = Field(default_factory=dict)
+    matching: MatchingOptions = MatchingOptions()
+
+    @field_validator("limits")
+    @classmethod
+    def _check_limits(cls, value: dict[str, Any]) -> dict[str, Any]:
+        Limits().merged(value)  # raises on unknown keys or bad values
+        return value
+
+
+class SeriesFilter(Strict):
+    """Which series of a selected study are retrieved, by SeriesDescription."""
+
+    include: list[str] = Field(default_factory=lambda: ["*"])
+    exclude: list[str] = Field(default_factory=list)
+
+
+SessionRule = Literal["StudyID", "AccessionNumber", "StudyInstanceUID"]
+SubjectRule = Literal["PatientID", "PatientName"]
+
+
+class SiteConfig(Strict):
+    """The validated site config. Paths are absolute (resolved against the
+    config file's directory)."""
+
+    project: str = "dqr"
+    source: str | None = None
+    sources: dict[str, dict[str, Any]]
+    archive: Path = Path("archive")
+    csv: Path | None = None
+    series: SeriesFilter = SeriesFilter()
+    session_label: SessionRule = "StudyID"
+    subject_label: SubjectRule = "PatientID"
+    limits: Limits = Limits()
+    state: Path | None = Field(None, description="job database; default <archive>/.dqr/job.sqlite")
+    destination: dict[str, Any] = Field(default_factory=lambda: {"type": "archive"})
+
+    @field_validator("project")
+    @classmethod
+    def _check_project(cls, value: str) -> str:
+        problem = validate_label(value)
+        if problem:
+            raise ValueError(problem)
+        return value.strip()
+
+
+class LoadedConfig:
+    """A site config with its sources validated by their backend models."""
+
+    def __init__(self, path: Path, site: SiteConfig, sources: dict[str, SourceConfig]) -> None:
+        self.path = path
+        self.dir = path.parent
+        self.site = site
+        self.sources = sources
+
+    def source_name(self, override: str | None = None) -> str:
+        name = override or self.site.source
+        if name is None:
+            if len(self.sources) == 1:
+                return next(iter(self.sources))
+            raise ConfigError(
+                f"several sources are configured ({', '.join(self.sources)}): "
+                "choose one with `source:` or --source",
+                file=str(self.path),
+            )
+        if name not in self.sources:
+            raise ConfigError(
+                f"unknown source {name!r}; configured sources: {', '.join(self.sources)}",
+                file=str(self.path),
+            )
+        return name
+
+    def limits_for(self, source: str, cli_overrides: dict[str, Any] | None = None) -> Limits:
+        limits = self.site.limits.merged(self.sources[source].limits)
+        return limits.merged(cli_overrides or {})
+
+    @property
+    def state_path(self) -> Path:
+        return self.site.state or (self.site.archive / ".dqr" / "job.sqlite")
+
+
+# -- loading -------------------------------------------------------------------
+
+
+def _key_lines(text: str) -> dict[tuple[Any, ...], int]:
+    """Map each mapping key's path to its 1-based line in the YAML text."""
+    lines: dict[tuple[Any, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[Any, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = key_node.value
+                lines[path + (key,)] = key_node.start_mark.line + 1
+                walk(value_node, path + (key,))
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                lines[path + (index,)] = item.start_mark.line + 1
+                walk(item, path + (index,))
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _line_for(lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int | None:
+    while loc:
+        if loc in lines:
+            return lines[loc]
+        loc = loc[:-1]
+    return None
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the mapping at ``loc``, if any."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return None
+    return model
+
+
+def _problems_from(
+    error: ValidationError,
+    model: type[BaseModel],
+    file: str,
+    lines: dict[tuple[Any, ...], int],
+    prefix: tuple[Any, ...] = (),
+) -> list[Problem]:
+    problems = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        key = ".".join(str(p) for p in prefix + loc)
+        if item["type"] == "extra_forbidden":
+            owner = _model_at(model, loc[:-1])
+            valid = sorted(owner.model_fields) if owner else []
+            message = f"unknown key {key!r}"
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
+            elif valid:
+                message += f"; valid keys here: {', '.join(valid)}"
+        elif item["type"] == "missing":
+            message = f"missing key {key!r}"
+        else:
+            message = f"{key}: {item['msg']}"
+        problems.append(Problem(file=file, line=_line_for(lines, prefix + loc), message=message))
+    return problems
+
+
+def _secret_problems(data: Any, file: str, lines: dict, path: tuple = ()) -> list[Problem]:
+    problems: list[Problem] = []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if str(key).lower() in SECRET_KEYS:
+                problems.append(
+                    Problem(
+                        file=file,
+                        line=lines.get(path + (key,)),
+                        message=(
+                            f"{'.'.join(map(str, path + (key,)))}: secrets never go in the YAML; "
+                            f"name an environment variable ({key}_env) or a file ({key}_file)"
+                        ),
+                    )
+                )
+            else:
+                problems += _secret_problems(value, file, lines, path + (key,))
+    return problems
+
+
+def _resolve(path: Path | None, base: Path) -> Path | None:
+    if path is None:
+        return None
+    path = Path(os.path.expanduser(str(path)))
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def load_config(path: str | os.PathLike[str]) -> LoadedConfig:
+    """Read and validate a site config, reporting every problem at once."""
+    from dqr.pluginmanager import backend_types  # late: loads plugins
+
+    path = Path(path)
+    file = str(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config: {exc.strerror}", file=file) from exc
+    try:
+        data = yaml.safe_load(text)
+        lines = _key_lines(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise ConfigError(
+            Problem(file, f"not valid YAML: {getattr(exc, 'problem', exc)}", mark.line + 1 if mark else None)
+        ) from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(Problem(file, "the config must be a mapping of keys to values", 1))
+
+    problems = _secret_problems(data, file, lines)
+    site: SiteConfig | None = None
+    try:
+        site = SiteConfig.model_validate(data)
+    except ValidationError as exc:
+        problems += _problems_from(exc, SiteConfig, file, lines)
+
+    sources: dict[str, SourceConfig] = {}
+    types = backend_types()
+    raw_sources = data.get("sources") if isinstance(data.get("sources"), dict) else {}
+    if isinstance(data.get("sources"), dict) and not raw_sources:
+        problems.append(Problem(file, "`sources:` is empty: configure at least one source", lines.get(("sources",))))
+    for name, raw in raw_sources.items():
+        where = ("sources", name)
+        if not isinstance(raw, dict):
+            problems.append(Problem(file, f"sources.{name} must be a mapping", lines.get(where)))
+            continue
+        type_name = raw.get("type")
+        if type_name not in types:
+            available = ", ".join(sorted(types))
+            message = (
+                f"sources.{name}: missing `type:`" if type_name is None
+                else f"sources.{name}.type: unknown backend type {type_name!r}"
+            )
+            close = difflib.get_close_matches(str(type_name), list(types), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close and type_name else ""
+            problems.append(
+                Problem(file, f"{message}{hint} (available: {available})", lines.get(where + ("type",), lines.get(where)))
+            )
+            continue
+        model = types[type_name].config_model
+        try:
+            sources[name] = model.model_validate(raw)
+        except ValidationError as exc:
+            problems += _problems_from(exc, model, file, lines, prefix=where)
+
+    if site is not None and site.source is not None and raw_sources and site.source not in raw_sources:
+        problems.append(
+            Problem(file, f"source: {site.source!r} is not among sources ({', '.join(raw_sources)})", lines.get(("source",)))
+        )
+    if problems:
+        raise ConfigError(problems)
+    assert site is not None
+    base = path.resolve().parent
+    site = site.model_copy(
+        update={
+            "archive": _resolve(site.archive, base),
+            "csv": _resolve(site.csv, base),
+            "state": _resolve(site.state, base),
+        }
+    )
+    return LoadedConfig(path.resolve(), site, sources)
+
+
+def resolve_path(config: LoadedConfig, value: str | os.PathLike[str]) -> Path:
+    """Resolve a path from a source config relative to the config file."""
+    resolved = _resolve(Path(value), config.dir)
+    assert resolved is not None
+    return resolved

@@ -1,0 +1,164 @@
+"""Plain data types shared by every layer: CSV rows, queries, query answers,
+retrieval requests and received instances.
+
+They carry strings exactly as DICOM has them (dates as ``YYYYMMDD``, lists
+joined by ``\\``) so that nothing is lost or reinterpreted between the CSV,
+the PACS and the archive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+#: CSV search header -> DICOM keyword queried at study level (the reference's table).
+SEARCH_HEADERS: Mapping[str, str] = {
+    "Accession Number": "AccessionNumber",
+    "Study Date": "StudyDate",
+    "Patient ID": "PatientID",
+    "Patient Name": "PatientName",
+    "DOB": "PatientBirthDate",
+    "Modality": "ModalitiesInStudy",
+    "Study Instance UID": "StudyInstanceUID",
+}
+#: Headers combined into Patient Name as ``LAST^FIRST``.
+NAME_PART_HEADERS = ("Last Name", "First Name")
+#: Relabeling headers.
+REMAP_HEADERS = ("Subject", "Session")
+
+#: Keywords whose values are dates (range matching, no wildcards, no lists).
+DATE_KEYWORDS = frozenset({"StudyDate", "PatientBirthDate"})
+#: Keywords whose values are UIDs (list matching is standard for these).
+UID_KEYWORDS = frozenset({"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"})
+
+
+@dataclass(frozen=True)
+class RowQuery:
+    """One validated CSV data row.
+
+    ``filters`` maps DICOM keywords to the row's values, which may still hold
+    ``\\``-separated lists; :func:`dqr.planner.plan_queries` fans those out.
+    """
+
+    line: int
+    filters: Mapping[str, str]
+    subject: str | None = None
+    session: str | None = None
+
+
+@dataclass
+class StudyQuery:
+    """A single study-level query as sent to a backend.
+
+    ``filters`` maps DICOM keywords to DICOM match values: single values,
+    ``*``/``?`` wildcards, date ranges (``A-B``, ``-B``, ``A-``), and -- only
+    for UID keywords -- ``\\``-separated lists. Plugins may edit ``filters``
+    in place from :func:`dqr.hookspecs.dqr_prepare_study_query`.
+    """
+
+    line: int
+    filters: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Study:
+    """One study as a study-level query answered it.
+
+    Counts are ``None`` when the PACS did not return them.
+    """
+
+    study_uid: str
+    patient_id: str = ""
+    patient_name: str = ""
+    patient_birth_date: str = ""
+    study_date: str = ""
+    accession_number: str = ""
+    modalities: tuple[str, ...] = ()
+    study_description: str = ""
+    study_id: str = ""
+    n_series: int | None = None
+    n_instances: int | None = None
+
+
+@dataclass(frozen=True)
+class Series:
+    """One series of a study, from a series-level query.
+
+    ``sop_class_uids`` and ``transfer_syntaxes`` are what the backend learnt
+    about the series' instances, when it could (C-GET needs them to propose
+    storage presentation contexts); empty when unknown.
+    """
+
+    study_uid: str
+    series_uid: str
+    modality: str = ""
+    description: str = ""
+    number: str = ""
+    n_instances: int | None = None
+    sop_class_uids: frozenset[str] = frozenset()
+    transfer_syntaxes: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One instance from an image-level query."""
+
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str = ""
+    transfer_syntax: str = ""
+
+
+@dataclass(frozen=True)
+class RetrieveRequest:
+    """Retrieve one series, or only ``sop_instance_uids`` of it when set
+    (a resumed retrieval asks only for what is missing)."""
+
+    study: Study
+    series: Series
+    sop_instance_uids: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """An instance as it arrived, still encoded.
+
+    ``dataset`` is the encoded dataset *without* preamble and file meta
+    information, in ``transfer_syntax``. Keeping the bytes lets the store
+    path relabel a few elements without decoding the pixel data.
+    """
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    dataset: bytes
+
+
+@dataclass
+class RetrieveReport:
+    """What a backend says about a finished retrieval.
+
+    ``completed``/``failed``/``warning`` are the remote's own sub-operation
+    counts when it gives them (C-GET/C-MOVE), else ``None``. The engine judges
+    completeness by what actually arrived, not by these.
+    """
+
+    completed: int | None = None
+    failed: int | None = None
+    warning: int | None = None
+    messages: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Labels:
+    """The subject and session labels a study is stored (and relabeled) under.
+
+    ``relabel_subject``/``relabel_session`` say whether the label came from
+    the user (CSV or edited results table) and so must be written into the
+    DICOM; a label derived from the study's own tags only names directories.
+    """
+
+    subject: str
+    session: str
+    relabel_subject: bool = False
+    relabel_session: bool = False

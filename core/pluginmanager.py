@@ -1,0 +1,152 @@
+"""Finding plugins and what they register.
+
+Built-in plugins are plain modules listed in :data:`BUILTIN_PLUGINS`; others
+come from the ``dqr`` entry-point group. Everything is loaded lazily, once,
+on first use -- never as a side effect of importing dqr.
+
+(Not named ``plugins.py``: in an editable install such a module would shadow
+the ``dqr.plugins`` package.)
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import pluggy
+from pydantic import BaseModel
+
+from dqr import hookspecs
+from dqr.errors import PluginError
+
+#: Built-in plugins, registered under these names.
+BUILTIN_PLUGINS = (
+    "dqr.plugins.memory",
+    "dqr.plugins.dimse",
+    "dqr.plugins.dicomweb",
+    "dqr.plugins.archive",
+    "dqr.plugins.xnat_relabel",
+    "dqr.plugins.series_filter",
+)
+ENTRY_POINT_GROUP = "dqr"
+
+_lock = threading.Lock()
+_manager: pluggy.PluginManager | None = None
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager, with every plugin loaded."""
+    global _manager
+    with _lock:
+        if _manager is None:
+            _manager = _build_manager()
+        return _manager
+
+
+def _build_manager() -> pluggy.PluginManager:
+    manager = pluggy.PluginManager("dqr")
+    manager.add_hookspecs(hookspecs)
+    for name in BUILTIN_PLUGINS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # a built-in not written yet is no error
+                continue
+            raise
+        manager.register(module, name=name)
+    # Entry points are registered under "<distribution>:<entry point>" rather
+    # than pluggy's load_setuptools_entrypoints, which silently skips a name
+    # already taken: a site plugin must never vanish or replace a built-in
+    # unnoticed. Name clashes of what plugins *register* are checked below.
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = entry_point.dist.name if entry_point.dist else "?"
+        plugin_name = f"{dist}:{entry_point.name}"
+        if manager.has_plugin(plugin_name):
+            continue  # the same distribution found twice on sys.path
+        try:
+            plugin = entry_point.load()
+        except Exception as exc:  # noqa: BLE001 - report which plugin is broken
+            raise PluginError(f"plugin {plugin_name} ({entry_point.value}) failed to load: {exc}") from exc
+        manager.register(plugin, name=plugin_name)
+    return manager
+
+
+def reset() -> None:
+    """Forget loaded plugins (tests that install plugins use this)."""
+    global _manager, _backend_types, _destination_types
+    with _lock:
+        _manager = None
+        _backend_types = None
+        _destination_types = None
+
+
+@dataclass(frozen=True)
+class BackendType:
+    name: str
+    factory: Any
+    config_model: type[BaseModel]
+    plugin: str
+
+
+@dataclass(frozen=True)
+class DestinationType:
+    name: str
+    factory: Any
+    plugin: str
+
+
+_backend_types: dict[str, BackendType] | None = None
+_destination_types: dict[str, DestinationType] | None = None
+
+
+def _collect(hook_name: str, make: Any) -> dict[str, Any]:
+    """Call each implementation of a ``register`` hook with a callback that
+    knows which plugin is registering, so that clashes name both plugins."""
+    manager = get_plugin_manager()
+    found: dict[str, Any] = {}
+    for impl in getattr(manager.hook, hook_name).get_hookimpls():
+
+        def register(name: str, *args: Any, _plugin: str = impl.plugin_name, **kwargs: Any) -> None:
+            if name in found:
+                raise PluginError(
+                    f"{hook_name[13:-1]} type {name!r} is registered by two plugins: "
+                    f"{found[name].plugin} and {_plugin}"
+                )
+            found[name] = make(name, _plugin, *args, **kwargs)
+
+        impl.function(register=register)
+    return found
+
+
+def _make_backend(name: str, plugin: str, factory: Any, config_model: type[BaseModel]) -> BackendType:
+    from dqr.config import SourceConfig
+
+    if not (isinstance(config_model, type) and issubclass(config_model, SourceConfig)):
+        raise PluginError(f"plugin {plugin}: the config model of backend {name!r} must subclass dqr.config.SourceConfig")
+    return BackendType(name, factory, config_model, plugin)
+
+
+def backend_types() -> dict[str, BackendType]:
+    """Every registered backend type, by the name used as ``type:``."""
+    global _backend_types
+    if _backend_types is None:
+        _backend_types = _collect("dqr_register_backends", _make_backend)
+    return _backend_types
+
+
+def destination_types() -> dict[str, DestinationType]:
+    """Every registered destination type, by name."""
+    global _destination_types
+    if _destination_types is None:
+        _destination_types = _collect(
+            "dqr_register_destinations", lambda name, plugin, factory: DestinationType(name, factory, plugin)
+        )
+    return _destination_types
+
+
+def plugin_names() -> list[str]:
+    """Names of the loaded plugins, built-ins first."""
+    return [name for name, _ in get_plugin_manager().list_name_plugin()]

@@ -1,0 +1,1 @@
+"""dqr's built-in plugins: ordinary plugins using the public hooks."""

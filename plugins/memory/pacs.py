@@ -1,0 +1,240 @@
+"""An in-memory PACS: an index of DICOM instances answering study-, series-
+and image-level queries with DICOM matching semantics.
+
+It is the ``memory`` backend's store and also what the mock PACS servers
+(DIMSE and DICOMweb) serve, so every network path can be tested against the
+same data without an external server.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from dqr.matching import matches_all
+
+STUDY_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDescription",
+    "ReferringPhysicianName",
+)
+SERIES_KEYWORDS = ("SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription")
+IMAGE_KEYWORDS = ("SOPInstanceUID", "SOPClassUID", "InstanceNumber")
+LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+
+
+def _text(dataset: Dataset, keyword: str) -> str:
+    value = dataset.get(keyword, "")
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+@dataclass
+class StoredInstance:
+    """One instance: its indexed attributes and where its bytes are."""
+
+    attributes: dict[str, str]
+    transfer_syntax: str
+    part10: bytes | None = None
+    path: Path | None = None
+
+    @property
+    def study_uid(self) -> str:
+        return self.attributes["StudyInstanceUID"]
+
+    @property
+    def series_uid(self) -> str:
+        return self.attributes["SeriesInstanceUID"]
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return self.attributes["SOPInstanceUID"]
+
+    @property
+    def sop_class_uid(self) -> str:
+        return self.attributes["SOPClassUID"]
+
+    def read_part10(self) -> bytes:
+        """The instance as a complete Part-10 file."""
+        if self.part10 is not None:
+            return self.part10
+        assert self.path is not None
+        return self.path.read_bytes()
+
+    def read_dataset(self) -> bytes:
+        """The encoded dataset without preamble and file meta."""
+        data = self.read_part10()
+        return data[dataset_offset(data) :]
+
+
+def dataset_offset(part10: bytes) -> int:
+    """Where the dataset starts in a Part-10 file (after the file meta group)."""
+    if part10[128:132] != b"DICM":
+        return 0
+    # File meta elements are explicit VR little endian; (0002,0000) gives the
+    # group length but is optional, so walk the elements.
+    pos = 132
+    while pos + 8 <= len(part10) and part10[pos : pos + 2] == b"\x02\x00":
+        vr = part10[pos + 4 : pos + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV"):
+            length = int.from_bytes(part10[pos + 8 : pos + 12], "little")
+            pos += 12 + length
+        else:
+            length = int.from_bytes(part10[pos + 6 : pos + 8], "little")
+            pos += 8 + length
+    return pos
+
+
+def _index(dataset: Dataset) -> dict[str, str]:
+    return {keyword: _text(dataset, keyword) for keyword in STUDY_KEYWORDS + SERIES_KEYWORDS + IMAGE_KEYWORDS}
+
+
+@dataclass
+class MemoryPacs:
+    """A thread-safe index of instances keyed by study, series and SOP UID."""
+
+    _instances: dict[str, StoredInstance] = field(default_factory=dict)
+    _studies: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # -- loading ---------------------------------------------------------------
+
+    @classmethod
+    def from_datasets(cls, datasets: Iterable[Dataset]) -> MemoryPacs:
+        from dqr.plugins.memory.synthetic import encode
+
+        pacs = cls()
+        for dataset in datasets:
+            pacs.add(StoredInstance(_index(dataset), dataset.file_meta.TransferSyntaxUID, part10=encode(dataset)))
+        return pacs
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> MemoryPacs:
+        """Index every DICOM file below ``folder`` (others are skipped)."""
+        pacs = cls()
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            try:
+                dataset = dcmread(path, stop_before_pixels=True)
+            except (InvalidDicomError, OSError, ValueError):
+                continue
+            if "SOPInstanceUID" not in dataset or "StudyInstanceUID" not in dataset:
+                continue
+            pacs.add(StoredInstance(_index(dataset), str(dataset.file_meta.TransferSyntaxUID), path=path))
+        return pacs
+
+    def add(self, instance: StoredInstance) -> None:
+        with self._lock:
+            self._instances[instance.sop_instance_uid] = instance
+            series = self._studies.setdefault(instance.study_uid, {}).setdefault(instance.series_uid, [])
+            if instance.sop_instance_uid not in series:
+                series.append(instance.sop_instance_uid)
+
+    def add_part10(self, data: bytes) -> StoredInstance:
+        """Store a received Part-10 file (what a C-STORE SCP would do)."""
+        from io import BytesIO
+
+        dataset = dcmread(BytesIO(data), stop_before_pixels=True)
+        instance = StoredInstance(_index(dataset), str(dataset.file_meta.TransferSyntaxUID), part10=data)
+        self.add(instance)
+        return instance
+
+    # -- querying --------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._instances)
+
+    def study_uids(self) -> list[str]:
+        return list(self._studies)
+
+    def _study_attributes(self, study_uid: str) -> dict[str, Any]:
+        series = self._studies[study_uid]
+        first = self._instances[next(iter(series.values()))[0]]
+        attributes: dict[str, Any] = {k: first.attributes[k] for k in STUDY_KEYWORDS}
+        instances = [self._instances[uid] for uids in series.values() for uid in uids]
+        attributes["ModalitiesInStudy"] = tuple(sorted({i.attributes["Modality"] for i in instances}))
+        attributes["SOPClassesInStudy"] = tuple(sorted({i.sop_class_uid for i in instances}))
+        attributes["NumberOfStudyRelatedSeries"] = str(len(series))
+        attributes["NumberOfStudyRelatedInstances"] = str(len(instances))
+        return attributes
+
+    def _series_attributes(self, study_uid: str, series_uid: str) -> dict[str, Any]:
+        uids = self._studies[study_uid][series_uid]
+        first = self._instances[uids[0]]
+        attributes = self._study_attributes(study_uid)
+        attributes.update({k: first.attributes[k] for k in SERIES_KEYWORDS})
+        attributes["NumberOfSeriesRelatedInstances"] = str(len(uids))
+        attributes["SOPClassesInSeries"] = tuple(sorted({self._instances[u].sop_class_uid for u in uids}))
+        attributes["TransferSyntaxesInSeries"] = tuple(sorted({self._instances[u].transfer_syntax for u in uids}))
+        return attributes
+
+    def find(self, level: str, filters: dict[str, str]) -> list[dict[str, Any]]:
+        """Answer a C-FIND at ``level`` (STUDY, SERIES or IMAGE; PATIENT is
+        answered per study). Filters may include keys of higher levels.
+
+        Each answer maps keywords to strings (multi-valued attributes as
+        tuples), covering the level and the levels above it.
+        """
+        level = level.upper()
+        if level not in LEVELS:
+            raise ValueError(f"unknown query level {level!r}")
+        active = {k: v for k, v in filters.items() if v not in ("", None)}
+        answers: list[dict[str, Any]] = []
+        with self._lock:
+            for study_uid, series_map in self._studies.items():
+                study = self._study_attributes(study_uid)
+                if level in ("PATIENT", "STUDY"):
+                    if matches_all(active, study):
+                        answers.append(study)
+                    continue
+                for series_uid, sop_uids in series_map.items():
+                    series = self._series_attributes(study_uid, series_uid)
+                    if level == "SERIES":
+                        if matches_all(active, series):
+                            answers.append(series)
+                        continue
+                    for sop_uid in sop_uids:
+                        image = dict(series)
+                        image.update({k: self._instances[sop_uid].attributes[k] for k in IMAGE_KEYWORDS})
+                        image["TransferSyntaxUID"] = self._instances[sop_uid].transfer_syntax
+                        if matches_all(active, image):
+                            answers.append(image)
+        if level == "PATIENT":
+            seen: dict[str, dict[str, Any]] = {}
+            for answer in answers:
+                seen.setdefault(answer["PatientID"], answer)
+            answers = list(seen.values())
+        return answers
+
+    def instances(
+        self, study_uid: str, series_uid: str | None = None, sop_instance_uids: Iterable[str] | None = None
+    ) -> Iterator[StoredInstance]:
+        """The stored instances of a study, one of its series, or a subset."""
+        with self._lock:
+            series_map = self._studies.get(study_uid, {})
+            wanted = set(sop_instance_uids) if sop_instance_uids is not None else None
+            selected = [
+                self._instances[uid]
+                for s_uid, uids in series_map.items()
+                if series_uid is None or s_uid == series_uid
+                for uid in uids
+                if wanted is None or uid in wanted
+            ]
+        yield from selected
