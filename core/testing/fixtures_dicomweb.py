@@ -1,0 +1,1 @@
+"""pytest fixtures: dicomweb (see dqr.testing.pytest_plugin)."""

@@ -1,0 +1,1 @@
+"""pytest fixtures: dimse (see dqr.testing.pytest_plugin)."""

@@ -1,0 +1,1 @@
+"""pytest fixtures: orthanc (see dqr.testing.pytest_plugin)."""
