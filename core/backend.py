@@ -118,6 +118,16 @@ class Destination(Protocol):
         """Short human description, e.g. the archive path."""
 
 
+@dataclass(frozen=True)
+class DestinationContext:
+    """What a destination factory gets besides its own config section."""
+
+    archive: Path
+    """The ``archive:`` directory of the site config (absolute)."""
+    project: str
+    """The project label: the archive's first level."""
+
+
 #: ``factory(config, context) -> Destination``
 DestinationFactory = Callable[..., Destination]
 
@@ -126,6 +136,7 @@ __all__ = [
     "Backend",
     "BackendFactory",
     "Destination",
+    "DestinationContext",
     "DestinationFactory",
     "Instance",
     "SeriesWriter",

@@ -99,7 +99,7 @@ class SiteConfig(Strict):
     session_label: SessionRule = "StudyID"
     subject_label: SubjectRule = "PatientID"
     limits: Limits = Limits()
-    state: Path | None = Field(None, description="job database; default <archive>/.dqr/job.sqlite")
+    state: Path | None = Field(None, description="job database; default <archive>-job.sqlite beside the archive")
     destination: dict[str, Any] = Field(default_factory=lambda: {"type": "archive"})
 
     @field_validator("project")
@@ -141,9 +141,15 @@ class LoadedConfig:
         limits = self.site.limits.merged(self.sources[source].limits)
         return limits.merged(cli_overrides or {})
 
+    def beside_archive(self, suffix: str) -> Path:
+        """A file next to the archive directory: ``<archive>-<suffix>``."""
+        archive = self.site.archive
+        return archive.with_name(f"{archive.name}-{suffix}")
+
     @property
     def state_path(self) -> Path:
-        return self.site.state or (self.site.archive / ".dqr" / "job.sqlite")
+        """The job database: ``state:``, else ``<archive>-job.sqlite``."""
+        return self.site.state or self.beside_archive("job.sqlite")
 
 
 # -- loading -------------------------------------------------------------------

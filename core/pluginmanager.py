@@ -30,6 +30,7 @@ BUILTIN_PLUGINS = (
     "dqr.plugins.archive",
     "dqr.plugins.xnat_relabel",
     "dqr.plugins.series_filter",
+    "dqr.plugins.mockpacs",
 )
 ENTRY_POINT_GROUP = "dqr"
 

@@ -5,19 +5,17 @@ server, so ``dqr run --config configs/demo.yaml`` works anywhere.
 Also adds ``dqr demo-data``, which writes the synthetic cohort to a folder.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, model_validator
 
+import typer
+
 import dqr
 from dqr.config import SourceConfig, Strict
 
 if TYPE_CHECKING:
-    import typer
-
     from dqr.backend import SourceContext
 
 
@@ -41,7 +39,7 @@ class MemorySourceConfig(SourceConfig):
     synthetic: SyntheticCohort | None = None
 
     @model_validator(mode="after")
-    def _one_origin(self) -> MemorySourceConfig:
+    def _one_origin(self) -> "MemorySourceConfig":
         if (self.path is None) == (self.synthetic is None):
             raise ValueError("give exactly one of `path` (a folder of DICOM files) or `synthetic`")
         return self
@@ -65,7 +63,7 @@ def load_pacs(config: MemorySourceConfig, config_dir: Path):  # -> MemoryPacs
     return MemoryPacs.from_folder(folder)
 
 
-def make_backend(config: MemorySourceConfig, context: SourceContext):
+def make_backend(config: MemorySourceConfig, context: "SourceContext"):
     from dqr.plugins.memory.backend import MemoryBackend
 
     return MemoryBackend(load_pacs(config, context.config_dir))
@@ -78,8 +76,6 @@ def dqr_register_backends(register):
 
 @dqr.hookimpl
 def dqr_register_commands(app: typer.Typer) -> None:
-    import typer
-
     @app.command("demo-data", rich_help_panel="Test PACS")
     def demo_data(
         folder: Annotated[Path, typer.Argument(help="Folder to write the cohort to (created).")],

@@ -15,11 +15,11 @@ Each server module defines its own pydantic ``Config`` (ports, AE titles,
 destinations, faults) and a server class with ``start()``/``stop()``.
 """
 
-from __future__ import annotations
-
 import importlib
 from pathlib import Path
 from typing import Annotated, Any
+
+import typer
 
 import dqr
 
@@ -53,8 +53,6 @@ def load_mock_config(path: Path) -> tuple[Any, dict[str, Any]]:
 
 @dqr.hookimpl
 def dqr_register_commands(app):
-    import typer
-
     @app.command("mock-pacs", rich_help_panel="Test PACS")
     def mock_pacs(
         config: Annotated[Path, typer.Option("--config", "-c", help="Mock PACS YAML config.")],

@@ -1,0 +1,528 @@
+"""The ``dqr`` command line: a thin layer over :mod:`dqr.engine`.
+
+Exit codes: 0 all done; 1 some studies failed (the rest are done and the
+failures are listed); 2 invalid input or config (nothing was queried).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import dqr
+from dqr.errors import DqrError, InputError, PluginError
+
+EXIT_OK, EXIT_FAILURES, EXIT_INVALID = 0, 1, 2
+
+app = typer.Typer(
+    name="dqr",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help=(
+        "Bulk DICOM query/retrieve: find the studies of a CSV on a PACS, pick, pull, relabel "
+        "(Subject/Session) and store them.\n\n"
+        "Example: [bold]dqr run --config site.yaml --csv studies.csv[/bold]"
+    ),
+)
+out = Console()
+err = Console(stderr=True)
+log = logging.getLogger("dqr")
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+class Selection(str, Enum):
+    default = "default"
+    all = "all"
+
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Site config (YAML).", show_default=False)]
+CsvOption = Annotated[
+    Path | None, typer.Option("--csv", help="CSV of queries (overrides `csv:` in the config).", show_default=False)
+]
+SourceOption = Annotated[str | None, typer.Option("--source", help="Which entry of `sources:` to use.")]
+MaxQueries = Annotated[int | None, typer.Option("--max-queries", min=1, help="Simultaneous queries (overrides limits).")]
+MaxRetrievals = Annotated[
+    int | None, typer.Option("--max-retrievals", min=1, help="Simultaneous retrievals (overrides limits).")
+]
+SelectOption = Annotated[
+    Selection,
+    typer.Option("--select", help="'all' also selects every study of an ambiguous row (a labelled row matching several)."),
+]
+IncludeOption = Annotated[
+    list[str] | None, typer.Option("--include", help="SeriesDescription glob to retrieve (repeatable; replaces config).")
+]
+ExcludeOption = Annotated[
+    list[str] | None, typer.Option("--exclude", help="SeriesDescription glob to skip (repeatable; adds to config).")
+]
+JsonSummary = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary at the end.")]
+NewJob = Annotated[bool, typer.Option("--new-job", help="Set the previous job state aside and start afresh.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dqr {dqr.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Debug logging. May show patient names and birth dates.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False,
+) -> None:
+    """dqr: bulk DICOM query/retrieve from a CSV."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    _setup_logging(level)
+    if verbose:
+        log.warning("verbose logging is on: logs may contain patient names and birth dates")
+
+
+def _setup_logging(level: int) -> None:
+    root = logging.getLogger("dqr")
+    root.setLevel(level)
+    root.handlers.clear()
+    if err.is_terminal:
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(console=err, show_path=False, show_time=False)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root.addHandler(handler)
+    root.propagate = False
+    # pynetdicom logs every PDU (with identifiers) at INFO/DEBUG.
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == logging.DEBUG else logging.WARNING)
+
+
+def handle_errors(command):
+    """Render dqr's errors once, here at the edge, with the documented exit codes."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except InputError as error:
+            count = len(error.problems)
+            err.print(f"[bold red]error[/]: {count} problem{'s' if count != 1 else ''} found; nothing was queried")
+            for problem in error.problems:
+                err.print(f"  {problem}", markup=False, highlight=False)
+            raise typer.Exit(EXIT_INVALID) from None
+        except PluginError as error:
+            err.print(f"[bold red]plugin error[/]: {error}", highlight=False)
+            raise typer.Exit(EXIT_INVALID) from None
+        except DqrError as error:
+            err.print(f"[bold red]error[/]: {error}", highlight=False)
+            raise typer.Exit(EXIT_FAILURES) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]: finished work is kept; run the same command again to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _limits(max_queries: int | None, max_retrievals: int | None) -> dict[str, Any]:
+    return {"max_queries": max_queries, "max_retrievals": max_retrievals}
+
+
+def _csv_path(config, csv: Path | None) -> Path:
+    from dqr.errors import ConfigError
+
+    path = csv or config.site.csv
+    if path is None:
+        raise ConfigError("no CSV: give --csv FILE or set `csv:` in the config", file=str(config.path))
+    return path
+
+
+# -- run / query / retrieve ------------------------------------------------------
+
+
+@app.command()
+@handle_errors
+def run(
+    config: ConfigOption,
+    csv: CsvOption = None,
+    source: SourceOption = None,
+    select: SelectOption = Selection.default,
+    include: IncludeOption = None,
+    exclude: ExcludeOption = None,
+    max_queries: MaxQueries = None,
+    max_retrievals: MaxRetrievals = None,
+    json_summary: JsonSummary = False,
+    new_job: NewJob = False,
+) -> None:
+    """Query, select, retrieve, relabel and store: the whole job.
+
+    The results table is written beside the archive ([italic]<archive>-results.csv[/]). Running
+    the same command again resumes: finished work is skipped.
+
+    Example: [bold]dqr run --config site.yaml --csv studies.csv[/bold]
+    """
+    from dqr.config import load_config
+    from dqr.csvquery import read_csv_queries
+    from dqr.engine import Job, JobOptions
+    from dqr.results import write_table
+
+    loaded = load_config(config)
+    csv_path = _csv_path(loaded, csv)
+    rows = read_csv_queries(csv_path)
+    options = JobOptions(source, _limits(max_queries, max_retrievals), select == Selection.all, include, exclude, new_job)
+    with _job(loaded, options) as (job, reporter):
+        plan = job.query(rows, str(csv_path))
+        write_table(plan.lines, loaded.beside_archive("results.csv"))
+        _print_plan(plan, loaded.beside_archive("results.csv"))
+        summary = job.retrieve(plan.lines)
+    _finish(loaded, summary, plan, csv_path, json_summary)
+
+
+@app.command()
+@handle_errors
+def query(
+    config: ConfigOption,
+    csv: CsvOption = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the table to this file.")] = None,
+    format: Annotated[OutputFormat, typer.Option("--format", help="table, csv or json.")] = OutputFormat.table,
+    series: Annotated[bool, typer.Option("--series", help="Also list the series of each matched study.")] = False,
+    source: SourceOption = None,
+    select: SelectOption = Selection.default,
+    max_queries: MaxQueries = None,
+) -> None:
+    """Query the PACS and show the results table; retrieve nothing.
+
+    Edit the table's [bold]selected[/], [bold]subject[/] and [bold]session[/] columns in a spreadsheet, then
+    feed it back with [bold]dqr retrieve --results[/].
+
+    Example: [bold]dqr query --config site.yaml --csv studies.csv -o results.csv[/bold]
+    """
+    from dqr.config import load_config
+    from dqr.csvquery import read_csv_queries
+    from dqr.engine import Job, JobOptions
+    from dqr.results import to_csv, to_json, write_table
+
+    loaded = load_config(config)
+    csv_path = _csv_path(loaded, csv)
+    rows = read_csv_queries(csv_path)
+    options = JobOptions(source, _limits(max_queries, None), select == Selection.all)
+    with _job(loaded, options) as (job, _):
+        plan = job.query(rows, str(csv_path))
+        listing = _list_series(job, plan) if series else None
+    if output is not None:
+        write_table(plan.lines, output, "json" if format == OutputFormat.json else "csv")
+        err.print(f"results table written to {output}", highlight=False)
+    elif format == OutputFormat.csv:
+        sys.stdout.write(to_csv(plan.lines))
+    elif format == OutputFormat.json:
+        sys.stdout.write(to_json(plan.lines))
+    if format == OutputFormat.table or output is not None:
+        _print_table(plan.lines)
+        _print_plan(plan, output)
+    if listing is not None:
+        _print_series(listing, format)
+
+
+@app.command()
+@handle_errors
+def retrieve(
+    config: ConfigOption,
+    results: Annotated[Path, typer.Option("--results", help="A results table (CSV), possibly edited.")],
+    source: SourceOption = None,
+    include: IncludeOption = None,
+    exclude: ExcludeOption = None,
+    max_retrievals: MaxRetrievals = None,
+    json_summary: JsonSummary = False,
+    new_job: NewJob = False,
+) -> None:
+    """Retrieve the lines of a results table whose [bold]selected[/] is true.
+
+    [bold]selected[/] is written as true/false; yes/no, 1/0 and x are accepted too.
+
+    Example: [bold]dqr retrieve --config site.yaml --results results.csv[/bold]
+    """
+    from dqr.config import load_config
+    from dqr.results import read_table
+
+    loaded = load_config(config)
+    lines = read_table(results)
+    options = JobOptions_(source, _limits(None, max_retrievals), False, include, exclude, new_job)
+    with _job(loaded, options) as (job, _):
+        plan = job.make_plan(lines)
+        _print_plan(plan, None)
+        summary = job.retrieve(plan.lines)
+    _finish(loaded, summary, plan, None, json_summary, results_lines=plan.lines)
+
+
+def JobOptions_(*args: Any):  # noqa: N802 - keeps the import lazy for `dqr --help`
+    from dqr.engine import JobOptions
+
+    return JobOptions(*args)
+
+
+class _job:  # noqa: N801 - used as a context manager
+    """A job with a progress reporter, both closed on exit."""
+
+    def __init__(self, loaded, options) -> None:
+        from dqr.engine import Job
+        from dqr.progress import make_reporter
+
+        self.reporter = make_reporter(err)
+        self.job = Job(loaded, options, self.reporter)
+
+    def __enter__(self):
+        return self.job, self.reporter
+
+    def __exit__(self, *exc: object) -> None:
+        if self.reporter is not None:
+            self.reporter.close()
+        self.job.close()
+
+
+# -- rendering -------------------------------------------------------------------
+
+
+def _print_table(lines) -> None:
+    # Patient names and birth dates stay in the files, off the terminal.
+    table = Table(show_lines=False, header_style="bold")
+    for column in ("row", "sel", "subject", "session", "PatientID", "StudyDate", "Accession", "Mod", "Description", "Ser", "Inst", "warning"):
+        table.add_column(column, overflow="fold")
+    for line in lines:
+        record = line.as_record()
+        table.add_row(
+            record["row"],
+            "✔" if line.selected else "",
+            record["subject"],
+            record["session"],
+            record["PatientID"],
+            record["StudyDate"],
+            record["AccessionNumber"],
+            record["ModalitiesInStudy"],
+            record["StudyDescription"],
+            record["NumberOfStudyRelatedSeries"],
+            record["NumberOfStudyRelatedInstances"],
+            record["warning"],
+        )
+    err.print(table)
+
+
+def _print_plan(plan, table_path: Path | None) -> None:
+    def rows(lines: list[int]) -> str:
+        shown = ", ".join(map(str, lines[:20]))
+        return shown + (f" … (+{len(lines) - 20})" if len(lines) > 20 else "")
+
+    series = "?" if plan.series is None else str(plan.series)
+    instances = "?" if plan.instances is None else str(plan.instances)
+    err.print(
+        f"[bold]{plan.rows}[/] rows → [bold]{plan.studies}[/] studies selected "
+        f"({series} series, {instances} instances expected)",
+        highlight=False,
+    )
+    if plan.rows_without_match:
+        err.print(f"  [yellow]rows with no match[/] ({len(plan.rows_without_match)}): {rows(plan.rows_without_match)}")
+    if plan.rows_ambiguous:
+        err.print(
+            f"  [yellow]ambiguous rows[/] ({len(plan.rows_ambiguous)}; several studies for one Subject/Session, "
+            f"not selected): {rows(plan.rows_ambiguous)}"
+        )
+    if plan.label_collisions:
+        err.print(f"  [yellow]label collisions[/] (not selected): rows {rows(plan.label_collisions)}")
+    if table_path is not None:
+        err.print(f"  results table: {table_path}", highlight=False)
+
+
+def _list_series(job, plan) -> list[tuple[Any, list[Any]]]:
+    from dqr.throttle import call_with_retries
+
+    listing = []
+    for line in plan.lines:
+        if line.study is None:
+            continue
+        series = call_with_retries(lambda s=line.study: list(job.backend.query_series(s)), job.limits)
+        listing.append((line, series))
+    return listing
+
+
+def _print_series(listing, format: OutputFormat) -> None:
+    if format == OutputFormat.json:
+        data = [
+            {
+                "row": line.row,
+                "StudyInstanceUID": line.study.study_uid,
+                "series": [
+                    {"SeriesInstanceUID": s.series_uid, "SeriesNumber": s.number, "SeriesDescription": s.description,
+                     "Modality": s.modality, "NumberOfSeriesRelatedInstances": s.n_instances}
+                    for s in series
+                ],
+            }
+            for line, series in listing
+        ]
+        err.print_json(json.dumps(data))
+        return
+    for line, series in listing:
+        table = Table(title=f"row {line.row}: {line.study.study_uid}", header_style="bold", title_justify="left")
+        for column in ("#", "SeriesDescription", "Modality", "instances", "SeriesInstanceUID"):
+            table.add_column(column)
+        for s in series:
+            table.add_row(s.number, s.description, s.modality, "" if s.n_instances is None else str(s.n_instances), s.series_uid)
+        err.print(table)
+
+
+def _finish(loaded, summary, plan, csv_path: Path | None, json_summary: bool, results_lines=None) -> None:
+    from dqr.engine import write_failures_csv
+    from dqr.results import write_table
+
+    failed_rows: dict[int, str] = {}
+    for line in plan.lines:
+        if line.warning.startswith("query failed"):
+            failed_rows[line.row] = line.warning
+    for failure in summary.failures:
+        if failure.row is not None:
+            failed_rows.setdefault(failure.row, failure.reason)
+    failures_path = loaded.beside_archive("failures.csv")
+    if failed_rows and csv_path is not None:
+        write_failures_csv(csv_path, failed_rows, failures_path)
+    elif failed_rows and results_lines is not None:
+        write_table([line for line in results_lines if line.row in failed_rows], failures_path)
+    elif failures_path.exists():
+        failures_path.unlink()
+
+    err.print(
+        f"[bold]{summary.studies_stored}[/] studies stored ({summary.instances_stored} instances, "
+        f"{summary.bytes_stored / 1e6:.1f} MB) in {summary.seconds:.1f} s"
+        + (f"; {summary.studies_already_stored} already stored" if summary.studies_already_stored else ""),
+        highlight=False,
+    )
+    query_failures = [row for row, reason in failed_rows.items() if reason.startswith("query failed")]
+    if query_failures:
+        err.print(f"[red]{len(query_failures)} rows could not be queried[/]")
+    for failure in summary.failures:
+        where = f"row {failure.row}: " if failure.row is not None else ""
+        what = failure.series_uid or failure.study_uid
+        err.print(f"  [red]failed[/] {where}{failure.kind} {what}: {failure.reason}", highlight=False)
+    if failed_rows:
+        err.print(f"  failed rows written to {failures_path} (fix them and run that file)", highlight=False)
+    if json_summary:
+        data = summary.as_dict()
+        data.update(
+            rows=plan.rows,
+            rows_without_match=plan.rows_without_match,
+            rows_ambiguous=plan.rows_ambiguous,
+            label_collisions=plan.label_collisions,
+            rows_failed=sorted(query_failures),
+            archive=str(loaded.site.archive),
+        )
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    if failed_rows:
+        raise typer.Exit(EXIT_FAILURES)
+
+
+# -- checks and information ------------------------------------------------------
+
+
+@app.command()
+@handle_errors
+def validate(
+    csv: Annotated[Path, typer.Option("--csv", help="CSV of queries to check.")],
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Also check this site config.")] = None,
+) -> None:
+    """Check a CSV (and optionally a config) and list every problem; query nothing.
+
+    Example: [bold]dqr validate --csv studies.csv --config site.yaml[/bold]
+    """
+    from dqr.config import MatchingOptions, load_config
+    from dqr.csvquery import read_csv_queries
+    from dqr.errors import InputError
+    from dqr.planner import plan_queries
+
+    problems = []
+    matching = MatchingOptions()
+    if config is not None:
+        try:
+            loaded = load_config(config)
+            matching = loaded.sources[loaded.source_name()].matching
+        except InputError as error:
+            problems += error.problems
+    try:
+        rows = read_csv_queries(csv)
+    except InputError as error:
+        problems += error.problems
+        rows = []
+    if problems:
+        raise InputError(problems)
+    queries = sum(len(plan_queries(row, matching)) for row in rows)
+    labelled = sum(1 for row in rows if row.subject or row.session)
+    err.print(f"{csv}: OK — {len(rows)} rows, {queries} queries, {labelled} rows with Subject/Session", highlight=False)
+
+
+@app.command()
+@handle_errors
+def echo(config: ConfigOption, source: SourceOption = None) -> None:
+    """Check that the source answers (C-ECHO for DIMSE, a QIDO request for DICOMweb).
+
+    Example: [bold]dqr echo --config site.yaml[/bold]
+    """
+    from dqr.config import load_config
+    from dqr.engine import Job, JobOptions
+
+    loaded = load_config(config)
+    job = Job(loaded, JobOptions(source=source))
+    try:
+        description = job.backend.echo()
+    finally:
+        job.close()
+    err.print(f"[green]ok[/]: {job.source_name}: {description}", highlight=False)
+
+
+@app.command()
+@handle_errors
+def plugins() -> None:
+    """List the loaded plugins, backend types and destination types."""
+    from dqr.pluginmanager import backend_types, destination_types, get_plugin_manager
+
+    manager = get_plugin_manager()
+    table = Table("plugin", "hooks", header_style="bold")
+    for name, plugin in manager.list_name_plugin():
+        hooks = sorted(impl.name for impl in manager.get_hookcallers(plugin) or [])
+        table.add_row(name, ", ".join(hooks))
+    out.print(table)
+    types = Table("backend type", "registered by", header_style="bold")
+    for name, backend in sorted(backend_types().items()):
+        types.add_row(name, backend.plugin)
+    out.print(types)
+    destinations = Table("destination type", "registered by", header_style="bold")
+    for name, destination in sorted(destination_types().items()):
+        destinations.add_row(name, destination.plugin)
+    out.print(destinations)
+
+
+def _register_plugin_commands() -> None:
+    from dqr.pluginmanager import get_plugin_manager
+
+    try:
+        get_plugin_manager().hook.dqr_register_commands(app=app)
+    except PluginError as error:
+        err.print(f"[bold red]plugin error[/]: {error}", highlight=False)
+        raise SystemExit(EXIT_INVALID) from None
+
+
+def main() -> None:
+    """Entry point of the ``dqr`` script."""
+    app()
+
+
+# Plugin commands are part of the app's interface (CliRunner tests use `app`).
+_register_plugin_commands()

@@ -1,0 +1,128 @@
+"""Progress for people: rich bars on a terminal, plain lines elsewhere."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+
+from dqr.engine import Reporter
+
+log = logging.getLogger("dqr")
+
+LABELS = {
+    "query": "rows queried",
+    "series": "studies listed",
+    "retrieve": "series retrieved",
+    "instances": "instances stored",
+}
+
+
+class RichReporter(Reporter):
+    """Progress bars with counts, rate and ETA (terminal only)."""
+
+    def __init__(self, console) -> None:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("{task.description:>18}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.bytes = Progress(TextColumn("{task.description:>18}"), DownloadColumn(), TransferSpeedColumn(), console=console)
+        self.tasks: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._bytes_task: int | None = None
+
+    def start(self, phase: str, total: int) -> None:
+        with self._lock:
+            if not self.progress.live.is_started:
+                self.progress.start()
+            self.tasks[phase] = self.progress.add_task(LABELS.get(phase, phase), total=total)
+            if phase == "instances" and self._bytes_task is None:
+                self._bytes_task = self.progress.add_task("bytes", total=None)
+
+    def advance(self, phase: str, amount: int = 1) -> None:
+        if phase in self.tasks:
+            self.progress.advance(self.tasks[phase], amount)
+
+    def instance_stored(self, size: int) -> None:
+        if "instances" in self.tasks:
+            self.progress.advance(self.tasks["instances"], 1)
+
+    def finish(self, phase: str) -> None:
+        with self._lock:
+            if phase in self.tasks:
+                task = self.tasks[phase]
+                self.progress.update(task, total=self.progress.tasks[task].completed)
+            if all(t.finished for t in self.progress.tasks):
+                self.progress.stop()
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+class LineReporter(Reporter):
+    """One log line per phase start/end, and at most one every few seconds."""
+
+    def __init__(self, every: float = 5.0) -> None:
+        self.every = every
+        self.totals: dict[str, int] = {}
+        self.done: dict[str, int] = {}
+        self.bytes = 0
+        self._last = 0.0
+        self._started = time.monotonic()
+        self._lock = threading.Lock()
+
+    def start(self, phase: str, total: int) -> None:
+        with self._lock:
+            self.totals[phase] = total
+            self.done[phase] = 0
+        if phase != "instances":
+            log.info("%s: %d to do", LABELS.get(phase, phase), total)
+
+    def advance(self, phase: str, amount: int = 1) -> None:
+        with self._lock:
+            self.done[phase] = self.done.get(phase, 0) + amount
+        self._maybe_log(phase)
+
+    def instance_stored(self, size: int) -> None:
+        with self._lock:
+            self.done["instances"] = self.done.get("instances", 0) + 1
+            self.bytes += size
+        self._maybe_log("instances")
+
+    def _maybe_log(self, phase: str) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every:
+            return
+        self._last = now
+        rate = self.bytes / max(now - self._started, 1e-6) / 1e6
+        log.info("%s: %d/%d (%.1f MB/s)", LABELS.get(phase, phase), self.done[phase], self.totals.get(phase, 0), rate)
+
+    def finish(self, phase: str) -> None:
+        if phase in self.done:
+            log.info("%s: %d done", LABELS.get(phase, phase), self.done[phase])
+
+    def close(self) -> None:
+        pass
+
+
+def make_reporter(console, quiet: bool = False):
+    if quiet:
+        return None
+    if console.is_terminal and sys.stderr.isatty():
+        return RichReporter(console)
+    return LineReporter()

@@ -1,0 +1,256 @@
+"""The results table: one line per (CSV row, matched study), plus a line for
+each row that matched nothing.
+
+It is what the user reviews, edits (``selected``, ``subject``, ``session``)
+and feeds back with ``dqr retrieve --results``. The column names are a public
+contract: scripts read them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from dqr.errors import InputError, Problem
+from dqr.labels import validate_label
+from dqr.model import Study
+
+COLUMNS = (
+    "row",
+    "selected",
+    "subject",
+    "session",
+    "StudyInstanceUID",
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "StudyDate",
+    "AccessionNumber",
+    "ModalitiesInStudy",
+    "StudyDescription",
+    "StudyID",
+    "NumberOfStudyRelatedSeries",
+    "NumberOfStudyRelatedInstances",
+    "warning",
+)
+REQUIRED_COLUMNS = ("row", "selected", "subject", "session", "StudyInstanceUID")
+TRUE_WORDS = frozenset({"true", "yes", "y", "1", "x"})
+FALSE_WORDS = frozenset({"false", "no", "n", "0", ""})
+
+
+@dataclass(frozen=True)
+class ResultLine:
+    """One line of the results table. ``subject``/``session`` are the labels
+    the user asked for (blank: derived from the study's tags)."""
+
+    row: int
+    selected: bool
+    subject: str
+    session: str
+    study: Study | None
+    warning: str = ""
+
+    def as_record(self) -> dict[str, str]:
+        study = self.study or Study(study_uid="")
+        counts = (study.n_series, study.n_instances)
+        return {
+            "row": str(self.row),
+            "selected": "true" if self.selected else "false",
+            "subject": self.subject,
+            "session": self.session,
+            "StudyInstanceUID": study.study_uid,
+            "PatientID": study.patient_id,
+            "PatientName": study.patient_name,
+            "PatientBirthDate": study.patient_birth_date,
+            "StudyDate": study.study_date,
+            "AccessionNumber": study.accession_number,
+            "ModalitiesInStudy": "\\".join(study.modalities),
+            "StudyDescription": study.study_description,
+            "StudyID": study.study_id,
+            "NumberOfStudyRelatedSeries": "" if counts[0] is None else str(counts[0]),
+            "NumberOfStudyRelatedInstances": "" if counts[1] is None else str(counts[1]),
+            "warning": self.warning,
+        }
+
+
+def _add_warning(line: ResultLine, warning: str) -> ResultLine:
+    joined = f"{line.warning}; {warning}" if line.warning else warning
+    return replace(line, warning=joined)
+
+
+def build_table(
+    matches: Iterable[tuple[int, str | None, str | None, list[Study]]], select_all: bool = False
+) -> list[ResultLine]:
+    """Lines for each row's matches, with the selection rules applied.
+
+    ``matches`` gives, per CSV row: its line, Subject, Session and studies.
+    - a row matching nothing gets one unselected line saying so;
+    - a row with labels matching several studies is *ambiguous*: relabeling
+      would give them all the same labels, so none is selected unless
+      ``select_all``;
+    - a study matched by several rows is selected once, for the first row.
+    """
+    lines: list[ResultLine] = []
+    first_row_of: dict[str, int] = {}
+    for line, subject, session, studies in matches:
+        if not studies:
+            lines.append(ResultLine(line, False, subject or "", session or "", None, "no study matched"))
+            continue
+        ambiguous = len(studies) > 1 and bool(subject or session)
+        for study in studies:
+            entry = ResultLine(line, not ambiguous or select_all, subject or "", session or "", study)
+            if ambiguous:
+                entry = _add_warning(
+                    entry,
+                    f"ambiguous: row matched {len(studies)} studies and relabels them all alike"
+                    + ("" if select_all else "; not selected (choose one, or use --select all)"),
+                )
+            if study.study_uid in first_row_of:
+                entry = _add_warning(replace(entry, selected=False), f"also matched by row {first_row_of[study.study_uid]}; retrieved once")
+            else:
+                first_row_of[study.study_uid] = line
+            lines.append(entry)
+    return lines
+
+
+def flag_label_collisions(lines: Sequence[ResultLine], labels_of) -> list[ResultLine]:
+    """Deselect selected studies that would be stored under the same
+    subject/session as a different study (``labels_of(line) -> (subject,
+    session)``), with a warning naming the other rows."""
+    by_label: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for index, line in enumerate(lines):
+        if line.selected and line.study:
+            by_label[labels_of(line)].append(index)
+    result = list(lines)
+    for (subject, session), indexes in by_label.items():
+        if len({lines[i].study.study_uid for i in indexes}) < 2:  # type: ignore[union-attr]
+            continue
+        rows = ", ".join(str(lines[i].row) for i in indexes)
+        for i in indexes:
+            result[i] = _add_warning(
+                replace(result[i], selected=False),
+                f"label collision: rows {rows} would all be stored as {subject}/{session}; not selected",
+            )
+    return result
+
+
+# -- writing -------------------------------------------------------------------
+
+
+def to_csv(lines: Iterable[ResultLine]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for line in lines:
+        writer.writerow(line.as_record())
+    return buffer.getvalue()
+
+
+def to_json(lines: Iterable[ResultLine]) -> str:
+    return json.dumps([line.as_record() for line in lines], indent=2, ensure_ascii=False) + "\n"
+
+
+def write_table(lines: Sequence[ResultLine], path: Path, format: str = "csv") -> None:
+    """Write atomically, so a half-written table never replaces a good one."""
+    text = to_json(lines) if format == "json" else to_csv(lines)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(text, encoding="utf-8")
+    temp.replace(path)
+
+
+# -- reading an edited table -----------------------------------------------------
+
+
+def parse_selected(value: str) -> bool | None:
+    word = value.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    return None
+
+
+def _int_or_none(value: str) -> int | None:
+    return int(value) if value.strip().isdigit() else None
+
+
+def read_table(path: Path) -> list[ResultLine]:
+    """Read a results table (CSV as written by dqr, possibly edited in a
+    spreadsheet); every problem is reported at once."""
+    from dqr.csvquery import check_uid, read_text
+
+    file = str(path)
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    header = [h.strip() for h in reader.fieldnames or []]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise InputError(Problem(file, f"not a dqr results table: missing columns {', '.join(missing)}", 1))
+    reader.fieldnames = header
+    problems: list[Problem] = []
+    lines: list[ResultLine] = []
+    for record in reader:
+        line_no = reader.line_num
+        record = {k: (v or "").strip() for k, v in record.items() if k is not None}
+        if not any(record.values()):
+            continue
+        line = _read_line(record, line_no, file, problems, check_uid)
+        if line:
+            lines.append(line)
+    if problems:
+        raise InputError(problems)
+    return lines
+
+
+def _read_line(record: dict[str, str], line_no: int, file: str, problems: list[Problem], check_uid) -> ResultLine | None:
+    bad = len(problems)
+    selected = parse_selected(record["selected"])
+    if selected is None:
+        problems.append(Problem(file, f"{record['selected']!r}: expected true/false (or yes/no, 1/0, x)", line_no, "selected"))
+    for column in ("subject", "session"):
+        if record[column]:
+            problem = validate_label(record[column])
+            if problem:
+                problems.append(Problem(file, f"label {problem}", line_no, column))
+    uid = record["StudyInstanceUID"]
+    if uid and check_uid(uid):
+        problems.append(Problem(file, check_uid(uid) or "", line_no, "StudyInstanceUID"))
+    if selected and not uid:
+        problems.append(Problem(file, "selected, but no StudyInstanceUID (this row matched nothing)", line_no, "selected"))
+    row = _int_or_none(record["row"])
+    if row is None:
+        problems.append(Problem(file, f"{record['row']!r}: expected the CSV line number", line_no, "row"))
+    if len(problems) > bad:
+        return None
+    study = None
+    if uid:
+        study = Study(
+            study_uid=uid,
+            patient_id=record.get("PatientID", ""),
+            patient_name=record.get("PatientName", ""),
+            patient_birth_date=record.get("PatientBirthDate", ""),
+            study_date=record.get("StudyDate", ""),
+            accession_number=record.get("AccessionNumber", ""),
+            modalities=tuple(m for m in record.get("ModalitiesInStudy", "").split("\\") if m),
+            study_description=record.get("StudyDescription", ""),
+            study_id=record.get("StudyID", ""),
+            n_series=_int_or_none(record.get("NumberOfStudyRelatedSeries", "")),
+            n_instances=_int_or_none(record.get("NumberOfStudyRelatedInstances", "")),
+        )
+    return ResultLine(row or 0, bool(selected), record["subject"], record["session"], study, record.get("warning", ""))
+
+
+def study_to_dict(study: Study) -> dict:
+    return asdict(study)
+
+
+def study_from_dict(data: dict) -> Study:
+    known = {f.name for f in fields(Study)}
+    data = {k: v for k, v in data.items() if k in known}
+    data["modalities"] = tuple(data.get("modalities", ()))
+    return Study(**data)

@@ -1,0 +1,329 @@
+"""Persistent job state in SQLite: every CSV row, matched study, series and
+expected instance, with its status, attempts and last error.
+
+This is what makes a run resumable: finished work is skipped, a partly
+retrieved series asks only for the instances that are missing, and nothing
+is reported stored before the destination made it durable. Every write is
+one transaction. The database belongs to one site config (project, source
+and archive); studies, series and instances are keyed by their UIDs, so any
+input -- the CSV or an edited results table -- continues the same job.
+
+Statuses:
+- row: ``pending`` -> ``queried`` | ``failed``
+- study: ``selected`` -> ``retrieving`` -> ``stored`` | ``failed``
+- series: ``pending`` -> ``retrieving`` -> ``stored`` | ``failed``; ``excluded``
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from dqr.errors import InputError, Problem
+from dqr.model import Instance, Labels, RowQuery, Series, Study
+from dqr.results import study_from_dict
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS inputs (
+    id INTEGER PRIMARY KEY, fingerprint TEXT UNIQUE NOT NULL, kind TEXT NOT NULL,
+    path TEXT NOT NULL, rows INTEGER NOT NULL, started REAL NOT NULL, updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS rows (
+    input INTEGER NOT NULL, line INTEGER NOT NULL, query TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending', attempts INTEGER NOT NULL DEFAULT 0, error TEXT,
+    PRIMARY KEY (input, line));
+CREATE TABLE IF NOT EXISTS matches (
+    input INTEGER NOT NULL, line INTEGER NOT NULL, position INTEGER NOT NULL, study_uid TEXT NOT NULL,
+    PRIMARY KEY (input, line, study_uid));
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid TEXT PRIMARY KEY, data TEXT NOT NULL,
+    subject TEXT, session TEXT, relabel_subject INTEGER, relabel_session INTEGER, line INTEGER,
+    status TEXT NOT NULL DEFAULT 'found', attempts INTEGER NOT NULL DEFAULT 0, error TEXT, updated REAL);
+CREATE TABLE IF NOT EXISTS series (
+    series_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL, data TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending', expected INTEGER, stored INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0, error TEXT, updated REAL);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid TEXT PRIMARY KEY, series_uid TEXT NOT NULL, stored INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS instances_by_series ON instances (series_uid, stored);
+CREATE INDEX IF NOT EXISTS series_by_study ON series (study_uid);
+"""
+
+
+class StateMismatchError(InputError):
+    """The state database belongs to a different project, source or archive."""
+
+
+class JobState:
+    """A thread-safe handle on one job database."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # 'stored' must survive power loss
+        self._lock = threading.RLock()
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, *params: Any) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    # -- job identity ------------------------------------------------------------
+
+    def check_identity(self, identity: dict[str, str]) -> None:
+        """Record or verify what this database belongs to.
+
+        Mixing two projects, sources or archives in one state would make
+        "already stored" wrong, so a mismatch is an error that says what
+        changed.
+        """
+        with self.transaction() as db:
+            stored = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            if not stored:
+                db.executemany("INSERT INTO meta VALUES (?, ?)", [("schema", str(SCHEMA_VERSION)), *identity.items()])
+                return
+        changed = [
+            f"{key} was {stored[key]!r}, now {value!r}"
+            for key, value in identity.items()
+            if key in stored and stored[key] != value
+        ]
+        if changed:
+            raise StateMismatchError(
+                Problem(
+                    str(self.path),
+                    "this job state was made with a different config ("
+                    + "; ".join(changed)
+                    + "). Resuming would mix two jobs: point `state:` at a new file, "
+                    "or run with --new-job to set the old state aside.",
+                )
+            )
+
+    # -- inputs and rows ---------------------------------------------------------
+
+    def begin_input(self, kind: str, path: str, fingerprint: str, rows: Iterable[RowQuery]) -> int:
+        """Register an input (CSV or results table) and its rows; an input
+        seen before (same fingerprint) is resumed."""
+        rows = list(rows)
+        now = time.time()
+        with self.transaction() as db:
+            found = db.execute("SELECT id FROM inputs WHERE fingerprint = ?", (fingerprint,)).fetchone()
+            if found:
+                db.execute("UPDATE inputs SET updated = ?, path = ? WHERE id = ?", (now, path, found[0]))
+                return found[0]
+            cursor = db.execute(
+                "INSERT INTO inputs (fingerprint, kind, path, rows, started, updated) VALUES (?, ?, ?, ?, ?, ?)",
+                (fingerprint, kind, path, len(rows), now, now),
+            )
+            input_id = cursor.lastrowid
+            db.executemany(
+                "INSERT INTO rows (input, line, query) VALUES (?, ?, ?)",
+                [(input_id, row.line, json.dumps(asdict(row))) for row in rows],
+            )
+            return input_id
+
+    def latest_input(self) -> tuple[int, str, str] | None:
+        found = self._query("SELECT id, kind, path FROM inputs ORDER BY updated DESC LIMIT 1")
+        return found[0] if found else None
+
+    def pending_rows(self, input_id: int) -> list[int]:
+        return [line for (line,) in self._query(
+            "SELECT line FROM rows WHERE input = ? AND status != 'queried' ORDER BY line", input_id)]
+
+    def record_row_matches(self, input_id: int, line: int, studies: list[Study]) -> None:
+        with self.transaction() as db:
+            for position, study in enumerate(studies):
+                db.execute(
+                    "INSERT INTO studies (study_uid, data, updated) VALUES (?, ?, ?) "
+                    "ON CONFLICT (study_uid) DO UPDATE SET data = excluded.data WHERE status = 'found'",
+                    (study.study_uid, json.dumps(asdict(study)), time.time()),
+                )
+                db.execute(
+                    "INSERT OR IGNORE INTO matches VALUES (?, ?, ?, ?)", (input_id, line, position, study.study_uid)
+                )
+            db.execute(
+                "UPDATE rows SET status = 'queried', attempts = attempts + 1, error = NULL WHERE input = ? AND line = ?",
+                (input_id, line),
+            )
+
+    def record_row_failure(self, input_id: int, line: int, error: str) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE rows SET status = 'failed', attempts = attempts + 1, error = ? WHERE input = ? AND line = ?",
+                (error, input_id, line),
+            )
+
+    def row_results(self, input_id: int) -> list[tuple[RowQuery, str, str | None, list[Study]]]:
+        """Each row with its status, error and matched studies, in CSV order."""
+        rows = self._query("SELECT line, query, status, error FROM rows WHERE input = ? ORDER BY line", input_id)
+        matches: dict[int, list[Study]] = {}
+        for line, data in self._query(
+            "SELECT m.line, s.data FROM matches m JOIN studies s USING (study_uid) "
+            "WHERE m.input = ? ORDER BY m.line, m.position", input_id):
+            matches.setdefault(line, []).append(study_from_dict(json.loads(data)))
+        result = []
+        for line, query, status, error in rows:
+            row = RowQuery(**{k: v for k, v in json.loads(query).items()})
+            result.append((row, status, error, matches.get(line, [])))
+        return result
+
+    # -- studies -------------------------------------------------------------------
+
+    def study_labels(self, study_uid: str) -> tuple[Labels | None, str]:
+        found = self._query(
+            "SELECT subject, session, relabel_subject, relabel_session, status FROM studies WHERE study_uid = ?",
+            study_uid)
+        if not found or found[0][0] is None:
+            return None, found[0][4] if found else "found"
+        subject, session, rs, rss, status = found[0]
+        return Labels(subject, session, bool(rs), bool(rss)), status
+
+    def select_study(self, study: Study, labels: Labels, line: int) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO studies (study_uid, data, updated) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                (study.study_uid, json.dumps(asdict(study)), time.time()),
+            )
+            db.execute(
+                "UPDATE studies SET subject = ?, session = ?, relabel_subject = ?, relabel_session = ?, line = ?, "
+                "status = CASE WHEN status IN ('stored', 'retrieving') THEN status ELSE 'selected' END, updated = ? "
+                "WHERE study_uid = ?",
+                (labels.subject, labels.session, int(labels.relabel_subject), int(labels.relabel_session), line,
+                 time.time(), study.study_uid),
+            )
+
+    def set_study_status(self, study_uid: str, status: str, error: str | None = None) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE studies SET status = ?, error = ?, attempts = attempts + (? = 'failed'), updated = ? "
+                "WHERE study_uid = ?",
+                (status, error, status, time.time(), study_uid),
+            )
+
+    def study_status(self, study_uid: str) -> str | None:
+        found = self._query("SELECT status FROM studies WHERE study_uid = ?", study_uid)
+        return found[0][0] if found else None
+
+    # -- series and instances ------------------------------------------------------
+
+    def known_series(self, study_uid: str) -> list[tuple[Series, str]]:
+        rows = self._query("SELECT data, status FROM series WHERE study_uid = ? ORDER BY rowid", study_uid)
+        return [(_series_from_json(data), status) for data, status in rows]
+
+    def record_series(self, series: Series, selected: bool) -> None:
+        data = json.dumps({**asdict(series), "sop_class_uids": sorted(series.sop_class_uids),
+                           "transfer_syntaxes": sorted(series.transfer_syntaxes)})
+        status = "pending" if selected else "excluded"
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO series (series_uid, study_uid, data, status, updated) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (series_uid) DO UPDATE SET data = excluded.data, "
+                "status = CASE WHEN series.status IN ('stored', 'retrieving', 'failed') AND excluded.status = 'pending' "
+                "THEN series.status ELSE excluded.status END",
+                (series.series_uid, series.study_uid, data, status, time.time()),
+            )
+
+    def set_series_status(self, series_uid: str, status: str, error: str | None = None, attempt: bool = False) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE series SET status = ?, error = ?, attempts = attempts + ?, updated = ? WHERE series_uid = ?",
+                (status, error, int(attempt), time.time(), series_uid),
+            )
+
+    def record_expected(self, series_uid: str, instances: list[Instance]) -> None:
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO instances (sop_uid, series_uid) VALUES (?, ?)",
+                [(i.sop_instance_uid, series_uid) for i in instances],
+            )
+            db.execute("UPDATE series SET expected = ? WHERE series_uid = ?", (len(instances), series_uid))
+
+    def expected_instances(self, series_uid: str) -> list[str] | None:
+        found = self._query("SELECT expected FROM series WHERE series_uid = ?", series_uid)
+        if not found or found[0][0] is None:
+            return None
+        return [uid for (uid,) in self._query("SELECT sop_uid FROM instances WHERE series_uid = ?", series_uid)]
+
+    def stored_instances(self, series_uid: str) -> set[str]:
+        return {uid for (uid,) in self._query(
+            "SELECT sop_uid FROM instances WHERE series_uid = ? AND stored = 1", series_uid)}
+
+    def mark_stored(self, series_uid: str, sop_uids: list[str]) -> None:
+        """Record instances the destination has made durable."""
+        if not sop_uids:
+            return
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO instances (sop_uid, series_uid, stored) VALUES (?, ?, 1) "
+                "ON CONFLICT (sop_uid) DO UPDATE SET stored = 1",
+                [(uid, series_uid) for uid in sop_uids],
+            )
+            db.execute(
+                "UPDATE series SET stored = (SELECT COUNT(*) FROM instances WHERE series_uid = ? AND stored = 1) "
+                "WHERE series_uid = ?",
+                (series_uid, series_uid),
+            )
+
+    # -- summaries -----------------------------------------------------------------
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Counts per status of rows (latest input), studies and series."""
+        result: dict[str, dict[str, int]] = {}
+        latest = self.latest_input()
+        if latest:
+            result["rows"] = dict(self._query("SELECT status, COUNT(*) FROM rows WHERE input = ? GROUP BY status", latest[0]))
+        result["studies"] = dict(self._query(
+            "SELECT status, COUNT(*) FROM studies WHERE subject IS NOT NULL GROUP BY status"))
+        result["series"] = dict(self._query("SELECT status, COUNT(*) FROM series GROUP BY status"))
+        result["instances"] = dict(self._query(
+            "SELECT CASE stored WHEN 1 THEN 'stored' ELSE 'missing' END, COUNT(*) FROM instances GROUP BY stored"))
+        return result
+
+    def failures(self) -> list[dict[str, Any]]:
+        """Every failed row, study and series with its reason and attempts."""
+        failed: list[dict[str, Any]] = []
+        latest = self.latest_input()
+        if latest:
+            for line, error, attempts in self._query(
+                    "SELECT line, error, attempts FROM rows WHERE input = ? AND status = 'failed'", latest[0]):
+                failed.append({"kind": "row", "row": line, "error": error, "attempts": attempts})
+        for uid, line, error, attempts in self._query(
+                "SELECT study_uid, line, error, attempts FROM studies WHERE status = 'failed'"):
+            failed.append({"kind": "study", "row": line, "StudyInstanceUID": uid, "error": error, "attempts": attempts})
+        for uid, study_uid, error, attempts in self._query(
+                "SELECT series_uid, study_uid, error, attempts FROM series WHERE status = 'failed'"):
+            failed.append({"kind": "series", "StudyInstanceUID": study_uid, "SeriesInstanceUID": uid,
+                           "error": error, "attempts": attempts})
+        return failed
+
+
+def _series_from_json(data: str) -> Series:
+    values = json.loads(data)
+    values["sop_class_uids"] = frozenset(values.get("sop_class_uids", ()))
+    values["transfer_syntaxes"] = frozenset(values.get("transfer_syntaxes", ()))
+    return Series(**values)

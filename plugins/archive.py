@@ -1,0 +1,167 @@
+"""The ``archive`` destination: a directory tree
+
+    <archive>/<project>/<subject>/<session>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
+
+Each file is written to a temp file in the same directory and linked into
+place, so a reader (or a crash) never sees half a file and an existing
+different file is never overwritten. ``commit()`` fsyncs the files and their
+directories -- once per batch, not per instance -- before anything is
+reported stored. Each session keeps ``manifest.jsonl``: one line per stored
+instance with the original values relabeling replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import dqr
+from dqr.model import Series, Study
+
+TEMP_SUFFIX = ".dqr-tmp"
+MANIFEST = "manifest.jsonl"
+_manifest_locks: dict[Path, threading.Lock] = {}
+_manifest_locks_guard = threading.Lock()
+
+
+def _manifest_lock(path: Path) -> threading.Lock:
+    with _manifest_locks_guard:
+        return _manifest_locks.setdefault(path, threading.Lock())
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ArchiveCollisionError(Exception):
+    """A different file already exists where an instance would be stored."""
+
+
+class SeriesDirectory:
+    """Writes one series of a session (a :class:`dqr.backend.SeriesWriter`)."""
+
+    def __init__(self, archive_root: Path, session_dir: Path, study: Study, series: Series) -> None:
+        self.archive_root = archive_root
+        self.session_dir = session_dir
+        self.dir = session_dir / series.series_uid
+        self.study = study
+        self.series = series
+        self._pending: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        self._created_dirs = self._make_dirs()
+        self._remove_stale_temp_files()
+
+    def _make_dirs(self) -> list[Path]:
+        created = []
+        for directory in reversed([self.dir, *self.dir.parents]):
+            if directory == self.archive_root or not directory.is_relative_to(self.archive_root):
+                continue
+            if not directory.exists():
+                directory.mkdir(exist_ok=True)
+                created.append(directory)
+        return created
+
+    def _remove_stale_temp_files(self) -> None:
+        # Left by a run killed mid-write; never complete, never reported.
+        for stale in self.dir.glob(f".*{TEMP_SUFFIX}"):
+            stale.unlink(missing_ok=True)
+
+    def path_of(self, sop_instance_uid: str) -> Path:
+        return self.dir / f"{sop_instance_uid}.dcm"
+
+    def exists(self, sop_instance_uid: str) -> bool:
+        path = self.path_of(sop_instance_uid)
+        if not path.exists():
+            return False
+        with self._lock:  # present from an earlier run: make it durable and report it
+            self._pending.setdefault(sop_instance_uid, {"replaced": None, "size": path.stat().st_size})
+        return True
+
+    def write(self, sop_instance_uid: str, part10: bytes, replaced: dict[str, str]) -> None:
+        final = self.path_of(sop_instance_uid)
+        temp = self.dir / f".{sop_instance_uid}.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}"
+        with open(temp, "wb") as handle:
+            handle.write(part10)
+        try:
+            os.link(temp, final)  # fails if the name exists: never overwrite
+        except FileExistsError:
+            if final.read_bytes() != part10:
+                raise ArchiveCollisionError(
+                    f"{final} already exists with different content; not overwritten"
+                ) from None
+        finally:
+            temp.unlink(missing_ok=True)
+        with self._lock:
+            self._pending[sop_instance_uid] = {"replaced": replaced, "size": len(part10)}
+
+    def commit(self) -> list[str]:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        if not pending:
+            return []
+        for sop_instance_uid in pending:
+            _fsync_path(self.path_of(sop_instance_uid))
+        for directory in [self.dir, *self._created_dirs]:
+            _fsync_path(directory)
+            _fsync_path(directory.parent)
+        self._created_dirs = []
+        self._append_manifest(pending)
+        return list(pending)
+
+    def _append_manifest(self, pending: dict[str, dict]) -> None:
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        lines = []
+        for sop_instance_uid, info in pending.items():
+            if info["replaced"] is None:
+                continue  # found from an earlier run, whose manifest line exists
+            record = {
+                "path": str(self.path_of(sop_instance_uid).relative_to(self.session_dir)),
+                "StudyInstanceUID": self.study.study_uid,
+                "SeriesInstanceUID": self.series.series_uid,
+                "SOPInstanceUID": sop_instance_uid,
+                "size": info["size"],
+                "replaced": info["replaced"],
+                "stored": now,
+            }
+            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+        if not lines:
+            return
+        manifest = self.session_dir / MANIFEST
+        with _manifest_lock(manifest), open(manifest, "a", encoding="utf-8") as handle:
+            handle.write("".join(lines))
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+class Archive:
+    """A :class:`dqr.backend.Destination` writing a directory tree."""
+
+    def __init__(self, root: Path, project: str) -> None:
+        self.root = root
+        self.project = project
+
+    def describe(self) -> str:
+        return f"archive {self.root / self.project}"
+
+    def session_dir(self, subject: str, session: str) -> Path:
+        return self.root / self.project / subject / session
+
+    def open_series(self, study: Study, series: Series, subject: str, session: str) -> SeriesDirectory:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return SeriesDirectory(self.root, self.session_dir(subject, session), study, series)
+
+
+def make_archive(config, context) -> Archive:
+    return Archive(context.archive, context.project)
+
+
+@dqr.hookimpl
+def dqr_register_destinations(register):
+    register("archive", make_archive)
