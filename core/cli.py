@@ -10,7 +10,7 @@ import functools
 import json
 import logging
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -35,17 +35,18 @@ app = typer.Typer(
     ),
 )
 out = Console()
-err = Console(stderr=True)
+# soft_wrap: an error line must stay one line (scripts grep "line 11"), not fold at 80 columns
+err = Console(stderr=True, soft_wrap=True)
 log = logging.getLogger("dqr")
 
 
-class OutputFormat(str, Enum):
+class OutputFormat(StrEnum):
     table = "table"
     csv = "csv"
     json = "json"
 
 
-class Selection(str, Enum):
+class Selection(StrEnum):
     default = "default"
     all = "all"
 
@@ -176,7 +177,7 @@ def run(
     """
     from dqr.config import load_config
     from dqr.csvquery import read_csv_queries
-    from dqr.engine import Job, JobOptions
+    from dqr.engine import JobOptions
     from dqr.results import write_table
 
     loaded = load_config(config)
@@ -212,7 +213,7 @@ def query(
     """
     from dqr.config import load_config
     from dqr.csvquery import read_csv_queries
-    from dqr.engine import Job, JobOptions
+    from dqr.engine import JobOptions
     from dqr.results import to_csv, to_json, write_table
 
     loaded = load_config(config)

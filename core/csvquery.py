@@ -177,12 +177,14 @@ class CsvQueryFile:
         self.text = text
         self.file = file
         self.problems: list[Problem] = []
+        self.header_problems = 0
 
     def problem(self, message: str, line: int | None = None, column: str | None = None) -> None:
         self.problems.append(Problem(self.file, message, line, column))
 
     def parse(self) -> list[RowQuery]:
-        reader = csv.reader(io.StringIO(self.text, newline=""))
+        # skipinitialspace: `a, "b"` is a quoted field after a space, as users mean it
+        reader = csv.reader(io.StringIO(self.text, newline=""), skipinitialspace=True)
         records = list(_records(reader))
         if not records:
             self.problem("the file is empty; expected a header row such as 'Accession Number,Subject'", 1)
@@ -224,13 +226,15 @@ class CsvQueryFile:
                 expected = f"did you mean {hint!r}?" if hint else "valid headers: " + ", ".join(KNOWN_HEADERS)
                 self.problem(f"unknown header {name!r}; {expected}", line, name)
         names = set(columns.values())
-        if not names & (set(SEARCH_HEADERS) | set(NAME_PART_HEADERS)):
+        self.header_problems = len(self.problems)
+        if not names & (set(SEARCH_HEADERS) | set(NAME_PART_HEADERS)) and not self.header_problems:
             self.problem(
                 "no search header: the header row needs at least one of " + ", ".join((*SEARCH_HEADERS, *NAME_PART_HEADERS)),
                 line,
             )
         if "Patient Name" in names and names & set(NAME_PART_HEADERS):
             self.problem("use either 'Patient Name' or 'Last Name'/'First Name', not both", line)
+        self.header_problems = len(self.problems)
         return columns
 
     def _parse_row(self, line: int, cells: list[str], header: list[str], columns: dict[int, str]) -> RowQuery | None:
@@ -270,7 +274,8 @@ class CsvQueryFile:
                     ok = False
                 labels[name] = value
         if not filters:
-            self.problem("no search value in this row; each row needs at least one (values are AND-ed)", line)
+            if not self.header_problems:  # else every row would repeat the header's problem
+                self.problem("no search value in this row; each row needs at least one (values are AND-ed)", line)
             return None
         if not ok:
             return None

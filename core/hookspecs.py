@@ -22,7 +22,6 @@ import pluggy
 if TYPE_CHECKING:
     import typer
 
-    from dqr.backend import BackendFactory, DestinationFactory
     from dqr.config import SeriesFilter, SourceConfig
     from dqr.model import Series, Study, StudyQuery
     from dqr.relabel import RelabelContext

@@ -9,13 +9,14 @@ back up by one after a run of successes -- never above the maximum.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from typing import TypeVar
 
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import Retrying, retry_if_exception, stop_after_attempt
 
 from dqr.config import Limits
 from dqr.errors import RemoteError
@@ -86,6 +87,13 @@ class RateLimit:
             time.sleep(start - now)
 
 
+def backoff_delay(attempt: int, limits: Limits) -> float:
+    """Exponential backoff with full jitter: many clients retrying after the
+    same fault spread out instead of hitting the PACS together."""
+    ceiling = min(limits.backoff_max, limits.backoff_initial * 2 ** (attempt - 1))
+    return random.uniform(ceiling / 2, ceiling)
+
+
 def is_retriable(error: BaseException) -> bool:
     return isinstance(error, RemoteError) and error.retriable
 
@@ -100,13 +108,12 @@ def call_with_retries(
     A final error (bad query, unknown move destination, 401...) is raised at
     once: retrying it would only hammer the PACS.
     """
-    backoff = wait_exponential_jitter(initial=limits.backoff_initial, max=limits.backoff_max)
 
     def wait(retry_state) -> float:
         error = retry_state.outcome.exception()
         if isinstance(error, RemoteError) and error.retry_after is not None:
             return min(error.retry_after, limits.backoff_max)
-        return backoff(retry_state)
+        return backoff_delay(retry_state.attempt_number, limits)
 
     def before_sleep(retry_state) -> None:
         error = retry_state.outcome.exception()

@@ -1,1 +1,88 @@
-"""pytest fixtures: dimse (see dqr.testing.pytest_plugin)."""
+"""pytest fixtures: the in-memory PACS over DIMSE (see
+:mod:`dqr.plugins.mockpacs.dimse_server`) and dimse backends pointed at it.
+
+- ``mock_dimse_pacs``: a running mock Query/Retrieve SCP over the default
+  synthetic cohort (4 patients x 2 studies, 3 instances per series),
+  127.0.0.1 on a free port, AE title ``MOCKPACS``; its faults may be changed
+  by the test (``mock_dimse_pacs.faults.delay = 0.1``). Stopped after.
+- ``mock_dimse_factory``: ``mock_dimse_factory(pacs=None, spec=None, **config)``
+  starts more of them (custom cohort, destinations, faults). Stopped after.
+- ``dimse_backend_factory``: ``dimse_backend_factory(port, called_aet=...,
+  limits={...}, **source_keys)`` builds a ``dimse`` backend (a
+  :class:`DimseBackend`) with ``calling_aet: DQR``; closed after.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dqr.plugins.memory.pacs import MemoryPacs
+from dqr.plugins.memory.synthetic import CohortSpec, generate_cohort
+
+__all__ = ["dimse_backend_factory", "mock_dimse_cohort", "mock_dimse_factory", "mock_dimse_pacs"]
+
+DEFAULT_COHORT = CohortSpec(patients=4, studies_per_patient=2, instances_per_series=3)
+
+
+@pytest.fixture(scope="session")
+def mock_dimse_cohort() -> MemoryPacs:
+    """The default cohort, indexed once per session (servers only read it)."""
+    return MemoryPacs.from_datasets(generate_cohort(DEFAULT_COHORT))
+
+
+@pytest.fixture
+def mock_dimse_factory(mock_dimse_cohort: MemoryPacs) -> Iterator[Callable[..., Any]]:
+    from dqr.plugins.mockpacs.dimse_server import Config, serve
+
+    started: list[Any] = []
+
+    def start(pacs: MemoryPacs | None = None, spec: CohortSpec | None = None, **config: Any) -> Any:
+        if pacs is None:
+            pacs = MemoryPacs.from_datasets(generate_cohort(spec)) if spec else mock_dimse_cohort
+        server = serve(pacs, Config.model_validate({"host": "127.0.0.1", "port": 0, **config}))
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def mock_dimse_pacs(mock_dimse_factory: Callable[..., Any]) -> Any:
+    return mock_dimse_factory()
+
+
+@pytest.fixture
+def dimse_backend_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    from dqr.backend import SourceContext
+    from dqr.config import Limits
+    from dqr.plugins.dimse import DimseSourceConfig, make_backend
+
+    made: list[Any] = []
+
+    def make(port: int, called_aet: str = "MOCKPACS", limits: dict[str, Any] | None = None, **keys: Any) -> Any:
+        config = DimseSourceConfig.model_validate(
+            {
+                "type": "dimse",
+                "host": "127.0.0.1",
+                "port": port,
+                "called_aet": called_aet,
+                "calling_aet": "DQR",
+                "store_host": "127.0.0.1",
+                "dimse_timeout": 10,
+                "acse_timeout": 10,
+                **keys,
+            }
+        )
+        backend = make_backend(config, SourceContext("pacs", tmp_path, Limits().merged(limits or {})))
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        backend.close()

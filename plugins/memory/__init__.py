@@ -8,9 +8,8 @@ Also adds ``dqr demo-data``, which writes the synthetic cohort to a folder.
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import Field, model_validator
-
 import typer
+from pydantic import Field, model_validator
 
 import dqr
 from dqr.config import SourceConfig, Strict

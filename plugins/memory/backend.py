@@ -6,7 +6,15 @@ from collections.abc import Iterator
 from typing import Any
 
 from dqr.backend import StoreCallback
-from dqr.model import Instance, ReceivedInstance, RetrieveReport, RetrieveRequest, Series, Study, StudyQuery
+from dqr.model import (
+    Instance,
+    ReceivedInstance,
+    RetrieveReport,
+    RetrieveRequest,
+    Series,
+    Study,
+    StudyQuery,
+)
 from dqr.plugins.memory.pacs import MemoryPacs
 
 

@@ -1,0 +1,81 @@
+"""Shared fixtures: a site config on the memory PACS and a CLI runner."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from dqr.cli import app
+from dqr.plugins.memory.pacs import MemoryPacs
+from dqr.plugins.memory.synthetic import CohortSpec, generate_cohort
+
+DEFAULT_SPEC = CohortSpec(patients=4, studies_per_patient=2, instances_per_series=3)
+
+
+@pytest.fixture(scope="session")
+def cohort() -> MemoryPacs:
+    """The default synthetic cohort, indexed (to look up expected values)."""
+    return MemoryPacs.from_datasets(generate_cohort(DEFAULT_SPEC))
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Callable[..., Path]:
+    """Write a site config (memory PACS by default) and return its path.
+
+    Keyword arguments replace top-level keys; ``source=`` replaces the
+    source section.
+    """
+
+    def write(source: dict[str, Any] | None = None, **overrides: Any) -> Path:
+        config: dict[str, Any] = {
+            "project": "Test",
+            "sources": {"main": source or {"type": "memory", "synthetic": {"patients": 4}}},
+            "archive": "archive",
+            "limits": {"backoff_initial": 0.01, "backoff_max": 0.05},
+        }
+        config.update(overrides)
+        path = tmp_path / "site.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def write_csv(tmp_path: Path) -> Callable[[str], Path]:
+    def write(text: str, name: str = "queries.csv") -> Path:
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return write
+
+
+class CliResult:
+    def __init__(self, result) -> None:
+        self.exit_code = result.exit_code
+        self.stdout = result.stdout
+        self.stderr = result.stderr
+        self.output = result.output
+        self.exception = result.exception
+
+
+@pytest.fixture
+def dqr() -> Callable[..., CliResult]:
+    """Run the dqr CLI in-process: ``dqr("run", "--config", path)``."""
+    runner = CliRunner()
+
+    def invoke(*args: Any) -> CliResult:
+        result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+        return CliResult(result)
+
+    return invoke
+
+
+def archive_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*.dcm"))
