@@ -296,8 +296,14 @@ class _job:  # noqa: N801 - used as a context manager
 # -- rendering -------------------------------------------------------------------
 
 
+#: Lines of the results table shown on the terminal; the files have them all.
+TERMINAL_TABLE_LINES = 100
+
+
 def _print_table(lines) -> None:
     # Patient names and birth dates stay in the files, off the terminal.
+    hidden = max(0, len(lines) - TERMINAL_TABLE_LINES)
+    lines = lines[:TERMINAL_TABLE_LINES]
     table = Table(show_lines=False, header_style="bold")
     for column in ("row", "sel", "subject", "session", "PatientID", "StudyDate", "Accession", "Mod", "Description", "Ser", "Inst", "warning"):
         table.add_column(column, overflow="fold")
@@ -318,6 +324,8 @@ def _print_table(lines) -> None:
             record["warning"],
         )
     err.print(table)
+    if hidden:
+        err.print(f"… and {hidden} more lines (write them with -o FILE or --format csv)")
 
 
 def _print_plan(plan, table_path: Path | None) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-LINTED_DIRS = [name for name in ("core", "plugins", "tests", "bench") if (REPO / name).is_dir()]
+LINTED_DIRS = [name for name in ("core", "plugins", "tests", "bench", "docs/examples") if (REPO / name).is_dir()]
 
 
 def ruff_check(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:

@@ -4,9 +4,13 @@
 - ``mock_dimse_pacs``: a running mock Query/Retrieve SCP over the default
   synthetic cohort (4 patients x 2 studies, 3 instances per series),
   127.0.0.1 on a free port, AE title ``MOCKPACS``; its faults may be changed
-  by the test (``mock_dimse_pacs.faults.delay = 0.1``). Stopped after.
+  by the test (``mock_dimse_pacs.faults.delay = 0.1``). One server per
+  session, reset (faults, destinations, counters) before each test.
 - ``mock_dimse_factory``: ``mock_dimse_factory(pacs=None, spec=None, **config)``
   starts more of them (custom cohort, destinations, faults). Stopped after.
+- ``free_loopback_port`` / ``closed_loopback_port``: a 127.0.0.1 port that
+  was free a moment ago (for a storage SCP the PACS must be told about
+  first), and one where nothing listens (connection refused).
 - ``dimse_backend_factory``: ``dimse_backend_factory(port, called_aet=...,
   limits={...}, **source_keys)`` builds a ``dimse`` backend (a
   :class:`DimseBackend`) with ``calling_aet: DQR``; closed after.
@@ -14,6 +18,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +28,15 @@ import pytest
 from dqr.plugins.memory.pacs import MemoryPacs
 from dqr.plugins.memory.synthetic import CohortSpec, generate_cohort
 
-__all__ = ["dimse_backend_factory", "mock_dimse_cohort", "mock_dimse_factory", "mock_dimse_pacs"]
+__all__ = [
+    "dimse_backend_factory",
+    "mock_dimse_cohort",
+    "mock_dimse_factory",
+    "mock_dimse_pacs",
+    "mock_dimse_pacs_session",
+    "closed_loopback_port",
+    "free_loopback_port",
+]
 
 DEFAULT_COHORT = CohortSpec(patients=4, studies_per_patient=2, instances_per_series=3)
 
@@ -52,9 +65,36 @@ def mock_dimse_factory(mock_dimse_cohort: MemoryPacs) -> Iterator[Callable[..., 
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def mock_dimse_pacs_session(mock_dimse_cohort: MemoryPacs) -> Iterator[Any]:
+    """The server behind ``mock_dimse_pacs`` (use that one: it is reset)."""
+    from dqr.plugins.mockpacs.dimse_server import Config, serve
+
+    server = serve(mock_dimse_cohort, Config(host="127.0.0.1", port=0))
+    yield server
+    server.stop()
+
+
 @pytest.fixture
-def mock_dimse_pacs(mock_dimse_factory: Callable[..., Any]) -> Any:
-    return mock_dimse_factory()
+def mock_dimse_pacs(mock_dimse_pacs_session: Any) -> Any:
+    mock_dimse_pacs_session.reset()
+    return mock_dimse_pacs_session
+
+
+def _unused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def free_loopback_port() -> int:
+    return _unused_port()
+
+
+@pytest.fixture
+def closed_loopback_port() -> int:
+    return _unused_port()
 
 
 @pytest.fixture
@@ -65,7 +105,9 @@ def dimse_backend_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
 
     made: list[Any] = []
 
-    def make(port: int, called_aet: str = "MOCKPACS", limits: dict[str, Any] | None = None, **keys: Any) -> Any:
+    def make(
+        port: int, called_aet: str = "MOCKPACS", limits: dict[str, Any] | None = None, **keys: Any
+    ) -> Any:
         config = DimseSourceConfig.model_validate(
             {
                 "type": "dimse",
@@ -79,7 +121,9 @@ def dimse_backend_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
                 **keys,
             }
         )
-        backend = make_backend(config, SourceContext("pacs", tmp_path, Limits().merged(limits or {})))
+        backend = make_backend(
+            config, SourceContext("pacs", tmp_path, Limits().merged(limits or {}))
+        )
         made.append(backend)
         return backend
 

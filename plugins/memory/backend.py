@@ -72,9 +72,8 @@ class MemoryBackend:
             )
 
     def query_instances(self, study: Study, series: Series) -> Iterator[Instance]:
-        filters = {"StudyInstanceUID": study.study_uid, "SeriesInstanceUID": series.series_uid}
-        for a in self.pacs.find("IMAGE", filters):
-            yield Instance(series.series_uid, a["SOPInstanceUID"], a["SOPClassUID"], a["TransferSyntaxUID"])
+        for stored in self.pacs.instances(study.study_uid, series.series_uid):
+            yield Instance(series.series_uid, stored.sop_instance_uid, stored.sop_class_uid, stored.transfer_syntax)
 
     def retrieve(self, request: RetrieveRequest, store: StoreCallback) -> RetrieveReport:
         completed = 0

@@ -36,6 +36,7 @@ STUDY_KEYWORDS = (
 SERIES_KEYWORDS = ("SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription")
 IMAGE_KEYWORDS = ("SOPInstanceUID", "SOPClassUID", "InstanceNumber")
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+INDEXED_KEYWORDS = ("AccessionNumber", "PatientID")
 
 
 def _text(dataset: Dataset, keyword: str) -> str:
@@ -114,6 +115,13 @@ class MemoryPacs:
     _instances: dict[str, StoredInstance] = field(default_factory=dict)
     _studies: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # Computed study/series attributes, cached: a 10,000-row CSV queries the
+    # same studies over and over. Cleared whenever an instance is added.
+    _attribute_cache: dict[tuple[str, ...], dict[str, Any]] = field(default_factory=dict)
+    # Exact-value indexes of the keys most queries use, so a query does not scan every study.
+    _index: dict[str, dict[str, set[str]]] = field(
+        default_factory=lambda: {key: {} for key in INDEXED_KEYWORDS}
+    )
 
     # -- loading ---------------------------------------------------------------
 
@@ -146,6 +154,9 @@ class MemoryPacs:
             series = self._studies.setdefault(instance.study_uid, {}).setdefault(instance.series_uid, [])
             if instance.sop_instance_uid not in series:
                 series.append(instance.sop_instance_uid)
+            self._attribute_cache.clear()
+            for key in INDEXED_KEYWORDS:
+                self._index[key].setdefault(instance.attributes[key], set()).add(instance.study_uid)
 
     def add_part10(self, data: bytes) -> StoredInstance:
         """Store a received Part-10 file (what a C-STORE SCP would do)."""
@@ -165,6 +176,18 @@ class MemoryPacs:
         return list(self._studies)
 
     def _study_attributes(self, study_uid: str) -> dict[str, Any]:
+        cached = self._attribute_cache.get((study_uid,))
+        if cached is None:
+            cached = self._attribute_cache[(study_uid,)] = self._compute_study_attributes(study_uid)
+        return dict(cached)
+
+    def _series_attributes(self, study_uid: str, series_uid: str) -> dict[str, Any]:
+        cached = self._attribute_cache.get((study_uid, series_uid))
+        if cached is None:
+            cached = self._attribute_cache[(study_uid, series_uid)] = self._compute_series_attributes(study_uid, series_uid)
+        return dict(cached)
+
+    def _compute_study_attributes(self, study_uid: str) -> dict[str, Any]:
         series = self._studies[study_uid]
         first = self._instances[next(iter(series.values()))[0]]
         attributes: dict[str, Any] = {k: first.attributes[k] for k in STUDY_KEYWORDS}
@@ -175,7 +198,7 @@ class MemoryPacs:
         attributes["NumberOfStudyRelatedInstances"] = str(len(instances))
         return attributes
 
-    def _series_attributes(self, study_uid: str, series_uid: str) -> dict[str, Any]:
+    def _compute_series_attributes(self, study_uid: str, series_uid: str) -> dict[str, Any]:
         uids = self._studies[study_uid][series_uid]
         first = self._instances[uids[0]]
         attributes = self._study_attributes(study_uid)
@@ -198,13 +221,17 @@ class MemoryPacs:
         active = {k: v for k, v in filters.items() if v not in ("", None)}
         answers: list[dict[str, Any]] = []
         with self._lock:
-            for study_uid, series_map in self._studies.items():
+            for study_uid in self._candidate_studies(active):
+                series_map = self._studies[study_uid]
                 study = self._study_attributes(study_uid)
                 if level in ("PATIENT", "STUDY"):
                     if matches_all(active, study):
                         answers.append(study)
                     continue
+                wanted_series = active.get("SeriesInstanceUID")
                 for series_uid, sop_uids in series_map.items():
+                    if wanted_series and series_uid not in wanted_series.split("\\"):
+                        continue
                     series = self._series_attributes(study_uid, series_uid)
                     if level == "SERIES":
                         if matches_all(active, series):
@@ -222,6 +249,18 @@ class MemoryPacs:
                 seen.setdefault(answer["PatientID"], answer)
             answers = list(seen.values())
         return answers
+
+    def _candidate_studies(self, filters: dict[str, str]) -> list[str]:
+        """Studies that can match: found through an index when the query has
+        an exact UID, accession number or patient ID, else all of them."""
+        uids = filters.get("StudyInstanceUID")
+        if uids:
+            return [uid for uid in dict.fromkeys(uids.split("\\")) if uid in self._studies]
+        for key in INDEXED_KEYWORDS:
+            value = filters.get(key)
+            if value and not any(char in value for char in "*?\\"):
+                return [uid for uid in self._studies if uid in self._index[key].get(value, ())]
+        return list(self._studies)
 
     def instances(
         self, study_uid: str, series_uid: str | None = None, sop_instance_uids: Iterable[str] | None = None
