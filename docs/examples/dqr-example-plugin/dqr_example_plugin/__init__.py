@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-import dqr
 import typer
-from dqr.errors import InputError
 
+import dqr
+from dqr.errors import InputError
 from dqr_example_plugin.source import ZipSourceConfig, make_zip_backend
 
 if TYPE_CHECKING:

@@ -11,8 +11,9 @@ import csv
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TextIO
 
-from dqr.config import SourceConfig
 from pydantic import Field
+
+from dqr.config import SourceConfig
 
 if TYPE_CHECKING:
     from dqr.backend import Backend, SourceContext
@@ -40,7 +41,6 @@ STUDY_CSV_HEADER = ("Study Instance UID", "Patient ID", "Study Date", "Subject",
 def write_study_csv(export: Path, out: TextIO) -> int:
     """Write one query row per study of ``export``; return how many."""
     from dqr.model import StudyQuery
-
     from dqr_example_plugin.backend import ZipBackend
 
     backend = ZipBackend(export)
