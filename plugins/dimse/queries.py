@@ -1,0 +1,129 @@
+"""C-FIND identifiers and answers: which keys dqr asks for at each level and
+how answers become :mod:`dqr.model` objects."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from dqr.model import Instance, Series, Study
+
+STUDY_RETURN_KEYS = (
+    "StudyInstanceUID",
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "StudyDate",
+    "AccessionNumber",
+    "ModalitiesInStudy",
+    "StudyDescription",
+    "StudyID",
+    "NumberOfStudyRelatedSeries",
+    "NumberOfStudyRelatedInstances",
+)
+SERIES_RETURN_KEYS = (
+    "SeriesInstanceUID",
+    "Modality",
+    "SeriesDescription",
+    "SeriesNumber",
+    "NumberOfSeriesRelatedInstances",
+)
+IMAGE_RETURN_KEYS = ("SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+#: Patient-level keys of the Patient Root model (PS3.4 C.6.1.1.2).
+PATIENT_KEYS = frozenset({"PatientID", "PatientName", "PatientBirthDate", "PatientSex"})
+
+
+def identifier(
+    level: str, filters: Mapping[str, str], return_keys: tuple[str, ...] = ()
+) -> Dataset:
+    """A C-FIND/C-GET/C-MOVE identifier: empty return keys, then the filters."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for keyword in return_keys:
+        setattr(ds, keyword, "")
+    for keyword, value in filters.items():
+        setattr(ds, keyword, value)
+    if any(not str(value).isascii() for value in filters.values()):
+        ds.SpecificCharacterSet = "ISO_IR 192"  # the values are str: send them as UTF-8
+    return ds
+
+
+def text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if _is_multi(value):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def values(ds: Dataset, keyword: str) -> tuple[str, ...]:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return ()
+    if _is_multi(value):
+        return tuple(str(v) for v in value if str(v))
+    return tuple(v for v in str(value).split("\\") if v)
+
+
+def _is_multi(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue"
+
+
+def count(ds: Dataset, keyword: str) -> int | None:
+    try:
+        return int(ds.get(keyword))
+    except (TypeError, ValueError):
+        return None
+
+
+def study_from_answer(ds: Dataset) -> Study | None:
+    uid = text(ds, "StudyInstanceUID")
+    if not uid:
+        return None
+    return Study(
+        study_uid=uid,
+        patient_id=text(ds, "PatientID"),
+        patient_name=text(ds, "PatientName"),
+        patient_birth_date=text(ds, "PatientBirthDate"),
+        study_date=text(ds, "StudyDate"),
+        accession_number=text(ds, "AccessionNumber"),
+        modalities=values(ds, "ModalitiesInStudy"),
+        study_description=text(ds, "StudyDescription"),
+        study_id=text(ds, "StudyID"),
+        n_series=count(ds, "NumberOfStudyRelatedSeries"),
+        n_instances=count(ds, "NumberOfStudyRelatedInstances"),
+    )
+
+
+def series_from_answer(
+    study: Study, ds: Dataset, sop_class_uids: frozenset[str] = frozenset()
+) -> Series | None:
+    uid = text(ds, "SeriesInstanceUID")
+    if not uid:
+        return None
+    return Series(
+        study_uid=study.study_uid,
+        series_uid=uid,
+        modality=text(ds, "Modality"),
+        description=text(ds, "SeriesDescription"),
+        number=text(ds, "SeriesNumber"),
+        n_instances=count(ds, "NumberOfSeriesRelatedInstances"),
+        sop_class_uids=sop_class_uids,
+    )
+
+
+def instance_from_answer(series_uid: str, ds: Dataset) -> Instance | None:
+    uid = text(ds, "SOPInstanceUID")
+    if not uid:
+        return None
+    return Instance(
+        series_uid=series_uid, sop_instance_uid=uid, sop_class_uid=text(ds, "SOPClassUID")
+    )
+
+
+def is_single_value(value: str) -> bool:
+    """A value that names one thing (no wildcard, list or range)."""
+    return bool(value) and not any(char in value for char in "*?\\")

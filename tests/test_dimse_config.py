@@ -1,0 +1,50 @@
+"""Validation of `type: dimse` source sections, as users meet it."""
+
+from __future__ import annotations
+
+import pytest
+
+from dqr.config import load_config
+from dqr.errors import ConfigError
+
+PACS = {"type": "dimse", "host": "127.0.0.1", "port": 4242, "called_aet": "ORTHANC"}
+
+
+def problems(site, **keys) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_config(site(source={**PACS, **keys}))
+    return str(caught.value)
+
+
+def test_minimal_source_gets_documented_defaults(site):
+    source = load_config(site(source=PACS)).sources["main"]
+    assert (source.calling_aet, source.query_model, source.retrieve) == ("DQR", "study", "c-get")
+    assert source.destination_aet == "DQR"
+
+
+def test_ae_title_longer_than_16_characters_is_refused(site):
+    assert "has 17 characters; DICOM allows at most 16" in problems(site, calling_aet="A" * 17)
+
+
+@pytest.mark.parametrize("title", ["DQR\\1", "DQR\t", "   "])
+def test_ae_title_with_backslash_control_character_or_blank_is_refused(site, title):
+    assert "sources.main.calling_aet" in problems(site, calling_aet=title)
+
+
+def test_c_move_without_store_port_explains_why(site):
+    assert "needs `store_port`" in problems(site, retrieve="c-move")
+
+
+def test_unknown_key_is_suggested(site):
+    assert "did you mean 'store_port'" in problems(site, store_prot=11113)
+
+
+def test_tls_key_without_certificate_is_refused(site):
+    assert "both `cert_file` and `key_file`" in problems(site, tls={"key_file": "dqr.key"})
+
+
+def test_dqr_echo_through_the_cli(site, dqr, mock_dimse_pacs):
+    config = site(source={**PACS, "port": mock_dimse_pacs.port, "called_aet": mock_dimse_pacs.aet})
+    result = dqr("echo", "--config", config)
+    assert result.exit_code == 0, result.output
+    assert "OK" in result.output

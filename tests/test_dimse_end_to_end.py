@@ -1,0 +1,66 @@
+"""`dqr run` through the CLI against a real Orthanc over DIMSE, by C-GET and
+by C-MOVE: the archive read back file by file."""
+
+from __future__ import annotations
+
+import pydicom
+import pytest
+from conftest import archive_files
+
+from dqr.plugins.memory.synthetic import generate_cohort
+
+pytestmark = pytest.mark.orthanc
+
+PET_STUDY = "0425454454"  # SMITH^JOHN, PAT00001, StudyID 2, CT AC + PET WB, 3 instances each
+
+
+def dimse_source(orthanc, **keys):
+    return {
+        "type": "dimse",
+        "host": "127.0.0.1",
+        "port": orthanc.dicom_port,
+        "called_aet": orthanc.aet,
+        "calling_aet": "DQR",
+        **keys,
+    }
+
+
+def run_and_check_archive(dqr, site, write_csv, tmp_path, orthanc, source):
+    config = site(
+        source=source,
+        csv=str(write_csv(f"Accession Number,Subject,Session\n{PET_STUDY},Subj042,Subj042_PET\n")),
+    )
+    result = dqr("run", "--config", config)
+    assert result.exit_code == 0, result.output
+    files = archive_files(tmp_path / "archive" / "Test" / "Subj042" / "Subj042_PET")
+    originals = {
+        d.SOPInstanceUID: d
+        for d in generate_cohort(orthanc.cohort_spec)
+        if d.AccessionNumber == PET_STUDY
+    }
+    assert sorted(p.stem for p in files) == sorted(originals)
+    for path in files:
+        stored = pydicom.dcmread(path)
+        original = originals[stored.SOPInstanceUID]
+        assert (str(stored.PatientName), stored.PatientID) == ("Subj042", "Subj042")
+        assert (stored.StudyID, stored.AccessionNumber) == ("Subj042_PET", "Subj042_PET")
+        assert stored.PixelData == original.PixelData
+        assert stored.SeriesInstanceUID == original.SeriesInstanceUID == path.parent.name
+
+
+def test_run_retrieves_by_c_get(dqr, site, write_csv, tmp_path, orthanc):
+    run_and_check_archive(
+        dqr, site, write_csv, tmp_path, orthanc, dimse_source(orthanc, retrieve="c-get")
+    )
+
+
+def test_run_retrieves_by_c_move(dqr, site, write_csv, tmp_path, orthanc, free_loopback_port):
+    orthanc.add_modality("dqre2e", "DQRE2E", "127.0.0.1", free_loopback_port)
+    source = dimse_source(
+        orthanc,
+        retrieve="c-move",
+        move_destination="DQRE2E",
+        store_port=free_loopback_port,
+        store_host="127.0.0.1",
+    )
+    run_and_check_archive(dqr, site, write_csv, tmp_path, orthanc, source)

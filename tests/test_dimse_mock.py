@@ -1,0 +1,334 @@
+"""The dimse backend against the in-memory PACS served over real DIMSE
+(the mock Query/Retrieve SCP), including its fault injection."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from dqr.errors import IncompleteRetrieveError, RemoteError
+from dqr.model import RetrieveRequest, StudyQuery
+from dqr.plugins.dimse.network import has_nodelay
+from dqr.plugins.memory.synthetic import CT_IMAGE
+from dqr.plugins.mockpacs.dimse_server import AbortFault, RejectFault, StatusFault
+
+
+def first_study(backend, **filters):
+    return next(backend.query_studies(StudyQuery(1, filters or {"PatientID": "PAT00000"})))
+
+
+def retrieve_first_series(backend, study_filters=None, uids=None):
+    study = first_study(backend, **(study_filters or {}))
+    series = next(backend.query_series(study))
+    received = []
+    report = backend.retrieve(RetrieveRequest(study, series, uids), received.append)
+    return study, series, report, received
+
+
+# -- echo ---------------------------------------------------------------------
+
+
+def test_echo_reports_ok(mock_dimse_pacs, dimse_backend_factory):
+    backend = dimse_backend_factory(mock_dimse_pacs.port)
+    assert "OK" in backend.echo()
+    assert mock_dimse_pacs.requests["C-ECHO"] == 1
+
+
+def test_echo_refused_is_unreachable(dimse_backend_factory, closed_loopback_port):
+    backend = dimse_backend_factory(closed_loopback_port)
+    with pytest.raises(RemoteError, match="connection refused") as caught:
+        backend.echo()
+    assert caught.value.unreachable and caught.value.retriable
+
+
+def test_echo_rejected_permanently_says_why(mock_dimse_pacs, dimse_backend_factory):
+    mock_dimse_pacs.faults.reject = RejectFault(transient=False, reason="calling-aet")
+    backend = dimse_backend_factory(mock_dimse_pacs.port)
+    with pytest.raises(
+        RemoteError, match="permanent.*calling AE title not recognised.*'DQR'"
+    ) as caught:
+        backend.echo()
+    assert not caught.value.retriable
+
+
+def test_transient_reject_is_retriable(mock_dimse_pacs, dimse_backend_factory):
+    mock_dimse_pacs.faults.reject = RejectFault(times=1, transient=True, reason="no-reason")
+    backend = dimse_backend_factory(mock_dimse_pacs.port)
+    with pytest.raises(RemoteError, match="transient") as caught:
+        backend.echo()
+    assert caught.value.retriable and not caught.value.slow_down
+    assert "OK" in backend.echo()  # the fault fired once
+
+
+def test_too_many_associations_reject_means_slow_down(mock_dimse_pacs, dimse_backend_factory):
+    mock_dimse_pacs.faults.reject = RejectFault(reason="local-limit")
+    backend = dimse_backend_factory(mock_dimse_pacs.port)
+    with pytest.raises(RemoteError, match="local limit exceeded") as caught:
+        backend.echo()
+    assert caught.value.slow_down
+
+
+# -- queries --------------------------------------------------------------------
+
+
+def test_query_by_accession_number(mock_dimse_pacs, dimse_backend_factory, mock_dimse_cohort):
+    expected = mock_dimse_cohort.find("STUDY", {})[3]
+    backend = dimse_backend_factory(mock_dimse_pacs.port)
+    studies = list(
+        backend.query_studies(StudyQuery(1, {"AccessionNumber": expected["AccessionNumber"]}))
+    )
+    assert [s.study_uid for s in studies] == [expected["StudyInstanceUID"]]
+    study = studies[0]
+    assert study.patient_id == expected["PatientID"]
+    assert study.patient_birth_date == expected["PatientBirthDate"]
+    assert study.modalities == expected["ModalitiesInStudy"]
+    assert study.n_series == int(expected["NumberOfStudyRelatedSeries"])
+    assert study.n_instances == int(expected["NumberOfStudyRelatedInstances"])
+
+
+def test_query_by_wildcard_name_with_non_ascii(mock_dimse_pacs, dimse_backend_factory):
+    backend = dimse_backend_factory(mock_dimse_pacs.port)
+    studies = list(backend.query_studies(StudyQuery(1, {"PatientName": "MÜLLER*"})))
+    assert len(studies) == 2
+    assert {s.patient_name for s in studies} == {"MÜLLER^JÜRGEN"}
+
+
+def test_query_by_date_range(mock_dimse_pacs, dimse_backend_factory, mock_dimse_cohort):
+    dates = sorted(a["StudyDate"] for a in mock_dimse_cohort.find("STUDY", {}))
+    backend = dimse_backend_factory(mock_dimse_pacs.port)
+    found = list(backend.query_studies(StudyQuery(1, {"StudyDate": f"{dates[1]}-{dates[3]}"})))
+    assert sorted(s.study_date for s in found) == dates[1:4]
+
+
+def test_query_by_uid_list(mock_dimse_pacs, dimse_backend_factory, mock_dimse_cohort):
+    uids = sorted(mock_dimse_cohort.study_uids())[:3]
+    backend = dimse_backend_factory(mock_dimse_pacs.port)
+    found = list(backend.query_studies(StudyQuery(1, {"StudyInstanceUID": "\\".join(uids)})))
+    assert sorted(s.study_uid for s in found) == uids
+
+
+def test_query_by_modalities_in_study(mock_dimse_pacs, dimse_backend_factory, mock_dimse_cohort):
+    expected = {
+        a["StudyInstanceUID"] for a in mock_dimse_cohort.find("STUDY", {"ModalitiesInStudy": "PT"})
+    }
+    backend = dimse_backend_factory(mock_dimse_pacs.port)
+    found = list(backend.query_studies(StudyQuery(1, {"ModalitiesInStudy": "PT"})))
+    assert {s.study_uid for s in found} == expected
+    assert all(s.modalities == ("CT", "PT") for s in found)
+
+
+def test_patient_root_finds_patients_then_studies(mock_dimse_pacs, dimse_backend_factory):
+    backend = dimse_backend_factory(mock_dimse_pacs.port, query_model="patient")
+    found = list(backend.query_studies(StudyQuery(1, {"PatientName": "S*", "StudyID": "1"})))
+    assert [(s.patient_name, s.study_id) for s in found] == [("SMITH^JOHN", "1")]
+    assert mock_dimse_pacs.requests["C-FIND"] == 2  # PATIENT level, then STUDY level
+
+
+def test_series_query_learns_sop_classes(mock_dimse_pacs, dimse_backend_factory):
+    backend = dimse_backend_factory(mock_dimse_pacs.port)
+    series = list(backend.query_series(first_study(backend)))
+    assert [(s.number, s.description, s.modality, s.n_instances) for s in series] == [
+        ("1", "Localizer", "CT", 3),
+        ("2", "Axial 5mm", "CT", 3),
+    ]
+    assert all(s.sop_class_uids == {CT_IMAGE} for s in series)
+
+
+def test_instance_query_lists_sop_instances(
+    mock_dimse_pacs, dimse_backend_factory, mock_dimse_cohort
+):
+    backend = dimse_backend_factory(mock_dimse_pacs.port)
+    study = first_study(backend)
+    series = next(backend.query_series(study))
+    found = list(backend.query_instances(study, series))
+    expected = [
+        i.sop_instance_uid for i in mock_dimse_cohort.instances(study.study_uid, series.series_uid)
+    ]
+    assert sorted(i.sop_instance_uid for i in found) == sorted(expected)
+    assert {i.sop_class_uid for i in found} == {CT_IMAGE}
+
+
+def test_query_refused_as_a_whole_is_final(mock_dimse_pacs, dimse_backend_factory):
+    mock_dimse_pacs.faults.statuses = [StatusFault(service="C-FIND", status=0xC000)]
+    backend = dimse_backend_factory(mock_dimse_pacs.port)
+    with pytest.raises(RemoteError, match="0xC000") as caught:
+        first_study(backend)
+    assert not caught.value.retriable
+
+
+def test_query_out_of_resources_means_slow_down(mock_dimse_pacs, dimse_backend_factory):
+    mock_dimse_pacs.faults.statuses = [StatusFault(service="C-FIND", status=0xA700, times=1)]
+    backend = dimse_backend_factory(mock_dimse_pacs.port)
+    with pytest.raises(RemoteError) as caught:
+        first_study(backend)
+    assert caught.value.slow_down
+    assert first_study(backend)  # the same pooled association still works
+
+
+def test_no_answer_within_dimse_timeout_is_retriable(mock_dimse_pacs, dimse_backend_factory):
+    mock_dimse_pacs.faults.delay = 1.0
+    backend = dimse_backend_factory(mock_dimse_pacs.port, dimse_timeout=0.3)
+    with pytest.raises(RemoteError, match="no answer") as caught:
+        first_study(backend)
+    assert caught.value.retriable
+
+
+# -- associations -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_queries", [1, 2, 4])
+def test_query_associations_never_exceed_max_queries(
+    mock_dimse_pacs, dimse_backend_factory, max_queries
+):
+    mock_dimse_pacs.faults.delay = 0.005  # keep queries overlapping
+    backend = dimse_backend_factory(mock_dimse_pacs.port, limits={"max_queries": max_queries})
+    threads = [
+        threading.Thread(target=lambda: [first_study(backend) for _ in range(3)]) for _ in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert mock_dimse_pacs.requests["C-FIND"] == 24
+    assert mock_dimse_pacs.max_concurrent_associations == max_queries
+
+
+def test_association_closed_by_the_pacs_is_not_reused(mock_dimse_pacs, dimse_backend_factory):
+    backend = dimse_backend_factory(mock_dimse_pacs.port)
+    first_study(backend)
+    for assoc in mock_dimse_pacs._server.active_associations:
+        assoc.abort()  # the PACS drops the idle pooled association
+    assert first_study(backend)
+
+
+def test_client_and_server_sockets_have_tcp_nodelay(mock_dimse_pacs, dimse_backend_factory):
+    backend = dimse_backend_factory(mock_dimse_pacs.port)
+    with backend.pool.lease() as (assoc, _):
+        assert has_nodelay(assoc.dul.socket.socket)
+        accepted = mock_dimse_pacs._server.active_associations
+        assert accepted and all(has_nodelay(a.dul.socket.socket) for a in accepted)
+
+
+def test_move_receiver_sockets_have_tcp_nodelay(mock_dimse_pacs, dimse_backend_factory):
+    from pynetdicom import AE, build_context
+    from pynetdicom.sop_class import Verification
+
+    backend = dimse_backend_factory(mock_dimse_pacs.port, retrieve="c-move", store_port=0)
+    receiver = backend.move_receiver()
+    ae = AE("PROBE")
+    assoc = ae.associate("127.0.0.1", receiver.port, [build_context(CT_IMAGE)], ae_title="DQR")
+    try:
+        assert assoc.is_established
+        assert all(has_nodelay(a.dul.socket.socket) for a in receiver.active_associations)
+    finally:
+        assoc.release()
+    assert Verification  # imported for symmetry with the server's contexts
+
+
+# -- retrieval ------------------------------------------------------------------------
+
+
+def test_c_get_delivers_the_series_byte_identical(
+    mock_dimse_pacs, dimse_backend_factory, mock_dimse_cohort
+):
+    backend = dimse_backend_factory(mock_dimse_pacs.port)
+    study, series, report, received = retrieve_first_series(backend)
+    stored = {
+        i.sop_instance_uid: i
+        for i in mock_dimse_cohort.instances(study.study_uid, series.series_uid)
+    }
+    assert sorted(r.sop_instance_uid for r in received) == sorted(stored)
+    for instance in received:
+        assert instance.dataset == stored[instance.sop_instance_uid].read_dataset()
+        assert instance.transfer_syntax == stored[instance.sop_instance_uid].transfer_syntax
+        assert instance.sop_class_uid == CT_IMAGE
+    assert (report.completed, report.failed, report.warning) == (3, 0, 0)
+
+
+def test_c_move_delivers_the_series(mock_dimse_pacs, dimse_backend_factory, mock_dimse_cohort):
+    backend = dimse_backend_factory(mock_dimse_pacs.port, retrieve="c-move", store_port=0)
+    mock_dimse_pacs.add_destination("DQR", "127.0.0.1", backend.move_receiver().port)
+    study, series, report, received = retrieve_first_series(backend)
+    stored = {
+        i.sop_instance_uid: i
+        for i in mock_dimse_cohort.instances(study.study_uid, series.series_uid)
+    }
+    assert {r.sop_instance_uid: r.dataset for r in received} == {
+        u: i.read_dataset() for u, i in stored.items()
+    }
+    assert report.completed == 3
+
+
+def test_c_get_of_an_instance_subset_sends_one_uid_list(mock_dimse_pacs, dimse_backend_factory):
+    backend = dimse_backend_factory(mock_dimse_pacs.port)
+    study = first_study(backend)
+    series = next(backend.query_series(study))
+    wanted = tuple(i.sop_instance_uid for i in backend.query_instances(study, series))[:2]
+    received = []
+    backend.retrieve(RetrieveRequest(study, series, wanted), received.append)
+    assert sorted(r.sop_instance_uid for r in received) == sorted(wanted)
+    assert mock_dimse_pacs.requests["C-GET"] == 1
+
+
+def test_subset_is_fanned_out_when_uid_lists_are_off(mock_dimse_pacs, dimse_backend_factory):
+    backend = dimse_backend_factory(mock_dimse_pacs.port, matching={"uid_lists": False})
+    study = first_study(backend)
+    series = next(backend.query_series(study))
+    wanted = tuple(i.sop_instance_uid for i in backend.query_instances(study, series))[:2]
+    received = []
+    backend.retrieve(RetrieveRequest(study, series, wanted), received.append)
+    assert sorted(r.sop_instance_uid for r in received) == sorted(wanted)
+    assert mock_dimse_pacs.requests["C-GET"] == 2
+
+
+def test_c_move_to_unknown_destination_names_aet_host_and_port(
+    mock_dimse_pacs, dimse_backend_factory
+):
+    backend = dimse_backend_factory(
+        mock_dimse_pacs.port, retrieve="c-move", store_port=0, move_destination="DQRSTORE"
+    )
+    port = backend.move_receiver().port
+    with pytest.raises(RemoteError, match=rf"0xA801.*'DQRSTORE'.*127\.0\.0\.1:{port}") as caught:
+        retrieve_first_series(backend)
+    assert not caught.value.retriable
+
+
+def test_retrieve_out_of_resources_means_slow_down(mock_dimse_pacs, dimse_backend_factory):
+    mock_dimse_pacs.faults.statuses = [StatusFault(service="C-GET", status=0xA702)]
+    backend = dimse_backend_factory(mock_dimse_pacs.port)
+    with pytest.raises(RemoteError, match="0xA702") as caught:
+        retrieve_first_series(backend)
+    assert caught.value.slow_down and caught.value.retriable
+
+
+def test_abort_in_the_middle_of_a_series_is_retriable(mock_dimse_pacs, dimse_backend_factory):
+    mock_dimse_pacs.faults.abort = AbortFault(after_stores=1)
+    backend = dimse_backend_factory(mock_dimse_pacs.port)
+    with pytest.raises(RemoteError, match="aborted") as caught:
+        retrieve_first_series(backend)
+    assert caught.value.retriable
+    assert mock_dimse_pacs.requests["C-STORE"] == 1
+
+
+def test_fewer_instances_than_announced_is_incomplete(mock_dimse_pacs, dimse_backend_factory):
+    backend = dimse_backend_factory(mock_dimse_pacs.port)
+    study = first_study(backend)
+    series = next(backend.query_series(study))
+    inflated = type(series)(**{**series.__dict__, "n_instances": 5})
+    with pytest.raises(IncompleteRetrieveError, match="3 of 5 instances arrived") as caught:
+        backend.retrieve(RetrieveRequest(study, inflated), lambda instance: None)
+    assert caught.value.missing == 2 and caught.value.retriable
+
+
+def test_store_failure_fails_the_c_store_and_is_raised(mock_dimse_pacs, dimse_backend_factory):
+    backend = dimse_backend_factory(mock_dimse_pacs.port)
+    study = first_study(backend)
+    series = next(backend.query_series(study))
+
+    def full_disk(instance):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left") as caught:
+        backend.retrieve(RetrieveRequest(study, series), full_disk)
+    assert any("could not store 3" in note for note in caught.value.__notes__)
