@@ -1,7 +1,8 @@
 """The ``dqr`` command line: a thin layer over :mod:`dqr.engine`.
 
 Exit codes: 0 all done; 1 some studies failed (the rest are done and the
-failures are listed); 2 invalid input or config (nothing was queried).
+failures are listed) or the source could not be reached; 2 invalid input or
+config (nothing was queried); 130 interrupted (run again to resume).
 """
 
 from __future__ import annotations
@@ -9,7 +10,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
+import signal
 import sys
+import threading
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,7 +25,7 @@ from rich.table import Table
 import dqr
 from dqr.errors import DqrError, InputError, PluginError
 
-EXIT_OK, EXIT_FAILURES, EXIT_INVALID = 0, 1, 2
+EXIT_OK, EXIT_FAILURES, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 app = typer.Typer(
     name="dqr",
@@ -262,10 +266,17 @@ def retrieve(
     lines = read_table(results)
     options = JobOptions_(source, _limits(None, max_retrievals), False, include, exclude, new_job)
     with _job(loaded, options) as (job, _):
+        job.state.begin_input("results", str(results), _table_fingerprint(results), [])
         plan = job.make_plan(lines)
         _print_plan(plan, None)
         summary = job.retrieve(plan.lines)
     _finish(loaded, summary, plan, None, json_summary, results_lines=plan.lines)
+
+
+def _table_fingerprint(path: Path) -> str:
+    import hashlib
+
+    return "results:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def JobOptions_(*args: Any):  # noqa: N802 - keeps the import lazy for `dqr --help`
@@ -275,7 +286,13 @@ def JobOptions_(*args: Any):  # noqa: N802 - keeps the import lazy for `dqr --he
 
 
 class _job:  # noqa: N801 - used as a context manager
-    """A job with a progress reporter, both closed on exit."""
+    """A job with a progress reporter, both closed on exit.
+
+    The first Ctrl-C (or SIGTERM) stops the job cleanly: no new step starts,
+    running retrievals stop at their next instance, the summary is printed.
+    A second one stops at once -- safe too, since files are written
+    atomically and the job state transactionally.
+    """
 
     def __init__(self, loaded, options) -> None:
         from dqr.engine import Job
@@ -283,11 +300,24 @@ class _job:  # noqa: N801 - used as a context manager
 
         self.reporter = make_reporter(err)
         self.job = Job(loaded, options, self.reporter)
+        self._previous: dict[int, Any] = {}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.job.stopped:
+            err.print("stopping now")
+            os._exit(130)
+        self.job.interrupt()
+        err.print("[yellow]stopping[/] after the current steps (Ctrl-C again to stop at once)…")
 
     def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._on_signal)
         return self.job, self.reporter
 
     def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
         if self.reporter is not None:
             self.reporter.close()
         self.job.close()
@@ -424,6 +454,10 @@ def _finish(loaded, summary, plan, csv_path: Path | None, json_summary: bool, re
         err.print(f"  [red]failed[/] {where}{failure.kind} {what}: {failure.reason}", highlight=False)
     if failed_rows:
         err.print(f"  failed rows written to {failures_path} (fix them and run that file)", highlight=False)
+    if summary.gave_up:
+        err.print(f"[bold red]gave up[/]: {summary.gave_up}", highlight=False)
+    elif summary.interrupted:
+        err.print("[yellow]interrupted[/]: finished work is kept; run the same command again to resume")
     if json_summary:
         data = summary.as_dict()
         data.update(
@@ -435,8 +469,103 @@ def _finish(loaded, summary, plan, csv_path: Path | None, json_summary: bool, re
             archive=str(loaded.site.archive),
         )
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
-    if failed_rows:
+    if summary.interrupted and not summary.gave_up:
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if failed_rows or summary.gave_up:
         raise typer.Exit(EXIT_FAILURES)
+
+
+@app.command()
+@handle_errors
+def status(
+    config: ConfigOption,
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Summarise the job: counts per state, and every failure with its reason.
+
+    Example: [bold]dqr status --config site.yaml[/bold]
+    """
+    from dqr.config import load_config
+    from dqr.state import JobState
+
+    loaded = load_config(config)
+    path = loaded.state_path
+    if not path.exists():
+        err.print(f"no job yet: {path} does not exist", highlight=False)
+        raise typer.Exit(EXIT_OK)
+    state = JobState(path)
+    try:
+        counts, failures, latest = state.counts(), state.failures(), state.latest_input()
+    finally:
+        state.close()
+    if json_output:
+        data = {"state": str(path), "input": latest[2] if latest else None, "counts": counts, "failures": failures}
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    if latest:
+        out.print(f"job: {path}  (latest input: {latest[1]} {latest[2]})", highlight=False)
+    table = Table("what", "by state", header_style="bold")
+    for kind, by_status in counts.items():
+        table.add_row(kind, ", ".join(f"{status}: {n}" for status, n in sorted(by_status.items())) or "-")
+    out.print(table)
+    if failures:
+        failed = Table("kind", "row", "UID", "attempts", "reason", header_style="bold red")
+        for f in failures:
+            uid = f.get("SeriesInstanceUID") or f.get("StudyInstanceUID") or ""
+            failed.add_row(f["kind"], str(f.get("row") or ""), uid, str(f["attempts"]), f["error"] or "")
+        out.print(failed)
+
+
+@app.command()
+@handle_errors
+def retry(
+    config: ConfigOption,
+    failed: Annotated[bool, typer.Option("--failed", help="Re-run the failures of the latest input (required).")] = False,
+    source: SourceOption = None,
+    max_queries: MaxQueries = None,
+    max_retrievals: MaxRetrievals = None,
+    json_summary: JsonSummary = False,
+) -> None:
+    """Re-run only what failed: rows whose query failed and studies whose retrieval failed.
+
+    Example: [bold]dqr retry --config site.yaml --failed[/bold]
+    """
+    from dqr.config import load_config
+    from dqr.csvquery import read_csv_queries
+    from dqr.errors import ConfigError
+    from dqr.results import read_table
+    from dqr.state import JobState
+
+    if not failed:
+        raise ConfigError("say what to retry: --failed")
+    loaded = load_config(config)
+    if not loaded.state_path.exists():
+        raise ConfigError(f"no job to retry: {loaded.state_path} does not exist", file=str(config))
+    state = JobState(loaded.state_path)
+    try:
+        latest = state.latest_input()
+        failures = state.failures()
+    finally:
+        state.close()
+    if latest is None:
+        raise ConfigError("the job state has no input yet: nothing to retry", file=str(loaded.state_path))
+    _, kind, input_path = latest
+    failed_rows = {f["row"] for f in failures if f["kind"] == "row"}
+    failed_studies = {f["StudyInstanceUID"] for f in failures if f["kind"] in ("study", "series")}
+    options = JobOptions_(source, _limits(max_queries, max_retrievals), False, None, None, False)
+    with _job(loaded, options) as (job, _):
+        if kind == "csv":
+            plan = job.query(read_csv_queries(Path(input_path)), input_path)
+        else:
+            plan = job.make_plan(read_table(Path(input_path)))
+        chosen = [
+            line for line in plan.lines
+            if line.row in failed_rows or (line.study is not None and line.study.study_uid in failed_studies)
+        ]
+        err.print(f"retrying {len(failed_rows)} rows and {len(failed_studies)} studies", highlight=False)
+        summary = job.retrieve(chosen)
+    _finish(loaded, summary, plan, Path(input_path) if kind == "csv" else None, json_summary,
+            results_lines=None if kind == "csv" else plan.lines)
 
 
 # -- checks and information ------------------------------------------------------

@@ -41,6 +41,21 @@ class Limits(Strict):
     backoff_max: float = Field(60.0, ge=0, description="longest retry delay, seconds")
     query_timeout: float = Field(60.0, gt=0, description="one query, seconds")
     retrieve_timeout: float = Field(600.0, gt=0, description="one series retrieval, seconds")
+    retrieve_window: str | None = Field(
+        None, description="local time when retrievals may run, e.g. '19:00-07:00' (queries always may)"
+    )
+    breaker_failures: int = Field(5, ge=1, description="consecutive failures to reach the source that pause work")
+    breaker_cooldown: float = Field(30.0, ge=0, description="pause after the source could not be reached, seconds")
+    breaker_max_cooldowns: int = Field(5, ge=1, description="pauses in a row before giving up")
+
+    @field_validator("retrieve_window")
+    @classmethod
+    def _check_window(cls, value: str | None) -> str | None:
+        if value is not None:
+            from dqr.throttle import TimeWindow
+
+            TimeWindow.parse(value)  # raises ValueError with the expected format
+        return value
 
     def merged(self, overrides: dict[str, Any]) -> Limits:
         data = self.model_dump()
@@ -101,6 +116,7 @@ class SiteConfig(Strict):
     limits: Limits = Limits()
     state: Path | None = Field(None, description="job database; default <archive>-job.sqlite beside the archive")
     destination: dict[str, Any] = Field(default_factory=lambda: {"type": "archive"})
+    executor: str = Field("local", description="how steps run: a type registered by dqr_register_executors")
 
     @field_validator("project")
     @classmethod

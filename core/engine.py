@@ -17,7 +17,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,11 +28,18 @@ from dqr.labels import safe_label
 from dqr.matching import matches
 from dqr.model import Labels, ReceivedInstance, RetrieveRequest, RowQuery, Series, Study, StudyQuery
 from dqr.planner import plan_queries
-from dqr.pluginmanager import backend_types, destination_types, get_plugin_manager
+from dqr.pluginmanager import backend_types, destination_types, executor_types, get_plugin_manager
 from dqr.relabel import RelabelContext, decode, encode_part10
 from dqr.results import ResultLine, build_table, flag_label_collisions
 from dqr.state import JobState
-from dqr.throttle import AdaptiveLimit, RateLimit, call_with_retries
+from dqr.throttle import (
+    AdaptiveLimit,
+    CircuitBreaker,
+    RateLimit,
+    SourceDownError,
+    TimeWindow,
+    call_with_retries,
+)
 
 log = logging.getLogger("dqr")
 
@@ -95,6 +101,8 @@ class RunSummary:
     bytes_stored: int = 0
     failures: list[Failure] = field(default_factory=list)
     seconds: float = 0.0
+    interrupted: bool = False
+    gave_up: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         data = {k: v for k, v in self.__dict__.items() if k != "failures"}
@@ -139,8 +147,21 @@ class Job:
         )
         self.hooks = get_plugin_manager().hook
         self.query_limit = AdaptiveLimit(self.limits.max_queries, "queries")
-        self.retrieve_limit = AdaptiveLimit(self.limits.max_retrievals, "retrievals")
+        self.retrieve_limit = AdaptiveLimit(self.limits.max_retrievals, "retrievals", watch_latency=False)
         self.rate = RateLimit(self.limits.requests_per_second)
+        #: Set to stop: no new step starts, running retrievals stop at their next instance.
+        self.stop = threading.Event()
+        self.breaker = CircuitBreaker(
+            self.limits.breaker_failures, self.limits.breaker_cooldown, self.limits.breaker_max_cooldowns, self.stop
+        )
+        self.window = TimeWindow.parse(self.limits.retrieve_window) if self.limits.retrieve_window else None
+        executors = executor_types()
+        if config.site.executor not in executors:
+            raise ConfigError(
+                f"executor: {config.site.executor!r} is unknown (available: {', '.join(sorted(executors))})",
+                file=str(config.path),
+            )
+        self.executor = executors[config.site.executor].factory()
         self._backend: Backend | None = None
         self._state: JobState | None = None
         self._destination = None
@@ -211,7 +232,7 @@ class Job:
         found: dict[str, Study] = {}
         for query in plan_queries(row, self.source_config.matching):
             self.hooks.dqr_prepare_study_query(query=query, source=self.source_name, config=self.source_config)
-            for study in call_with_retries(lambda q=query: self._run_query(q), self.limits, self.query_limit, self.rate):
+            for study in self._retrying(lambda q=query: self._run_query(q), self.query_limit):
                 found.setdefault(study.study_uid, study)
         return list(found.values())
 
@@ -244,6 +265,9 @@ class Job:
         def step(row: RowQuery) -> None:
             try:
                 studies = self.query_study_row(row)
+            except SourceDownError as error:
+                self.give_up(error)
+                return
             except RemoteError as error:
                 log.warning("row %d: query failed: %s", row.line, error)
                 state.record_row_failure(input_id, row.line, str(error))
@@ -252,7 +276,8 @@ class Job:
                 state.record_row_matches(input_id, row.line, studies)
             self.reporter.advance("query")
 
-        self._run_steps(step, pending, self.limits.max_queries)
+        for start in range(0, len(pending), self.limits.batch_size):
+            self._run_steps(step, pending[start : start + self.limits.batch_size], self.limits.max_queries)
         self.reporter.finish("query")
         return self.plan(input_id)
 
@@ -311,6 +336,8 @@ class Job:
         """Retrieve, relabel and store the selected studies."""
         started = time.monotonic()
         summary = self._summary
+        if self.stop.is_set():  # stopped while querying: select nothing on a partial table
+            return summary
         chosen: dict[str, tuple[ResultLine, Labels]] = {}
         for line in lines:
             if line.selected and line.study and line.study.study_uid not in chosen:
@@ -367,6 +394,9 @@ class Job:
             assert study is not None
             try:
                 pending = self._series_of(study)
+            except SourceDownError as error:
+                self.give_up(error)
+                pending = None
             except RemoteError as error:
                 self._fail_study(line, f"series query failed: {error}")
                 pending = None
@@ -383,7 +413,7 @@ class Job:
     def _series_of(self, study: Study) -> list[Series]:
         known = self.state.known_series(study.study_uid)
         if not known:
-            listed = call_with_retries(lambda: list(self.backend.query_series(study)), self.limits, self.query_limit, self.rate)
+            listed = self._retrying(lambda: list(self.backend.query_series(study)), self.query_limit)
             for series in listed:
                 chosen = self.hooks.dqr_select_series(study=study, series=series, series_filter=self.series_filter)
                 self.state.record_series(series, bool(chosen))
@@ -400,9 +430,17 @@ class Job:
     def _retrieve_series_step(self, line: ResultLine, labels: Labels, series: Series) -> None:
         study = line.study
         assert study is not None
+        if not self._wait_for_window():
+            return
         try:
             self.retrieve_series(study, series, labels)
+        except SourceDownError as error:
+            self.give_up(error)
+            self.state.set_series_status(series.series_uid, "pending")
         except Exception as error:  # noqa: BLE001 - one failing series never stops the others
+            if self.stop.is_set():  # interrupted, not failed: the next run resumes it
+                self.state.set_series_status(series.series_uid, "pending")
+                return
             reason = str(error) if isinstance(error, RemoteError) else f"{type(error).__name__}: {error}"
             log.warning("series %s of study %s failed: %s", series.series_uid, study.study_uid, reason)
             self.state.set_series_status(series.series_uid, "failed", reason, attempt=True)
@@ -455,7 +493,7 @@ class Job:
                     missing=series.n_instances - len(now),
                 )
 
-        call_with_retries(attempt, self.limits, self.retrieve_limit)
+        self._retrying(attempt, self.retrieve_limit, rate=False)
         state.set_series_status(series.series_uid, "stored")
         with self._lock:
             self._summary.series_stored += 1
@@ -465,9 +503,7 @@ class Job:
         if expected is not None:
             return expected
         try:
-            instances = call_with_retries(
-                lambda: list(self.backend.query_instances(study, series)), self.limits, self.query_limit, self.rate
-            )
+            instances = self._retrying(lambda: list(self.backend.query_instances(study, series)), self.query_limit)
         except NotImplementedError:
             return None
         self.state.record_expected(series.series_uid, instances)
@@ -479,6 +515,8 @@ class Job:
         errors: list[str] = []
 
         def store(received: ReceivedInstance) -> None:
+            if self.stop.is_set():
+                raise Interrupted("stopping: instance not stored")
             try:
                 if writer.exists(received.sop_instance_uid):
                     return
@@ -513,23 +551,55 @@ class Job:
             if all(status == "stored" for status in statuses):
                 self.state.set_study_status(study.study_uid, "stored")
                 self._summary.studies_stored += 1
-            else:
-                failed = sum(1 for s in statuses if s != "stored")
+            elif "failed" in statuses:
+                failed = statuses.count("failed")
                 self.state.set_study_status(study.study_uid, "failed", f"{failed} of {len(statuses)} series failed")
+            # else: interrupted with series still pending; the next run resumes it
 
     # -- execution -----------------------------------------------------------------
 
     def _run_steps(self, step: Callable[[Any], None], items: Sequence[Any], workers: int) -> None:
-        """Run independent steps on a bounded pool (the local executor)."""
-        if not items:
-            return
-        if workers <= 1 or len(items) == 1:
-            for item in items:
-                step(item)
-            return
-        with ThreadPoolExecutor(max_workers=min(workers, len(items)), thread_name_prefix="dqr") as pool:
-            for future in [pool.submit(step, item) for item in items]:
-                future.result()
+        """Run independent steps through the configured executor."""
+        self.executor.run(step, items, workers, self.stop)
+
+    def _retrying(self, action: Callable[[], Any], limit: AdaptiveLimit, rate: bool = True) -> Any:
+        return call_with_retries(action, self.limits, limit, self.rate if rate else None, self.breaker)
+
+    def interrupt(self) -> None:
+        """Stop cleanly: no new step starts; finished work is kept."""
+        self._summary.interrupted = True
+        self.stop.set()
+
+    def give_up(self, error: SourceDownError) -> None:
+        """The source stayed unreachable: stop the job, keep what is done."""
+        with self._lock:
+            if self._summary.gave_up is None:
+                log.error("%s", error)
+                self._summary.gave_up = str(error)
+        self.stop.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop.is_set()
+
+    def _wait_for_window(self) -> bool:
+        """Wait while retrievals are outside the availability window; False if stopped meanwhile."""
+        if self.window is None:
+            return not self.stop.is_set()
+        announced = False
+        while (wait := self.window.seconds_until_open()) > 0:
+            if not announced:
+                log.warning(
+                    "outside the retrieval window %s: waiting until %s", self.window.text, self.window.opens_at()
+                )
+                announced = True
+            if self.stop.wait(min(wait, 5.0)):
+                return False
+        return not self.stop.is_set()
+
+
+class Interrupted(RemoteError):
+    """The job is stopping; the instance was not stored."""
 
 
 def astuple(labels: Labels) -> tuple[str, str]:

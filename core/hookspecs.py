@@ -64,6 +64,23 @@ def dqr_register_destinations(register: Callable[..., None]) -> None:
 
 
 @hookspec
+def dqr_register_executors(register: Callable[..., None]) -> None:
+    """Register executors: what runs the engine's steps.
+
+    Call ``register(name, factory)``; ``factory()`` returns an object with
+    ``run(step, items, workers, stop)`` that calls ``step(item)`` once for
+    every item, at most ``workers`` at a time, starts no new step once the
+    ``stop`` event is set, and returns when all started steps are done.
+    The config's ``executor:`` key chooses one (default ``local``: a thread
+    pool). Steps are idempotent and keyed by UIDs -- query one CSV row, list
+    one study's series, retrieve one series -- and keep their progress in the
+    job state, so an executor may run them anywhere and retry them.
+
+    :param register: The registration callback.
+    """
+
+
+@hookspec
 def dqr_register_commands(app: typer.Typer) -> None:
     """Add commands to the ``dqr`` command line.
 

@@ -31,6 +31,7 @@ BUILTIN_PLUGINS = (
     "dqr.plugins.xnat_relabel",
     "dqr.plugins.series_filter",
     "dqr.plugins.mockpacs",
+    "dqr.plugins.local_executor",
 )
 ENTRY_POINT_GROUP = "dqr"
 
@@ -77,11 +78,12 @@ def _build_manager() -> pluggy.PluginManager:
 
 def reset() -> None:
     """Forget loaded plugins (tests that install plugins use this)."""
-    global _manager, _backend_types, _destination_types
+    global _manager, _backend_types, _destination_types, _executor_types
     with _lock:
         _manager = None
         _backend_types = None
         _destination_types = None
+        _executor_types = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,7 @@ class DestinationType:
 
 _backend_types: dict[str, BackendType] | None = None
 _destination_types: dict[str, DestinationType] | None = None
+_executor_types: dict[str, DestinationType] | None = None
 
 
 def _collect(hook_name: str, make: Any) -> dict[str, Any]:
@@ -146,6 +149,16 @@ def destination_types() -> dict[str, DestinationType]:
             "dqr_register_destinations", lambda name, plugin, factory: DestinationType(name, factory, plugin)
         )
     return _destination_types
+
+
+def executor_types() -> dict[str, DestinationType]:
+    """Every registered executor, by name (same record shape as destinations)."""
+    global _executor_types
+    if _executor_types is None:
+        _executor_types = _collect(
+            "dqr_register_executors", lambda name, plugin, factory: DestinationType(name, factory, plugin)
+        )
+    return _executor_types
 
 
 def plugin_names() -> list[str]:

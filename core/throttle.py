@@ -28,7 +28,7 @@ T = TypeVar("T")
 class AdaptiveLimit:
     """A semaphore whose size adapts to how the remote copes."""
 
-    def __init__(self, maximum: int, name: str, successes_to_grow: int = 10) -> None:
+    def __init__(self, maximum: int, name: str, successes_to_grow: int = 10, watch_latency: bool = True) -> None:
         self.maximum = maximum
         self.limit = maximum
         self.name = name
@@ -36,6 +36,11 @@ class AdaptiveLimit:
         self.successes_to_grow = successes_to_grow
         self._successes = 0
         self._condition = threading.Condition()
+        self._baseline: float | None = None
+        #: a call this many times slower than usual (and slower than the floor) slows us down;
+        #: off for retrievals, whose duration follows the series' size
+        self.latency_factor = 5.0 if watch_latency else None
+        self.latency_floor = 2.0
 
     @contextmanager
     def slot(self):
@@ -49,6 +54,21 @@ class AdaptiveLimit:
             with self._condition:
                 self.active -= 1
                 self._condition.notify_all()
+
+    def record_latency(self, seconds: float) -> None:
+        """Rising latency is strain too: a call much slower than the running
+        baseline lowers the limit before the PACS starts refusing."""
+        if self.latency_factor is None:
+            return
+        with self._condition:
+            if self._baseline is None:
+                self._baseline = seconds
+                return
+            slow = seconds > self.latency_factor * self._baseline and seconds > self.latency_floor
+            self._baseline = 0.9 * self._baseline + 0.1 * seconds
+        if slow:
+            log.info("%s: a call took %.1f s (usual %.2f s)", self.name, seconds, self._baseline)
+            self.slow_down()
 
     def slow_down(self) -> None:
         with self._condition:
@@ -99,7 +119,11 @@ def is_retriable(error: BaseException) -> bool:
 
 
 def call_with_retries(
-    action: Callable[[], T], limits: Limits, limit: AdaptiveLimit | None = None, rate: RateLimit | None = None
+    action: Callable[[], T],
+    limits: Limits,
+    limit: AdaptiveLimit | None = None,
+    rate: RateLimit | None = None,
+    breaker: CircuitBreaker | None = None,
 ) -> T:
     """Run ``action`` in a slot of ``limit``, retrying retriable
     :class:`RemoteError` with backoff (outside the slot, so a waiting retry
@@ -128,10 +152,121 @@ def call_with_retries(
         before_sleep=before_sleep,
         reraise=True,
     ):
-        with attempt, (limit.slot() if limit else nullcontext()):
-            if rate is not None:
-                rate.wait()
-            result = action()
+        with attempt:
+            if breaker is not None:
+                breaker.before_call()
+            with limit.slot() if limit else nullcontext():
+                if rate is not None:
+                    rate.wait()
+                started = time.monotonic()
+                try:
+                    result = action()
+                except RemoteError as error:
+                    if breaker is not None:
+                        breaker.record_failure(error)
+                    raise
+            if limit is not None:
+                limit.record_latency(time.monotonic() - started)
+    if breaker is not None:
+        breaker.record_success()
     if limit is not None:
         limit.succeeded()
     return result
+
+
+class SourceDownError(RemoteError):
+    """The source stayed unreachable through every cool-down: the job stops
+    (finished work is kept; the next run resumes)."""
+
+
+class CircuitBreaker:
+    """Stops hammering a source that cannot be reached.
+
+    After ``failures`` consecutive *unreachable* errors every caller waits
+    ``cooldown`` seconds; after ``max_cooldowns`` pauses in a row without a
+    single success, :class:`SourceDownError` is raised.
+    """
+
+    def __init__(self, failures: int, cooldown: float, max_cooldowns: int, stop: threading.Event | None = None) -> None:
+        self.failures = failures
+        self.cooldown = cooldown
+        self.max_cooldowns = max_cooldowns
+        self.stop = stop or threading.Event()
+        self._consecutive = 0
+        self._cooldowns = 0
+        self._open_until = 0.0
+        self._lock = threading.Lock()
+        self.last_error: str = ""
+
+    def before_call(self) -> None:
+        while True:
+            with self._lock:
+                if self._cooldowns >= self.max_cooldowns:
+                    raise SourceDownError(
+                        f"the source could not be reached {self._consecutive} times in a row, through "
+                        f"{self._cooldowns} pauses of {self.cooldown:g} s; giving up (last error: {self.last_error}). "
+                        "Finished work is kept: run the same command again to resume.",
+                        unreachable=True,
+                    )
+                wait = self._open_until - time.monotonic()
+            if wait <= 0:
+                return
+            if self.stop.wait(min(wait, 1.0)):
+                return
+
+    def record_failure(self, error: RemoteError) -> None:
+        if not error.unreachable:
+            return
+        with self._lock:
+            self._consecutive += 1
+            self.last_error = str(error)
+            if self._consecutive % self.failures == 0:
+                self._cooldowns += 1
+                self._open_until = time.monotonic() + self.cooldown
+                if self._cooldowns < self.max_cooldowns:
+                    log.warning(
+                        "the source could not be reached %d times in a row; pausing %g s (%s)",
+                        self._consecutive, self.cooldown, error,
+                    )
+
+    def record_success(self) -> None:
+        with self._lock:
+            self._consecutive = 0
+            self._cooldowns = 0
+
+
+class TimeWindow:
+    """A daily local-time window such as ``19:00-07:00`` (may cross midnight)."""
+
+    def __init__(self, start: int, end: int, text: str) -> None:
+        self.start, self.end, self.text = start, end, text  # seconds after midnight
+
+    @classmethod
+    def parse(cls, text: str) -> TimeWindow:
+        def seconds(part: str) -> int:
+            pieces = part.strip().split(":")
+            if len(pieces) not in (2, 3) or not all(p.isdigit() for p in pieces):
+                raise ValueError(f"{text!r}: expected HH:MM-HH:MM, e.g. 19:00-07:00")
+            hours, minutes, secs = (int(p) for p in (*pieces, "0")[:3])
+            if hours > 23 or minutes > 59 or secs > 59:
+                raise ValueError(f"{part!r} is not a time of day")
+            return hours * 3600 + minutes * 60 + secs
+
+        start, sep, end = text.partition("-")
+        if not sep:
+            raise ValueError(f"{text!r}: expected HH:MM-HH:MM, e.g. 19:00-07:00")
+        return cls(seconds(start), seconds(end), text)
+
+    def seconds_until_open(self, now: float | None = None) -> float:
+        """0 inside the window, else how long until it opens."""
+        local = time.localtime(now if now is not None else time.time())
+        current = local.tm_hour * 3600 + local.tm_min * 60 + local.tm_sec
+        inside = (self.start <= current < self.end) if self.start < self.end else (
+            current >= self.start or current < self.end
+        )
+        if inside or self.start == self.end:
+            return 0.0
+        return float((self.start - current) % 86400)
+
+    def opens_at(self) -> str:
+        return time.strftime("%H:%M:%S", time.localtime(time.time() + self.seconds_until_open()))

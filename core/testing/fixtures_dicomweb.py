@@ -13,10 +13,14 @@ backends pointed at any server (see :mod:`dqr.plugins.mockpacs.http_server`).
 - ``dicomweb_backend_factory`` (function): ``dicomweb_backend_factory(url,
   limits=None, **source_keys)`` builds a ``type: dicomweb`` backend (source
   name ``web``) from config keys; all are closed after the test.
+- ``dqr_log`` (function): pytest's ``caplog``, also attached to the ``dqr``
+  logger, so that it sees dqr's records even after an in-process CLI run
+  set ``propagate = False`` on that logger.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,7 @@ import pytest
 from dqr.plugins.memory.synthetic import CohortSpec
 
 __all__ = [
+    "dqr_log",
     "dicomweb_backend_factory",
     "dicomweb_cohort_spec",
     "dicomweb_memory_pacs",
@@ -97,3 +102,15 @@ def dicomweb_backend_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     yield build
     for backend in built:
         backend.close()
+
+
+@pytest.fixture
+def dqr_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """``caplog`` that sees the ``dqr`` loggers whatever their propagation."""
+    logger = logging.getLogger("dqr")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.DEBUG, logger="dqr")
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)
