@@ -40,6 +40,16 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _sop_instance_uid_of(path: Path) -> str | None:
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return str(dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+    except (InvalidDicomError, OSError, AttributeError, ValueError, EOFError):
+        return None
+
+
 class ArchiveCollisionError(Exception):
     """A different file already exists where an instance would be stored."""
 
@@ -80,6 +90,10 @@ class SeriesDirectory:
         path = self.path_of(sop_instance_uid)
         if not path.exists():
             return False
+        # Found, not recorded: trust it only if it is that instance (a file
+        # put there by someone else must not pass for ours).
+        if _sop_instance_uid_of(path) != sop_instance_uid:
+            raise ArchiveCollisionError(f"{path} already exists with different content; not overwritten")
         with self._lock:  # present from an earlier run: make it durable and report it
             self._pending.setdefault(sop_instance_uid, {"replaced": None, "size": path.stat().st_size})
         return True
