@@ -34,7 +34,15 @@ import dqr
 from dqr.backend import SourceContext, StoreCallback
 from dqr.errors import ConfigError, RemoteError
 from dqr.matching import matches
-from dqr.model import Instance, ReceivedInstance, RetrieveReport, RetrieveRequest, Series, Study, StudyQuery
+from dqr.model import (
+    Instance,
+    ReceivedInstance,
+    RetrieveReport,
+    RetrieveRequest,
+    Series,
+    Study,
+    StudyQuery,
+)
 from dqr.plugins.dicomweb import DicomwebSourceConfig
 from dqr.plugins.dicomweb.credentials import credential_keys, make_auth
 from dqr.plugins.dicomweb.http_errors import Operation, error_for_exception, error_for_status
