@@ -99,19 +99,36 @@ def main_options(
         log.warning("verbose logging is on: logs may contain patient names and birth dates")
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now, not what it was when the
+    handler was made (in-process runs swap it, e.g. CliRunner)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging(level: int) -> None:
     root = logging.getLogger("dqr")
     root.setLevel(level)
-    root.handlers.clear()
+    for old in [h for h in root.handlers if h.get_name() == "dqr-cli"]:
+        root.removeHandler(old)
     if err.is_terminal:
         from rich.logging import RichHandler
 
         handler: logging.Handler = RichHandler(console=err, show_path=False, show_time=False)
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    handler.set_name("dqr-cli")
     root.addHandler(handler)
-    root.propagate = False
     # pynetdicom logs every PDU (with identifiers) at INFO/DEBUG.
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == logging.DEBUG else logging.WARNING)
 

@@ -227,14 +227,17 @@ class Job:
 
     # -- query ---------------------------------------------------------------------
 
-    def query_study_row(self, row: RowQuery) -> list[Study]:
-        """Every study matching one CSV row, de-duplicated, in answer order."""
+    def query_study_row(self, row: RowQuery) -> tuple[list[Study], list[str]]:
+        """Every study matching one CSV row, de-duplicated, in answer order,
+        and the backend's warnings about the answers."""
         found: dict[str, Study] = {}
+        warnings: list[str] = []
         for query in plan_queries(row, self.source_config.matching):
             self.hooks.dqr_prepare_study_query(query=query, source=self.source_name, config=self.source_config)
             for study in self._retrying(lambda q=query: self._run_query(q), self.query_limit):
                 found.setdefault(study.study_uid, study)
-        return list(found.values())
+            warnings += query.warnings
+        return list(found.values()), warnings
 
     def _run_query(self, query: StudyQuery) -> list[Study]:
         modality = query.filters.get("ModalitiesInStudy")
@@ -264,7 +267,7 @@ class Job:
 
         def step(row: RowQuery) -> None:
             try:
-                studies = self.query_study_row(row)
+                studies, warnings = self.query_study_row(row)
             except SourceDownError as error:
                 self.give_up(error)
                 return
@@ -273,7 +276,7 @@ class Job:
                 state.record_row_failure(input_id, row.line, str(error))
             else:
                 log.debug("row %d: %d studies", row.line, len(studies))
-                state.record_row_matches(input_id, row.line, studies)
+                state.record_row_matches(input_id, row.line, studies, warnings)
             self.reporter.advance("query")
 
         for start in range(0, len(pending), self.limits.batch_size):
@@ -284,12 +287,16 @@ class Job:
     def plan(self, input_id: int) -> Plan:
         results = self.state.row_results(input_id)
         failed = {row.line: error for row, status, error, _ in results if status == "failed"}
+        noted = {row.line: note for row, status, note, _ in results if status == "queried" and note}
         lines = build_table(
             ((row.line, row.subject, row.session, studies) for row, _, _, studies in results),
             select_all=self.options.select_all,
         )
         lines = [
-            replace(line, warning=f"query failed: {failed[line.row]}") if line.row in failed else line for line in lines
+            replace(line, warning=f"query failed: {failed[line.row]}") if line.row in failed
+            else replace(line, warning="; ".join(w for w in (line.warning, noted[line.row]) if w)) if line.row in noted
+            else line
+            for line in lines
         ]
         return self.make_plan(lines)
 

@@ -58,6 +58,10 @@ class StudyQuery:
 
     line: int
     filters: dict[str, str]
+    warnings: list[str] = field(default_factory=list)
+    """Things a backend wants the user to know about this query's answer
+    (e.g. zero matches for a value some servers mishandle). They go into the
+    results table's ``warning`` column; never put patient data in them."""
 
 
 @dataclass(frozen=True)

@@ -93,11 +93,13 @@ def build_table(
     - a row with labels matching several studies is *ambiguous*: relabeling
       would give them all the same labels, so none is selected unless
       ``select_all``;
-    - a study matched by several rows is selected once, for the first row.
+    - a study matched by several rows is selected once: for the first row
+      that labels it (the user said what to call it), else the first row.
     """
+    rows = list(matches)
+    owner = _owning_rows(rows, select_all)
     lines: list[ResultLine] = []
-    first_row_of: dict[str, int] = {}
-    for line, subject, session, studies in matches:
+    for line, subject, session, studies in rows:
         if not studies:
             lines.append(ResultLine(line, False, subject or "", session or "", None, "no study matched"))
             continue
@@ -110,12 +112,25 @@ def build_table(
                     f"ambiguous: row matched {len(studies)} studies and relabels them all alike"
                     + ("" if select_all else "; not selected (choose one, or use --select all)"),
                 )
-            if study.study_uid in first_row_of:
-                entry = _add_warning(replace(entry, selected=False), f"also matched by row {first_row_of[study.study_uid]}; retrieved once")
-            else:
-                first_row_of[study.study_uid] = line
+            first = owner.get(study.study_uid)
+            if first is not None and first != line:
+                entry = _add_warning(replace(entry, selected=False), f"also matched by row {first}; retrieved once, for row {first}")
             lines.append(entry)
     return lines
+
+
+def _owning_rows(rows: list[tuple[int, str | None, str | None, list[Study]]], select_all: bool) -> dict[str, int]:
+    """For each study, the row it is retrieved for."""
+    owner: dict[str, int] = {}
+    labelled: dict[str, int] = {}
+    for line, subject, session, studies in rows:
+        selectable = len(studies) == 1 or not (subject or session) or select_all
+        for study in studies:
+            owner.setdefault(study.study_uid, line)
+            if (subject or session) and selectable:
+                labelled.setdefault(study.study_uid, line)
+    owner.update(labelled)
+    return owner
 
 
 def flag_label_collisions(lines: Sequence[ResultLine], labels_of) -> list[ResultLine]:

@@ -40,7 +40,7 @@ CREATE TABLE IF NOT EXISTS inputs (
 CREATE TABLE IF NOT EXISTS rows (
     input INTEGER NOT NULL, line INTEGER NOT NULL, query TEXT NOT NULL,
     status TEXT NOT NULL DEFAULT 'pending', attempts INTEGER NOT NULL DEFAULT 0, error TEXT,
-    PRIMARY KEY (input, line));
+    warnings TEXT, PRIMARY KEY (input, line));
 CREATE TABLE IF NOT EXISTS matches (
     input INTEGER NOT NULL, line INTEGER NOT NULL, position INTEGER NOT NULL, study_uid TEXT NOT NULL,
     PRIMARY KEY (input, line, study_uid));
@@ -158,7 +158,7 @@ class JobState:
         return [line for (line,) in self._query(
             "SELECT line FROM rows WHERE input = ? AND status != 'queried' ORDER BY line", input_id)]
 
-    def record_row_matches(self, input_id: int, line: int, studies: list[Study]) -> None:
+    def record_row_matches(self, input_id: int, line: int, studies: list[Study], warnings: list[str] = ()) -> None:
         with self.transaction() as db:
             for position, study in enumerate(studies):
                 db.execute(
@@ -170,8 +170,9 @@ class JobState:
                     "INSERT OR IGNORE INTO matches VALUES (?, ?, ?, ?)", (input_id, line, position, study.study_uid)
                 )
             db.execute(
-                "UPDATE rows SET status = 'queried', attempts = attempts + 1, error = NULL WHERE input = ? AND line = ?",
-                (input_id, line),
+                "UPDATE rows SET status = 'queried', attempts = attempts + 1, error = NULL, warnings = ? "
+                "WHERE input = ? AND line = ?",
+                ("; ".join(dict.fromkeys(warnings)) or None, input_id, line),
             )
 
     def record_row_failure(self, input_id: int, line: int, error: str) -> None:
@@ -182,8 +183,9 @@ class JobState:
             )
 
     def row_results(self, input_id: int) -> list[tuple[RowQuery, str, str | None, list[Study]]]:
-        """Each row with its status, error and matched studies, in CSV order."""
-        rows = self._query("SELECT line, query, status, error FROM rows WHERE input = ? ORDER BY line", input_id)
+        """Each row with its status, error (or warnings) and matched studies, in CSV order."""
+        rows = self._query(
+            "SELECT line, query, status, COALESCE(error, warnings) FROM rows WHERE input = ? ORDER BY line", input_id)
         matches: dict[int, list[Study]] = {}
         for line, data in self._query(
             "SELECT m.line, s.data FROM matches m JOIN studies s USING (study_uid) "

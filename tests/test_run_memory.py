@@ -285,3 +285,12 @@ def test_plugins_lists_backend_types(dqr):
 def test_echo_describes_the_memory_pacs(site, dqr):
     result = dqr("echo", "--config", site())
     assert result.exit_code == 0 and "in-memory PACS with 57 instances" in result.stderr
+
+
+def test_a_study_matched_by_an_unlabelled_and_a_labelled_row_goes_to_the_labelled_one(site, write_csv, dqr, tmp_path):
+    config = site(csv=str(write_csv(f"Patient ID,Accession Number,Subject,Session\nPAT00000,,,\n,{CT_STUDY},S1,CT1\n")))
+    dqr("run", "--config", config)
+    lines = read_results(tmp_path / "archive-results.csv")
+    unlabelled = next(line for line in lines if line["row"] == "2" and line["AccessionNumber"] == CT_STUDY)
+    assert unlabelled["selected"] == "false" and "retrieved once, for row 3" in unlabelled["warning"]
+    assert len(archive_files(tmp_path / "archive" / "Test" / "S1" / "CT1")) == 6

@@ -131,11 +131,7 @@ def tls_verify(config: DicomwebSourceConfig, context: SourceContext) -> bool | s
 
 
 def _add_warning(query: StudyQuery, message: str) -> None:
-    warnings: Any = getattr(query, "warnings", None)
-    if not isinstance(warnings, list):
-        warnings = []
-        query.warnings = warnings  # type: ignore[attr-defined]  # until StudyQuery declares it
-    warnings.append(message)
+    query.warnings.append(message)
     logger.warning("%s", message)
 
 
