@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -192,6 +193,23 @@ def test_query_associations_never_exceed_max_queries(
         thread.join()
     assert mock_dimse_pacs.requests["C-FIND"] == 24
     assert mock_dimse_pacs.max_concurrent_associations == max_queries
+
+
+def test_idle_query_associations_are_released_when_the_burst_ends(mock_dimse_pacs, dimse_backend_factory):
+    # Idle associations occupy the PACS's workers: Orthanc queues a new
+    # association (a retrieval's) behind them for about a second.
+    mock_dimse_pacs.faults.delay = 0.005
+    backend = dimse_backend_factory(mock_dimse_pacs.port, limits={"max_queries": 4})
+    threads = [threading.Thread(target=lambda: [first_study(backend) for _ in range(3)]) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    deadline = time.monotonic() + 2
+    while mock_dimse_pacs.current_associations > 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert mock_dimse_pacs.max_concurrent_associations == 4
+    assert mock_dimse_pacs.current_associations == 1
 
 
 def test_association_closed_by_the_pacs_is_not_reused(mock_dimse_pacs, dimse_backend_factory):

@@ -24,6 +24,7 @@ class AssociationPool:
         self._idle: list[tuple[Association, float]] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._in_use = 0
         #: An association idle for longer may have been closed by the PACS
         #: (Orthanc: 30 s by default); using it would lose a request.
         self.max_idle = max_idle
@@ -39,7 +40,13 @@ class AssociationPool:
             reused = assoc is not None
             if assoc is None:
                 assoc = self._open()
-            yield assoc, reused
+            with self._lock:
+                self._in_use += 1
+            try:
+                yield assoc, reused
+            finally:
+                with self._lock:
+                    self._in_use -= 1
         finally:
             if assoc is not None:
                 self._give_back(assoc)
@@ -56,11 +63,21 @@ class AssociationPool:
         return None
 
     def _give_back(self, assoc: Association) -> None:
+        surplus: list[Association] = []
         with self._lock:
             if assoc.is_established and not self._closed:
                 self._idle.append((assoc, time.monotonic()))
-                return
-        _release_quietly(assoc)
+                # Keep as many idle as are busy now (they will be wanted
+                # back soon), at least one. Idle associations still hold a
+                # worker of the PACS: Orthanc serves 4 at once by default and
+                # queues a retrieval's association behind idle ones (~1 s).
+                keep = max(1, self._in_use)
+                while len(self._idle) > keep:
+                    surplus.append(self._idle.pop(0)[0])
+            else:
+                surplus.append(assoc)
+        for extra in surplus:
+            _release_quietly(extra)
 
     def close(self) -> None:
         with self._lock:
