@@ -389,6 +389,8 @@ def _print_plan(plan, table_path: Path | None) -> None:
     )
     if plan.rows_without_match:
         err.print(f"  [yellow]rows with no match[/] ({len(plan.rows_without_match)}): {rows(plan.rows_without_match)}")
+    if plan.rows_not_queried:
+        err.print(f"  [red]rows not queried[/] ({len(plan.rows_not_queried)}): {rows(plan.rows_not_queried)}")
     if plan.rows_ambiguous:
         err.print(
             f"  [yellow]ambiguous rows[/] ({len(plan.rows_ambiguous)}; several studies for one Subject/Session, "
@@ -443,7 +445,7 @@ def _finish(loaded, summary, plan, csv_path: Path | None, json_summary: bool, re
 
     failed_rows: dict[int, str] = {}
     for line in plan.lines:
-        if line.warning.startswith("query failed"):
+        if line.warning.startswith(("query failed", "not queried yet")):
             failed_rows[line.row] = line.warning
     for failure in summary.failures:
         if failure.row is not None:
@@ -462,9 +464,9 @@ def _finish(loaded, summary, plan, csv_path: Path | None, json_summary: bool, re
         + (f"; {summary.studies_already_stored} already stored" if summary.studies_already_stored else ""),
         highlight=False,
     )
-    query_failures = [row for row, reason in failed_rows.items() if reason.startswith("query failed")]
+    query_failures = [row for row, reason in failed_rows.items() if reason.startswith(("query failed", "not queried"))]
     if query_failures:
-        err.print(f"[red]{len(query_failures)} rows could not be queried[/]")
+        err.print(f"[red]{len(query_failures)} rows could not be queried[/] (see the failures file)")
     for failure in summary.failures:
         where = f"row {failure.row}: " if failure.row is not None else ""
         what = failure.series_uid or failure.study_uid
@@ -480,6 +482,7 @@ def _finish(loaded, summary, plan, csv_path: Path | None, json_summary: bool, re
         data.update(
             rows=plan.rows,
             rows_without_match=plan.rows_without_match,
+            rows_not_queried=plan.rows_not_queried,
             rows_ambiguous=plan.rows_ambiguous,
             label_collisions=plan.label_collisions,
             rows_failed=sorted(query_failures),

@@ -117,6 +117,7 @@ class Plan:
     lines: list[ResultLine]
     rows: int
     rows_without_match: list[int]
+    rows_not_queried: list[int]
     rows_ambiguous: list[int]
     label_collisions: list[int]
     studies: int
@@ -273,7 +274,8 @@ class Job:
                 return
             except RemoteError as error:
                 log.warning("row %d: query failed: %s", row.line, error)
-                state.record_row_failure(input_id, row.line, str(error))
+                # An unreachable source is not the row's fault: it stays to do.
+                state.record_row_failure(input_id, row.line, str(error), still_pending=error.unreachable)
             else:
                 log.debug("row %d: %d studies", row.line, len(studies))
                 state.record_row_matches(input_id, row.line, studies, warnings)
@@ -287,6 +289,7 @@ class Job:
     def plan(self, input_id: int) -> Plan:
         results = self.state.row_results(input_id)
         failed = {row.line: error for row, status, error, _ in results if status == "failed"}
+        not_done = {row.line: error or "interrupted" for row, status, error, _ in results if status == "pending"}
         noted = {row.line: note for row, status, note, _ in results if status == "queried" and note}
         lines = build_table(
             ((row.line, row.subject, row.session, studies) for row, _, _, studies in results),
@@ -294,6 +297,7 @@ class Job:
         )
         lines = [
             replace(line, warning=f"query failed: {failed[line.row]}") if line.row in failed
+            else replace(line, warning=f"not queried yet: {not_done[line.row]}") if line.row in not_done
             else replace(line, warning="; ".join(w for w in (line.warning, noted[line.row]) if w)) if line.row in noted
             else line
             for line in lines
@@ -308,7 +312,8 @@ class Job:
         return Plan(
             lines=lines,
             rows=len({line.row for line in lines}),
-            rows_without_match=sorted({line.row for line in lines if line.study is None}),
+            rows_without_match=sorted({line.row for line in lines if line.warning == "no study matched"}),
+            rows_not_queried=sorted({line.row for line in lines if line.warning.startswith("not queried")}),
             rows_ambiguous=sorted({line.row for line in lines if "ambiguous" in line.warning}),
             label_collisions=sorted({line.row for line in lines if "label collision" in line.warning}),
             studies=len(selected),
@@ -472,12 +477,17 @@ class Job:
                 state.set_series_status(series.series_uid, "stored")
                 return
         state.set_series_status(series.series_uid, "retrieving")
-        subset = tuple(missing) if expected is not None and stored else None
-        request = RetrieveRequest(study, series, subset)
         store, store_errors = self._store_callback(study, series, labels, writer)
 
         def attempt() -> None:
-            nonlocal request
+            # Every attempt asks only for what is still missing: a retry after
+            # an abort mid-series must not fetch the instances that arrived.
+            now = state.stored_instances(series.series_uid)
+            missing = None if expected is None else [uid for uid in expected if uid not in now]
+            if missing == []:
+                return
+            request = RetrieveRequest(study, series, tuple(missing) if missing is not None and now else None)
+            store_errors.clear()
             try:
                 report = self.backend.retrieve(request, store)
             finally:
@@ -488,7 +498,6 @@ class Job:
             if expected is not None:
                 still = [uid for uid in expected if uid not in now]
                 if still:
-                    request = replace(request, sop_instance_uids=tuple(still))
                     raise IncompleteRetrieveError(
                         f"{len(still)} of {len(expected)} instances did not arrive"
                         + (f" ({report.failed} sub-operations failed)" if report.failed else ""),

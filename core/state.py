@@ -175,11 +175,13 @@ class JobState:
                 ("; ".join(dict.fromkeys(warnings)) or None, input_id, line),
             )
 
-    def record_row_failure(self, input_id: int, line: int, error: str) -> None:
+    def record_row_failure(self, input_id: int, line: int, error: str, still_pending: bool = False) -> None:
+        """Record why a row's query failed; ``still_pending`` leaves it to do
+        (the source was unreachable: not the row's fault)."""
         with self.transaction() as db:
             db.execute(
-                "UPDATE rows SET status = 'failed', attempts = attempts + 1, error = ? WHERE input = ? AND line = ?",
-                (error, input_id, line),
+                "UPDATE rows SET status = ?, attempts = attempts + 1, error = ? WHERE input = ? AND line = ?",
+                ("pending" if still_pending else "failed", error, input_id, line),
             )
 
     def row_results(self, input_id: int) -> list[tuple[RowQuery, str, str | None, list[Study]]]:
