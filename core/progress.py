@@ -82,7 +82,7 @@ class LineReporter(Reporter):
         self.totals: dict[str, int] = {}
         self.done: dict[str, int] = {}
         self.bytes = 0
-        self._last = 0.0
+        self._last = time.monotonic()  # the first progress line comes after `every` seconds
         self._started = time.monotonic()
         self._lock = threading.Lock()
 
@@ -109,8 +109,12 @@ class LineReporter(Reporter):
         if now - self._last < self.every:
             return
         self._last = now
-        rate = self.bytes / max(now - self._started, 1e-6) / 1e6
-        log.info("%s: %d/%d (%.1f MB/s)", LABELS.get(phase, phase), self.done[phase], self.totals.get(phase, 0), rate)
+        done, total = self.done[phase], self.totals.get(phase, 0)
+        if phase == "instances":
+            rate = self.bytes / max(now - self._started, 1e-6) / 1e6
+            log.info("%s: %d/%d (%.1f MB/s)", LABELS[phase], done, total, rate)
+        else:
+            log.info("%s: %d/%d", LABELS.get(phase, phase), done, total)
 
     def finish(self, phase: str) -> None:
         if phase in self.done:
