@@ -166,3 +166,84 @@ class Labels:
     session: str
     relabel_subject: bool = False
     relabel_session: bool = False
+
+
+#: Study-level attributes every backend asks for: what the results table shows.
+STUDY_KEYWORDS = (
+    "StudyInstanceUID",
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "StudyDate",
+    "AccessionNumber",
+    "ModalitiesInStudy",
+    "StudyDescription",
+    "StudyID",
+    "NumberOfStudyRelatedSeries",
+    "NumberOfStudyRelatedInstances",
+)
+#: Series-level attributes every backend asks for.
+SERIES_KEYWORDS = ("SeriesInstanceUID", "Modality", "SeriesDescription", "SeriesNumber", "NumberOfSeriesRelatedInstances")
+
+
+def _count(value: object) -> int | None:
+    try:
+        return int(str(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def _multi(value: object) -> tuple[str, ...]:
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        return tuple(v for v in value.split("\\") if v)
+    return tuple(str(v) for v in value if str(v))  # type: ignore[attr-defined]
+
+
+def study_from_attributes(attributes: Mapping[str, object]) -> Study:
+    """A :class:`Study` from a study-level answer given as keyword -> value
+    (strings; a multi-valued attribute as a ``\\``-joined string or a
+    sequence; counts as text). Backends turn their answers into this."""
+
+    def text(keyword: str) -> str:
+        value = attributes.get(keyword)
+        return "" if value is None else str(value)
+
+    return Study(
+        study_uid=text("StudyInstanceUID"),
+        patient_id=text("PatientID"),
+        patient_name=text("PatientName"),
+        patient_birth_date=text("PatientBirthDate"),
+        study_date=text("StudyDate"),
+        accession_number=text("AccessionNumber"),
+        modalities=_multi(attributes.get("ModalitiesInStudy")),
+        study_description=text("StudyDescription"),
+        study_id=text("StudyID"),
+        n_series=_count(attributes.get("NumberOfStudyRelatedSeries")),
+        n_instances=_count(attributes.get("NumberOfStudyRelatedInstances")),
+    )
+
+
+def series_from_attributes(
+    study_uid: str,
+    attributes: Mapping[str, object],
+    sop_class_uids: frozenset[str] = frozenset(),
+    transfer_syntaxes: frozenset[str] = frozenset(),
+) -> Series:
+    """A :class:`Series` from a series-level answer (see :func:`study_from_attributes`)."""
+
+    def text(keyword: str) -> str:
+        value = attributes.get(keyword)
+        return "" if value is None else str(value)
+
+    return Series(
+        study_uid=study_uid,
+        series_uid=text("SeriesInstanceUID"),
+        modality=text("Modality"),
+        description=text("SeriesDescription"),
+        number=text("SeriesNumber"),
+        n_instances=_count(attributes.get("NumberOfSeriesRelatedInstances")),
+        sop_class_uids=sop_class_uids,
+        transfer_syntaxes=transfer_syntaxes,
+    )

@@ -34,7 +34,17 @@ from urllib.parse import quote
 from pydicom.datadict import tag_for_keyword
 
 from dqr.matching import match_date, match_string
-from dqr.model import DATE_KEYWORDS, UID_KEYWORDS, Instance, Series, Study
+from dqr.model import (
+    DATE_KEYWORDS,
+    SERIES_KEYWORDS,
+    STUDY_KEYWORDS,
+    UID_KEYWORDS,
+    Instance,
+    Series,
+    Study,
+    series_from_attributes,
+    study_from_attributes,
+)
 
 #: Characters sent as they are in ``raw`` escaping: RFC 3986 unreserved
 #: characters, the DICOM wildcards and sub-delimiters that neither requests
@@ -45,19 +55,8 @@ RAW_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012345
 #: and matching nothing gets a warning rather than a silent empty answer.
 SUSPICIOUS_CHARACTERS = frozenset("*?^ ")
 
-STUDY_FIELDS = (
-    "PatientID",
-    "PatientName",
-    "PatientBirthDate",
-    "StudyDate",
-    "AccessionNumber",
-    "ModalitiesInStudy",
-    "StudyDescription",
-    "StudyID",
-    "NumberOfStudyRelatedSeries",
-    "NumberOfStudyRelatedInstances",
-)
-SERIES_FIELDS = ("Modality", "SeriesDescription", "SeriesNumber", "NumberOfSeriesRelatedInstances")
+STUDY_FIELDS = tuple(k for k in STUDY_KEYWORDS if k != "StudyInstanceUID")
+SERIES_FIELDS = tuple(k for k in SERIES_KEYWORDS if k != "SeriesInstanceUID")
 INSTANCE_FIELDS = ("SOPInstanceUID", "SOPClassUID", "AvailableTransferSyntaxUID")
 
 
@@ -158,38 +157,12 @@ def json_text(answer: dict[str, Any], keyword: str) -> str:
     return "\\".join(json_values(answer, keyword))
 
 
-def _count(answer: dict[str, Any], keyword: str) -> int | None:
-    try:
-        return int(json_text(answer, keyword))
-    except ValueError:
-        return None
-
-
 def study_from_json(answer: dict[str, Any]) -> Study:
-    return Study(
-        study_uid=json_text(answer, "StudyInstanceUID"),
-        patient_id=json_text(answer, "PatientID"),
-        patient_name=json_text(answer, "PatientName"),
-        patient_birth_date=json_text(answer, "PatientBirthDate"),
-        study_date=json_text(answer, "StudyDate"),
-        accession_number=json_text(answer, "AccessionNumber"),
-        modalities=tuple(v for v in json_values(answer, "ModalitiesInStudy") if v),
-        study_description=json_text(answer, "StudyDescription"),
-        study_id=json_text(answer, "StudyID"),
-        n_series=_count(answer, "NumberOfStudyRelatedSeries"),
-        n_instances=_count(answer, "NumberOfStudyRelatedInstances"),
-    )
+    return study_from_attributes({keyword: json_text(answer, keyword) for keyword in STUDY_KEYWORDS})
 
 
 def series_from_json(study: Study, answer: dict[str, Any]) -> Series:
-    return Series(
-        study_uid=study.study_uid,
-        series_uid=json_text(answer, "SeriesInstanceUID"),
-        modality=json_text(answer, "Modality"),
-        description=json_text(answer, "SeriesDescription"),
-        number=json_text(answer, "SeriesNumber"),
-        n_instances=_count(answer, "NumberOfSeriesRelatedInstances"),
-    )
+    return series_from_attributes(study.study_uid, {keyword: json_text(answer, keyword) for keyword in SERIES_KEYWORDS})
 
 
 def instance_from_json(series: Series, answer: dict[str, Any]) -> Instance:

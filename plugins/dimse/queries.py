@@ -8,28 +8,18 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from dqr.model import Instance, Series, Study
+from dqr.model import (
+    SERIES_KEYWORDS,
+    STUDY_KEYWORDS,
+    Instance,
+    Series,
+    Study,
+    series_from_attributes,
+    study_from_attributes,
+)
 
-STUDY_RETURN_KEYS = (
-    "StudyInstanceUID",
-    "PatientID",
-    "PatientName",
-    "PatientBirthDate",
-    "StudyDate",
-    "AccessionNumber",
-    "ModalitiesInStudy",
-    "StudyDescription",
-    "StudyID",
-    "NumberOfStudyRelatedSeries",
-    "NumberOfStudyRelatedInstances",
-)
-SERIES_RETURN_KEYS = (
-    "SeriesInstanceUID",
-    "Modality",
-    "SeriesDescription",
-    "SeriesNumber",
-    "NumberOfSeriesRelatedInstances",
-)
+STUDY_RETURN_KEYS = STUDY_KEYWORDS
+SERIES_RETURN_KEYS = SERIES_KEYWORDS
 IMAGE_RETURN_KEYS = ("SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 #: Patient-level keys of the Patient Root model (PS3.4 C.6.1.1.2).
 PATIENT_KEYS = frozenset({"PatientID", "PatientName", "PatientBirthDate", "PatientSex"})
@@ -59,60 +49,23 @@ def text(ds: Dataset, keyword: str) -> str:
     return str(value)
 
 
-def values(ds: Dataset, keyword: str) -> tuple[str, ...]:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return ()
-    if _is_multi(value):
-        return tuple(str(v) for v in value if str(v))
-    return tuple(v for v in str(value).split("\\") if v)
-
-
 def _is_multi(value: Any) -> bool:
     return isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue"
 
 
-def count(ds: Dataset, keyword: str) -> int | None:
-    try:
-        return int(ds.get(keyword))
-    except (TypeError, ValueError):
-        return None
-
-
 def study_from_answer(ds: Dataset) -> Study | None:
-    uid = text(ds, "StudyInstanceUID")
-    if not uid:
+    if not text(ds, "StudyInstanceUID"):
         return None
-    return Study(
-        study_uid=uid,
-        patient_id=text(ds, "PatientID"),
-        patient_name=text(ds, "PatientName"),
-        patient_birth_date=text(ds, "PatientBirthDate"),
-        study_date=text(ds, "StudyDate"),
-        accession_number=text(ds, "AccessionNumber"),
-        modalities=values(ds, "ModalitiesInStudy"),
-        study_description=text(ds, "StudyDescription"),
-        study_id=text(ds, "StudyID"),
-        n_series=count(ds, "NumberOfStudyRelatedSeries"),
-        n_instances=count(ds, "NumberOfStudyRelatedInstances"),
-    )
+    return study_from_attributes({keyword: text(ds, keyword) for keyword in STUDY_KEYWORDS})
 
 
 def series_from_answer(
     study: Study, ds: Dataset, sop_class_uids: frozenset[str] = frozenset()
 ) -> Series | None:
-    uid = text(ds, "SeriesInstanceUID")
-    if not uid:
+    if not text(ds, "SeriesInstanceUID"):
         return None
-    return Series(
-        study_uid=study.study_uid,
-        series_uid=uid,
-        modality=text(ds, "Modality"),
-        description=text(ds, "SeriesDescription"),
-        number=text(ds, "SeriesNumber"),
-        n_instances=count(ds, "NumberOfSeriesRelatedInstances"),
-        sop_class_uids=sop_class_uids,
-    )
+    attributes = {keyword: text(ds, keyword) for keyword in SERIES_KEYWORDS}
+    return series_from_attributes(study.study_uid, attributes, sop_class_uids)
 
 
 def instance_from_answer(series_uid: str, ds: Dataset) -> Instance | None:

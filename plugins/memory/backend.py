@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 from dqr.backend import StoreCallback
 from dqr.model import (
@@ -14,35 +13,10 @@ from dqr.model import (
     Series,
     Study,
     StudyQuery,
+    series_from_attributes,
+    study_from_attributes,
 )
 from dqr.plugins.memory.pacs import MemoryPacs
-
-
-def _int(value: Any) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def study_from_attributes(attributes: dict[str, Any]) -> Study:
-    """A :class:`Study` from a study-level answer (keyword -> value)."""
-    modalities = attributes.get("ModalitiesInStudy", ())
-    if isinstance(modalities, str):
-        modalities = tuple(m for m in modalities.split("\\") if m)
-    return Study(
-        study_uid=attributes["StudyInstanceUID"],
-        patient_id=attributes.get("PatientID", ""),
-        patient_name=attributes.get("PatientName", ""),
-        patient_birth_date=attributes.get("PatientBirthDate", ""),
-        study_date=attributes.get("StudyDate", ""),
-        accession_number=attributes.get("AccessionNumber", ""),
-        modalities=tuple(modalities),
-        study_description=attributes.get("StudyDescription", ""),
-        study_id=attributes.get("StudyID", ""),
-        n_series=_int(attributes.get("NumberOfStudyRelatedSeries")),
-        n_instances=_int(attributes.get("NumberOfStudyRelatedInstances")),
-    )
 
 
 class MemoryBackend:
@@ -60,15 +34,8 @@ class MemoryBackend:
 
     def query_series(self, study: Study) -> Iterator[Series]:
         for a in self.pacs.find("SERIES", {"StudyInstanceUID": study.study_uid}):
-            yield Series(
-                study_uid=study.study_uid,
-                series_uid=a["SeriesInstanceUID"],
-                modality=a["Modality"],
-                description=a["SeriesDescription"],
-                number=a["SeriesNumber"],
-                n_instances=_int(a["NumberOfSeriesRelatedInstances"]),
-                sop_class_uids=frozenset(a["SOPClassesInSeries"]),
-                transfer_syntaxes=frozenset(a["TransferSyntaxesInSeries"]),
+            yield series_from_attributes(
+                study.study_uid, a, frozenset(a["SOPClassesInSeries"]), frozenset(a["TransferSyntaxesInSeries"])
             )
 
     def query_instances(self, study: Study, series: Series) -> Iterator[Instance]:
