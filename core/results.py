@@ -18,26 +18,11 @@ from pathlib import Path
 
 from dqr.errors import InputError, Problem
 from dqr.labels import validate_label
-from dqr.model import Study
+from dqr.model import STUDY_KEYWORDS, Study
 
-COLUMNS = (
-    "row",
-    "selected",
-    "subject",
-    "session",
-    "StudyInstanceUID",
-    "PatientID",
-    "PatientName",
-    "PatientBirthDate",
-    "StudyDate",
-    "AccessionNumber",
-    "ModalitiesInStudy",
-    "StudyDescription",
-    "StudyID",
-    "NumberOfStudyRelatedSeries",
-    "NumberOfStudyRelatedInstances",
-    "warning",
-)
+#: The results table's columns, a public contract (tests pin the exact header):
+#: the selection and labels, then the study-level attributes every backend returns.
+COLUMNS = ("row", "selected", "subject", "session", *STUDY_KEYWORDS, "warning")
 REQUIRED_COLUMNS = ("row", "selected", "subject", "session", "StudyInstanceUID")
 TRUE_WORDS = frozenset({"true", "yes", "y", "1", "x"})
 FALSE_WORDS = frozenset({"false", "no", "n", "0", ""})
