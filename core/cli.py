@@ -74,6 +74,10 @@ IncludeOption = Annotated[
 ExcludeOption = Annotated[
     list[str] | None, typer.Option("--exclude", help="SeriesDescription glob to skip (repeatable; adds to config).")
 ]
+RequestsPerSecond = Annotated[
+    float | None, typer.Option("--requests-per-second", min=0.01, help="Cap on the query rate (overrides limits).")
+]
+Retries = Annotated[int | None, typer.Option("--retries", min=0, help="Retries of a retriable failure (overrides limits).")]
 JsonSummary = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary at the end.")]
 NewJob = Annotated[bool, typer.Option("--new-job", help="Set the previous job state aside and start afresh.")]
 
@@ -159,8 +163,15 @@ def handle_errors(command):
     return wrapper
 
 
-def _limits(max_queries: int | None, max_retrievals: int | None) -> dict[str, Any]:
-    return {"max_queries": max_queries, "max_retrievals": max_retrievals}
+def _limits(
+    max_queries: int | None, max_retrievals: int | None, requests_per_second: float | None = None, retries: int | None = None
+) -> dict[str, Any]:
+    return {
+        "max_queries": max_queries,
+        "max_retrievals": max_retrievals,
+        "requests_per_second": requests_per_second,
+        "retries": retries,
+    }
 
 
 def _csv_path(config, csv: Path | None) -> Path:
@@ -186,6 +197,8 @@ def run(
     exclude: ExcludeOption = None,
     max_queries: MaxQueries = None,
     max_retrievals: MaxRetrievals = None,
+    requests_per_second: RequestsPerSecond = None,
+    retries: Retries = None,
     json_summary: JsonSummary = False,
     new_job: NewJob = False,
 ) -> None:
@@ -204,7 +217,8 @@ def run(
     loaded = load_config(config)
     csv_path = _csv_path(loaded, csv)
     rows = read_csv_queries(csv_path)
-    options = JobOptions(source, _limits(max_queries, max_retrievals), select == Selection.all, include, exclude, new_job)
+    limits = _limits(max_queries, max_retrievals, requests_per_second, retries)
+    options = JobOptions(source, limits, select == Selection.all, include, exclude, new_job)
     with _job(loaded, options) as (job, reporter):
         plan = job.query(rows, str(csv_path))
         write_table(plan.lines, loaded.beside_archive("results.csv"))
@@ -224,6 +238,7 @@ def query(
     source: SourceOption = None,
     select: SelectOption = Selection.default,
     max_queries: MaxQueries = None,
+    requests_per_second: RequestsPerSecond = None,
 ) -> None:
     """Query the PACS and show the results table; retrieve nothing.
 
@@ -240,7 +255,7 @@ def query(
     loaded = load_config(config)
     csv_path = _csv_path(loaded, csv)
     rows = read_csv_queries(csv_path)
-    options = JobOptions(source, _limits(max_queries, None), select == Selection.all)
+    options = JobOptions(source, _limits(max_queries, None, requests_per_second), select == Selection.all)
     with _job(loaded, options) as (job, _):
         plan = job.query(rows, str(csv_path))
         listing = _list_series(job, plan) if series else None

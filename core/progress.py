@@ -20,17 +20,15 @@ LABELS = {
 
 
 class RichReporter(Reporter):
-    """Progress bars with counts, rate and ETA (terminal only)."""
+    """Progress bars with counts, ETA, and bytes and rate for instances (terminal only)."""
 
     def __init__(self, console) -> None:
         from rich.progress import (
             BarColumn,
-            DownloadColumn,
             MofNCompleteColumn,
             Progress,
             TextColumn,
             TimeRemainingColumn,
-            TransferSpeedColumn,
         )
 
         self.progress = Progress(
@@ -38,35 +36,47 @@ class RichReporter(Reporter):
             BarColumn(),
             MofNCompleteColumn(),
             TimeRemainingColumn(),
+            TextColumn("{task.fields[extra]}"),
             console=console,
-            transient=False,
         )
-        self.bytes = Progress(TextColumn("{task.description:>18}"), DownloadColumn(), TransferSpeedColumn(), console=console)
         self.tasks: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._bytes_task: int | None = None
+        self._bytes = 0
+        self._started = time.monotonic()
+        self._shown = 0.0
 
     def start(self, phase: str, total: int) -> None:
         with self._lock:
             if not self.progress.live.is_started:
                 self.progress.start()
-            self.tasks[phase] = self.progress.add_task(LABELS.get(phase, phase), total=total)
-            if phase == "instances" and self._bytes_task is None:
-                self._bytes_task = self.progress.add_task("bytes", total=None)
+            self.tasks[phase] = self.progress.add_task(LABELS.get(phase, phase), total=total, extra="")
 
     def advance(self, phase: str, amount: int = 1) -> None:
         if phase in self.tasks:
             self.progress.advance(self.tasks[phase], amount)
 
     def instance_stored(self, size: int) -> None:
-        if "instances" in self.tasks:
-            self.progress.advance(self.tasks["instances"], 1)
+        if "instances" not in self.tasks:
+            return
+        with self._lock:
+            self._bytes += size
+            now = time.monotonic()
+            show = now - self._shown > 0.25
+            if show:
+                self._shown = now
+        task = self.tasks["instances"]
+        self.progress.advance(task, 1)
+        if show:
+            rate = self._bytes / max(now - self._started, 1e-6) / 1e6
+            self.progress.update(task, extra=f"{self._bytes / 1e6:.1f} MB, {rate:.1f} MB/s")
 
     def finish(self, phase: str) -> None:
         with self._lock:
             if phase in self.tasks:
                 task = self.tasks[phase]
                 self.progress.update(task, total=self.progress.tasks[task].completed)
+                if phase == "instances":
+                    self.progress.update(task, extra=f"{self._bytes / 1e6:.1f} MB")
             if all(t.finished for t in self.progress.tasks):
                 self.progress.stop()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import pydicom
@@ -294,3 +295,11 @@ def test_a_study_matched_by_an_unlabelled_and_a_labelled_row_goes_to_the_labelle
     unlabelled = next(line for line in lines if line["row"] == "2" and line["AccessionNumber"] == CT_STUDY)
     assert unlabelled["selected"] == "false" and "retrieved once, for row 3" in unlabelled["warning"]
     assert len(archive_files(tmp_path / "archive" / "Test" / "S1" / "CT1")) == 6
+
+
+def test_requests_per_second_on_the_command_line_paces_the_queries(site, write_csv, dqr):
+    rows = "\n".join(["NOPE"] * 6)
+    config = site(csv=str(write_csv(f"Accession Number\n{rows}\n")))
+    started = time.monotonic()
+    assert dqr("query", "--config", config, "--requests-per-second", "10", "--format", "csv").exit_code == 0
+    assert time.monotonic() - started >= 0.45  # 6 queries at 10/s: 5 intervals of 0.1 s
