@@ -22,6 +22,8 @@ from dqr.config import Limits
 from dqr.errors import RemoteError
 
 log = logging.getLogger("dqr.throttle")
+#: Longest Retry-After honoured, seconds.
+MAX_RETRY_AFTER = 3600.0
 T = TypeVar("T")
 
 
@@ -136,7 +138,9 @@ def call_with_retries(
     def wait(retry_state) -> float:
         error = retry_state.outcome.exception()
         if isinstance(error, RemoteError) and error.retry_after is not None:
-            return min(error.retry_after, limits.backoff_max)
+            # The server said when: waiting less would only be refused again,
+            # so Retry-After wins over backoff_max (up to an hour, against nonsense).
+            return min(error.retry_after, max(limits.backoff_max, MAX_RETRY_AFTER))
         return backoff_delay(retry_state.attempt_number, limits)
 
     def before_sleep(retry_state) -> None:

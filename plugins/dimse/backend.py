@@ -254,7 +254,11 @@ class DimseBackend:
                     report = self._get(request, arrivals)
                 else:
                     report = self._move(request, arrivals)
-            except RemoteError:
+            except RemoteError as exc:
+                if exc.slow_down:
+                    # "too many associations": dqr's own idle query
+                    # associations may be what fills the PACS's limit
+                    self.pool.drop_idle()
                 arrivals.raise_store_failure()  # our failed C-STOREs explain the PACS's status
                 raise
         arrivals.raise_store_failure()

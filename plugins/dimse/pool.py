@@ -79,6 +79,14 @@ class AssociationPool:
         for extra in surplus:
             _release_quietly(extra)
 
+    def drop_idle(self) -> None:
+        """Release the idle associations now: the PACS counts them against
+        its limit of simultaneous associations."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for assoc, _ in idle:
+            _release_quietly(assoc)
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
