@@ -75,3 +75,19 @@ def test_memory_pacs_answers_study_counts(cohort):
     backend = MemoryBackend(cohort)
     [study] = backend.query_studies(StudyQuery(2, {"AccessionNumber": "0425454454"}))
     assert (study.n_series, study.n_instances, study.modalities) == (2, 6, ("CT", "PT"))
+
+
+def test_synthetic_cohort_uids_are_unique_in_a_large_cohort():
+    from dqr.plugins.memory.synthetic import CohortSpec, generate_cohort
+
+    datasets = list(generate_cohort(CohortSpec(patients=25, studies_per_patient=2, instances_per_series=12)))
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        per_parent = {}
+        for ds in datasets:
+            per_parent.setdefault(getattr(ds, keyword), set()).add(
+                (ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)[
+                    ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID").index(keyword) - 1
+                ]
+            )
+        assert all(len(parents) == 1 for parents in per_parent.values()), keyword
+    assert len({ds.SOPInstanceUID for ds in datasets}) == len(datasets)

@@ -58,7 +58,9 @@ class CohortSpec:
 
 
 def _uid(spec: CohortSpec, *parts: object) -> str:
-    return generate_uid(entropy_srcs=["dqr-synthetic", str(spec.seed), *map(str, parts)])
+    # One joined source: pydicom concatenates entropy sources without a
+    # separator, so ("series", 1, 10) and ("series", 11, 0) would collide.
+    return generate_uid(entropy_srcs=["/".join(["dqr-synthetic", str(spec.seed), *map(str, parts)])])
 
 
 def patient_id(spec: CohortSpec, patient: int) -> str:
