@@ -536,12 +536,12 @@ class Job:
             try:
                 if writer.exists(received.sop_instance_uid):
                     return
-                dataset = decode(received)
-                if dataset.get("SeriesInstanceUID") != series.series_uid:
+                decoded = decode(received)
+                if decoded.dataset.get("SeriesInstanceUID") != series.series_uid:
                     raise ValueError(f"instance {received.sop_instance_uid} is not of series {series.series_uid}")
-                context = RelabelContext(dataset, labels, study, series)
+                context = RelabelContext(decoded.dataset, labels, study, series)
                 self.hooks.dqr_relabel(context=context)
-                part10 = encode_part10(dataset, received)
+                part10 = encode_part10(decoded, received)
                 writer.write(received.sop_instance_uid, part10, context.replaced)
             except Exception as error:
                 errors.append(str(error))

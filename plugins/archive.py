@@ -32,6 +32,35 @@ def _manifest_lock(path: Path) -> threading.Lock:
         return _manifest_locks.setdefault(path, threading.Lock())
 
 
+def _load_syncfs():
+    """libc's syncfs(2), where there is one (Linux)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syncfs
+    except (OSError, AttributeError):
+        return None
+
+
+_syncfs = _load_syncfs()
+
+
+def _make_durable(files: list[Path], directories: list[Path]) -> None:
+    """fsync what a commit wrote. On Linux one syncfs(2) of the archive's
+    filesystem replaces an fsync per file and directory: one journal commit
+    instead of dozens (a fifth of dqr's per-instance time otherwise)."""
+    if _syncfs is not None and directories:
+        fd = os.open(directories[0], os.O_RDONLY)
+        try:
+            if _syncfs(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    for path in [*files, *directories]:
+        _fsync_path(path)
+
+
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -120,11 +149,8 @@ class SeriesDirectory:
             pending, self._pending = self._pending, {}
         if not pending:
             return []
-        for sop_instance_uid in pending:
-            _fsync_path(self.path_of(sop_instance_uid))
-        for directory in [self.dir, *self._created_dirs]:
-            _fsync_path(directory)
-            _fsync_path(directory.parent)
+        directories = [self.dir, *self._created_dirs, *(d.parent for d in self._created_dirs)]
+        _make_durable([self.path_of(uid) for uid in pending], directories)
         self._created_dirs = []
         self._append_manifest(pending)
         return list(pending)
