@@ -1,0 +1,341 @@
+"""The cases of issue 6 and their competitors.
+
+A case is a list of :class:`Variant`\\ s measured in the same run, interleaved
+(A B C A B C ...). A variant knows how to build its command line for a fresh
+run directory, where its output lands (to count the files it wrote) and how
+many it must write; a variant whose tool is missing or whose backend does
+not work is kept in the results as *skipped*, with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from bench.setup import (
+    CALLED_AET,
+    CALLING_AET,
+    World,
+    accession_csv,
+    labelled_csv,
+    lines_file,
+    validate_csv,
+    write_local_cohort,
+)
+
+CASES = ("query", "dimse", "dicomweb", "relabel", "growth", "validate", "throttle")
+
+
+@dataclass
+class Variant:
+    case: str
+    name: str
+    #: run dir -> argv
+    command: Callable[[Path], list[str]]
+    description: str
+    #: dqr | reference | floor
+    role: str = "dqr"
+    #: run dir -> folder whose files are counted afterwards
+    files_dir: Callable[[Path], Path] | None = None
+    expected_files: int | None = None
+    #: stdout of a successful run -> None, or why it is wrong
+    check: Callable[[str], str | None] | None = None
+    skipped: str | None = None
+    #: the x of a series case (studies, rows, max retrievals)
+    x: int | None = None
+    units: int | None = None  # studies or rows, for per-unit figures
+    params: dict = field(default_factory=dict)
+
+
+def site_yaml(run: Path, source: dict, **extra) -> Path:
+    config = {
+        "project": "Bench",
+        "source": "pacs",
+        "sources": {"pacs": source},
+        "archive": "archive",
+        **extra,
+    }
+    path = run / "site.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def store_port(world: World) -> int:
+    """A free port for dqr's C-MOVE storage SCP, fresh for each run and
+    registered in Orthanc under dqr's AE title. Taken below the ephemeral
+    range: a port from there can be taken by any outgoing connection (the
+    findscu loop alone makes thousands) between our pick and dqr's bind."""
+    import random
+    import socket
+
+    low, _ = (int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    for _ in range(200):
+        port = random.randint(20000, max(20001, low - 1))
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        world.orthanc.add_modality("dqrbench", CALLING_AET, "127.0.0.1", port)
+        return port
+    raise RuntimeError("no free port for the C-MOVE storage SCP")
+
+
+def dimse_source(world: World, retrieve: str = "c-get") -> dict:
+    source = {
+        "type": "dimse",
+        "host": "127.0.0.1",
+        "port": world.orthanc.dicom_port,
+        "called_aet": CALLED_AET,
+        "calling_aet": CALLING_AET,
+        "retrieve": retrieve,
+    }
+    if retrieve == "c-move":
+        source.update(move_destination=CALLING_AET, store_port=0, store_host="127.0.0.1")  # port: per run
+    return source
+
+
+def dicomweb_source(world: World) -> dict:
+    return {"type": "dicomweb", "url": world.orthanc.dicomweb_url}
+
+
+def _archive(run: Path) -> Path:
+    return run / "archive"
+
+
+def _out(run: Path) -> Path:
+    return run / "out"
+
+
+def dqr_run(world: World, case: str, name: str, source: dict, csv: Path, studies: int, *extra: str, **kw) -> Variant:
+    def command(run: Path) -> list[str]:
+        sent = {**source, "store_port": store_port(world)} if source.get("retrieve") == "c-move" else source
+        return [world.dqr, "run", "--config", str(site_yaml(run, sent)), "--csv", str(csv), *extra]
+
+    return Variant(case, name, command, kw.pop("description", f"dqr run ({source['type']})"),
+                   files_dir=_archive, expected_files=world.instances(studies), units=studies, **kw)
+
+
+def _csv_rows(expected: int) -> Callable[[str], str | None]:
+    """Every row of the query CSV matches exactly one study: as many result lines, each with one."""
+
+    def check(stdout: str) -> str | None:
+        import csv
+        import io
+
+        lines = list(csv.DictReader(io.StringIO(stdout)))
+        matched = sum(1 for line in lines if line.get("StudyInstanceUID"))
+        if len(lines) == expected == matched:
+            return None
+        return f"{len(lines)} result lines, {matched} with a study; expected {expected}"
+
+    return check
+
+
+def _floor_count(key: str, expected: int) -> Callable[[str], str | None]:
+    import json
+
+    def check(stdout: str) -> str | None:
+        try:
+            result = json.loads(stdout.strip().splitlines()[-1])
+            found = result[key]
+        except (ValueError, IndexError, KeyError):
+            return "no result line"
+        notes = [] if found == expected else [f"{key}={found}, expected {expected}"]
+        if result.get("lost_responses"):
+            notes.append(f"{result['lost_responses']} responses lost in pynetdicom and re-sent (2 s each)")
+        return "; ".join(notes) or None
+
+    return check
+
+
+def floor(world: World, command: str, *args: str) -> list[str]:
+    return [world.python, "-m", "bench.floors", command, *args]
+
+
+# -- 1. query --------------------------------------------------------------------
+
+
+def query_case(world: World) -> list[Variant]:
+    rows = world.query_accessions
+    csv = accession_csv(world.inputs / "query.csv", rows)
+    plain = lines_file(world.inputs / "query-accessions.txt", rows)
+    source = dimse_source(world)
+    variants = [
+        Variant(
+            "query", "dqr query",
+            lambda run: [world.dqr, "query", "--config", str(site_yaml(run, source)), "--csv", str(csv), "--format", "csv"],
+            "dqr query, default limits (max_queries 4 pooled associations), CSV to stdout",
+            check=_csv_rows(len(rows)), units=len(rows),
+        ),
+    ]
+    script = world.inputs / "findscu-loop.sh"
+    if world.findscu:
+        keys = " ".join(f"-k {k}" for k in ("StudyInstanceUID", "PatientID", "PatientName", "PatientBirthDate", "StudyDate",
+                                             "ModalitiesInStudy", "StudyDescription", "StudyID",
+                                             "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"))
+        script.write_text(
+            "#!/bin/bash\n# one dcmtk findscu process per CSV row, as a user's shell loop would\n"
+            "# Debian's DCMTK leaves Nagle on unless told: the competitor at its best\n"
+            "export TCP_NODELAY=1\n"
+            f"while IFS= read -r acc; do\n"
+            f"  {world.findscu} -S -aet {CALLING_AET} -aec {CALLED_AET} -k QueryRetrieveLevel=STUDY "
+            f"-k AccessionNumber=\"$acc\" {keys} 127.0.0.1 {world.orthanc.dicom_port} >/dev/null 2>&1 || exit 1\n"
+            f"done < {plain}\n"
+        )
+    variants.append(Variant(
+        "query", "findscu loop", lambda run: ["bash", str(script)],
+        "bash loop, one dcmtk findscu process per row (TCP_NODELAY=1)", role="reference", units=len(rows),
+        skipped=None if world.findscu else "dcmtk findscu not installed",
+    ))
+    variants.append(Variant(
+        "query", "pynetdicom 1 assoc",
+        lambda run: floor(world, "find", "--port", str(world.orthanc.dicom_port), "--accessions", str(plain)),
+        "raw pynetdicom, one association (TCP_NODELAY), the same C-FINDs in sequence; a lost response re-sent after 2 s",
+        role="floor", check=_floor_count("answers", len(rows)), units=len(rows),
+    ))
+    return variants
+
+
+# -- 2. retrieve over DIMSE ------------------------------------------------------------
+
+
+def dimse_case(world: World) -> list[Variant]:
+    n = world.sizes.retrieve_studies
+    studies = world.first(n)
+    csv = labelled_csv(world.inputs / f"retrieve-{n}.csv", studies)
+    uids = lines_file(world.inputs / f"study-uids-{n}.txt", [s.study_uid for s in studies])
+    expected = world.instances(n)
+    variants = [
+        dqr_run(world, "dimse", "dqr run c-get", dimse_source(world, "c-get"), csv, n,
+                description="dqr run: query, C-GET, relabel, store (fsync'd), default limits (max_retrievals 2)"),
+        dqr_run(world, "dimse", "dqr run c-move", dimse_source(world, "c-move"), csv, n,
+                description="dqr run: query, C-MOVE to dqr's storage SCP, relabel, store, default limits"),
+    ]
+    script = world.inputs / "getscu-loop.sh"
+    if world.getscu:
+        script.write_text(
+            "#!/bin/bash\n# one dcmtk getscu process per study, into the folder given as $1\n"
+            "# Debian's DCMTK leaves Nagle on unless told: the competitor at its best\n"
+            "export TCP_NODELAY=1\n"
+            'mkdir -p "$1"\n'
+            "while IFS= read -r uid; do\n"
+            f"  {world.getscu} -S -aet {CALLING_AET} -aec {CALLED_AET} -k QueryRetrieveLevel=STUDY "
+            f"-k StudyInstanceUID=\"$uid\" -od \"$1\" 127.0.0.1 {world.orthanc.dicom_port} >/dev/null 2>&1 || exit 1\n"
+            f"done < {uids}\n"
+        )
+    variants.append(Variant(
+        "dimse", "getscu loop", lambda run: ["bash", str(script), str(_out(run))],
+        "bash loop, one dcmtk getscu process per study (TCP_NODELAY=1), files as received", role="reference",
+        files_dir=_out, expected_files=expected, units=n,
+        skipped=None if world.getscu else "dcmtk getscu not installed",
+    ))
+    variants.append(Variant(
+        "dimse", "pynetdicom C-GET",
+        lambda run: floor(world, "cget", "--port", str(world.orthanc.dicom_port), "--studies", str(uids), "--out", str(_out(run))),
+        "raw pynetdicom, one association (TCP_NODELAY), one C-GET per study, files written unmodified",
+        role="floor", files_dir=_out, expected_files=expected, units=n,
+    ))
+    return variants
+
+
+# -- 3. retrieve over DICOMweb ---------------------------------------------------------
+
+
+def dicomweb_works(world: World) -> str | None:
+    """None if dqr's dicomweb backend is registered, else why not."""
+    import subprocess
+
+    result = subprocess.run([world.dqr, "plugins"], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0 or "dicomweb" not in result.stdout:
+        return "dqr's dicomweb backend is not registered (`dqr plugins`)"
+    return None
+
+
+def dicomweb_case(world: World) -> list[Variant]:
+    n = world.sizes.retrieve_studies
+    studies = world.first(n)
+    csv = labelled_csv(world.inputs / f"retrieve-{n}.csv", studies)
+    uids = lines_file(world.inputs / f"study-uids-{n}.txt", [s.study_uid for s in studies])
+    expected = world.instances(n)
+    url = world.orthanc.dicomweb_url
+    dqr = dqr_run(world, "dicomweb", "dqr run dicomweb", dicomweb_source(world), csv, n,
+                  description="dqr run: QIDO-RS, WADO-RS per series (streamed), relabel, store, default limits")
+    dqr.skipped = dicomweb_works(world)
+    return [
+        dqr,
+        Variant("dicomweb", "dicomweb-client", lambda run: floor(world, "wado-client", "--url", url, "--studies", str(uids), "--out", str(_out(run))),
+                "dicomweb-client retrieve_study per study, written with pydicom", role="reference",
+                files_dir=_out, expected_files=expected, units=n),
+        Variant("dicomweb", "raw HTTP", lambda run: floor(world, "wado-raw", "--url", url, "--studies", str(uids), "--out", str(_out(run))),
+                "requests, WADO-RS per study, multipart split by hand, parts written as they are", role="floor",
+                files_dir=_out, expected_files=expected, units=n),
+    ]
+
+
+# -- 4. relabel + store alone -------------------------------------------------------------
+
+
+def relabel_case(world: World) -> list[Variant]:
+    n = world.sizes.retrieve_studies
+    folder = write_local_cohort(world)
+    csv = labelled_csv(world.inputs / f"retrieve-{n}.csv", world.first(n))
+    expected = world.instances(n)
+    return [
+        dqr_run(world, "relabel", "dqr run memory", {"type": "memory", "path": str(folder)}, csv, n,
+                description="dqr run on a `type: memory` source with `path:` (indexes the folder, then relabel+store)"),
+        Variant("relabel", "dqr store path", lambda run: floor(world, "dqr-store", "--source", str(folder), "--out", str(_archive(run))),
+                "dqr's decode/relabel/encode/write/commit called in-process (no engine, no state DB, no indexing)",
+                files_dir=_archive, expected_files=expected, units=n),
+        Variant("relabel", "pydicom r/m/w", lambda run: floor(world, "pydicom-relabel", "--source", str(folder), "--out", str(_out(run))),
+                "bare pydicom: dcmread, set 4 attributes, save_as (no fsync)", role="reference",
+                files_dir=_out, expected_files=expected, units=n),
+    ]
+
+
+# -- 5. growth, validation -----------------------------------------------------------------
+
+
+def growth_case(world: World) -> list[Variant]:
+    variants = []
+    for n in world.sizes.growth:
+        csv = labelled_csv(world.inputs / f"retrieve-{n}.csv", world.first(n))
+        variants.append(dqr_run(world, "growth", f"dqr run c-get {n} studies", dimse_source(world), csv, n, x=n,
+                                description=f"dqr run, C-GET, {n} studies ({world.instances(n)} instances)"))
+    return variants
+
+
+def validate_case(world: World) -> list[Variant]:
+    variants = []
+    for rows in world.sizes.validate_rows:
+        csv = validate_csv(world.inputs / f"validate-{rows}.csv", rows)
+        variants.append(Variant("validate", f"dqr validate {rows} rows", lambda run, c=csv: [world.dqr, "validate", "--csv", str(c)],
+                                f"dqr validate, {rows}-row CSV", x=rows, units=rows))
+    return variants
+
+
+# -- 6. throttling -------------------------------------------------------------------------
+
+
+def throttle_case(world: World) -> list[Variant]:
+    n = world.sizes.retrieve_studies
+    csv = labelled_csv(world.inputs / f"retrieve-{n}.csv", world.first(n))
+    return [
+        dqr_run(world, "throttle", f"dqr run c-get max_retrievals {k}", dimse_source(world), csv, n,
+                "--max-retrievals", str(k), x=k, description=f"dqr run, C-GET, --max-retrievals {k}")
+        for k in world.sizes.throttle
+    ]
+
+
+BUILDERS = {
+    "query": query_case,
+    "dimse": dimse_case,
+    "dicomweb": dicomweb_case,
+    "relabel": relabel_case,
+    "growth": growth_case,
+    "validate": validate_case,
+    "throttle": throttle_case,
+}
