@@ -317,6 +317,10 @@ def JobOptions_(*args: Any):  # noqa: N802 - keeps the import lazy for `dqr --he
     return JobOptions(*args)
 
 
+def _exit_now(signum: int, frame: Any) -> None:
+    os._exit(EXIT_INTERRUPTED)
+
+
 class _job:  # noqa: N801 - used as a context manager
     """A job with a progress reporter, both closed on exit.
 
@@ -333,11 +337,13 @@ class _job:  # noqa: N801 - used as a context manager
         self.reporter = make_reporter(err)
         self.job = Job(loaded, options, self.reporter)
         self._previous: dict[int, Any] = {}
+        self._signalled = False
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.job.stopped:
             err.print("stopping now")
-            os._exit(130)
+            os._exit(EXIT_INTERRUPTED)
+        self._signalled = True
         self.job.interrupt()
         err.print("[yellow]stopping[/] after the current steps (Ctrl-C again to stop at once)…")
 
@@ -349,7 +355,9 @@ class _job:  # noqa: N801 - used as a context manager
 
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            # Once stopping, another Ctrl-C still means "now", also while the
+            # summary is printed: keep a handler that exits at once.
+            signal.signal(signum, _exit_now if self._signalled else handler)
         if self.reporter is not None:
             self.reporter.close()
         self.job.close()

@@ -26,7 +26,16 @@ from dqr.config import LoadedConfig, SeriesFilter
 from dqr.errors import ConfigError, IncompleteRetrieveError, RemoteError
 from dqr.labels import safe_label
 from dqr.matching import matches
-from dqr.model import Labels, ReceivedInstance, RetrieveRequest, RowQuery, Series, Study, StudyQuery
+from dqr.model import (
+    Instance,
+    Labels,
+    ReceivedInstance,
+    RetrieveRequest,
+    RowQuery,
+    Series,
+    Study,
+    StudyQuery,
+)
 from dqr.planner import plan_queries
 from dqr.pluginmanager import backend_types, destination_types, executor_types, get_plugin_manager
 from dqr.relabel import RelabelContext, decode, encode_part10
@@ -429,6 +438,10 @@ class Job:
             for series in listed:
                 chosen = self.hooks.dqr_select_series(study=study, series=series, series_filter=self.series_filter)
                 self.state.record_series(series, bool(chosen))
+                if chosen and series.instance_uids is not None:  # saves an image-level query per series
+                    self.state.record_expected(
+                        series.series_uid, [Instance(series.series_uid, uid) for uid in series.instance_uids]
+                    )
             known = self.state.known_series(study.study_uid)
         else:  # re-apply the filter: it may have changed since the last run
             for series, status in known:

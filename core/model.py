@@ -101,6 +101,10 @@ class Series:
     n_instances: int | None = None
     sop_class_uids: frozenset[str] = frozenset()
     transfer_syntaxes: frozenset[str] = frozenset()
+    instance_uids: tuple[str, ...] | None = None
+    """The series' SOP Instance UIDs when the series query learnt them (e.g.
+    from one image-level query per study); ``None`` when unknown, and the
+    engine then asks :meth:`dqr.backend.Backend.query_instances`."""
 
 
 @dataclass(frozen=True)
@@ -230,6 +234,7 @@ def series_from_attributes(
     attributes: Mapping[str, object],
     sop_class_uids: frozenset[str] = frozenset(),
     transfer_syntaxes: frozenset[str] = frozenset(),
+    instance_uids: tuple[str, ...] | None = None,
 ) -> Series:
     """A :class:`Series` from a series-level answer (see :func:`study_from_attributes`)."""
 
@@ -246,4 +251,5 @@ def series_from_attributes(
         n_instances=_count(attributes.get("NumberOfSeriesRelatedInstances")),
         sop_class_uids=sop_class_uids,
         transfer_syntaxes=transfer_syntaxes,
+        instance_uids=instance_uids,
     )

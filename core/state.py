@@ -243,8 +243,9 @@ class JobState:
         return [(_series_from_json(data), status) for data, status in rows]
 
     def record_series(self, series: Series, selected: bool) -> None:
+        # instance UIDs live in the instances table, not in every series row
         data = json.dumps({**asdict(series), "sop_class_uids": sorted(series.sop_class_uids),
-                           "transfer_syntaxes": sorted(series.transfer_syntaxes)})
+                           "transfer_syntaxes": sorted(series.transfer_syntaxes), "instance_uids": None})
         status = "pending" if selected else "excluded"
         with self.transaction() as db:
             db.execute(
@@ -333,4 +334,5 @@ def _series_from_json(data: str) -> Series:
     values = json.loads(data)
     values["sop_class_uids"] = frozenset(values.get("sop_class_uids", ()))
     values["transfer_syntaxes"] = frozenset(values.get("transfer_syntaxes", ()))
+    values.pop("instance_uids", None)
     return Series(**values)

@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -60,6 +61,7 @@ from dqr.plugins.dicomweb.qido import (
     describe_characters,
     encode_filter,
     instance_from_json,
+    json_text,
     json_values,
     query_string,
     series_from_json,
@@ -328,8 +330,36 @@ class DicomwebBackend:
     def query_series(self, study: Study) -> Iterator[Series]:
         path = f"{self._qido_url}/studies/{_uid(study.study_uid)}/series"
         pairs = [("includefield", ",".join(SERIES_FIELDS))]
-        for answer in self._qido(path, pairs, f"QIDO-RS series search (study {study.study_uid})"):
-            yield series_from_json(study, answer)
+        answers = list(self._qido(path, pairs, f"QIDO-RS series search (study {study.study_uid})"))
+        instances = self._instances_by_series(study)
+        for answer in answers:
+            series = series_from_json(study, answer)
+            if instances is not None:
+                found = instances.get(series.series_uid, [])
+                series = replace(
+                    series,
+                    sop_class_uids=frozenset(i.sop_class_uid for i in found if i.sop_class_uid),
+                    instance_uids=tuple(i.sop_instance_uid for i in found),
+                )
+            yield series
+
+    def _instances_by_series(self, study: Study) -> dict[str, list[Instance]] | None:
+        """Every instance of the study from one QIDO-RS request, grouped by
+        series: the engine's expected instances without a request per
+        series. ``None`` when the server refuses study-level instance search."""
+        path = f"{self._qido_url}/studies/{_uid(study.study_uid)}/instances"
+        pairs = [("includefield", ",".join(("SeriesInstanceUID", *INSTANCE_FIELDS)))]
+        try:
+            answers = self._qido(path, pairs, f"QIDO-RS instance search (study {study.study_uid})")
+            found: dict[str, list[Instance]] = {}
+            for answer in answers:
+                series_uid = json_text(answer, "SeriesInstanceUID")
+                found.setdefault(series_uid, []).append(instance_from_json(Series(study.study_uid, series_uid), answer))
+            return found
+        except RemoteError as exc:
+            if exc.retriable or exc.unreachable:
+                raise
+            return None
 
     def query_instances(self, study: Study, series: Series) -> Iterator[Instance]:
         path = f"{self._qido_url}/studies/{_uid(study.study_uid)}/series/{_uid(series.series_uid)}/instances"

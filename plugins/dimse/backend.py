@@ -15,6 +15,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -197,30 +198,33 @@ class DimseBackend:
 
     def query_series(self, study: Study) -> Iterator[Series]:
         answers = self.find("SERIES", self._study_keys(study), q.SERIES_RETURN_KEYS)
-        sop_classes = self._sop_classes_by_series(study)
+        instances = self._instances_by_series(study)
         for answer in answers:
             series_uid = q.text(answer, "SeriesInstanceUID")
-            series = q.series_from_answer(study, answer, frozenset(sop_classes.get(series_uid, ())))
+            found = instances.get(series_uid, []) if instances is not None else []
+            series = q.series_from_answer(study, answer, frozenset(i.sop_class_uid for i in found if i.sop_class_uid))
+            if series is not None and instances is not None:
+                series = replace(series, instance_uids=tuple(i.sop_instance_uid for i in found))
             if series is not None:
                 yield series
 
-    def _sop_classes_by_series(self, study: Study) -> dict[str, set[str]]:
-        """SOP classes of each series, from one image-level C-FIND per study
-        (C-GET must propose a storage context for each); empty when the
-        PACS refuses image-level queries."""
+    def _instances_by_series(self, study: Study) -> dict[str, list[Instance]] | None:
+        """The instances of each series, from one image-level C-FIND per
+        study: C-GET must propose a storage context for each SOP class, and
+        the engine needs the expected instances (one query instead of one per
+        series). ``None`` when the PACS refuses image-level queries."""
         try:
-            answers = self.find(
-                "IMAGE", self._study_keys(study), ("SeriesInstanceUID", "SOPClassUID")
-            )
+            answers = self.find("IMAGE", self._study_keys(study), q.IMAGE_RETURN_KEYS)
         except RemoteError as exc:
             if exc.retriable:
                 raise
-            return {}
-        found: dict[str, set[str]] = {}
+            return None
+        found: dict[str, list[Instance]] = {}
         for answer in answers:
-            sop_class = q.text(answer, "SOPClassUID")
-            if sop_class:
-                found.setdefault(q.text(answer, "SeriesInstanceUID"), set()).add(sop_class)
+            series_uid = q.text(answer, "SeriesInstanceUID")
+            instance = q.instance_from_answer(series_uid, answer)
+            if instance is not None:
+                found.setdefault(series_uid, []).append(instance)
         return found
 
     def query_instances(self, study: Study, series: Series) -> Iterator[Instance]:

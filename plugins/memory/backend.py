@@ -34,8 +34,9 @@ class MemoryBackend:
 
     def query_series(self, study: Study) -> Iterator[Series]:
         for a in self.pacs.find("SERIES", {"StudyInstanceUID": study.study_uid}):
+            uids = tuple(i.sop_instance_uid for i in self.pacs.instances(study.study_uid, a["SeriesInstanceUID"]))
             yield series_from_attributes(
-                study.study_uid, a, frozenset(a["SOPClassesInSeries"]), frozenset(a["TransferSyntaxesInSeries"])
+                study.study_uid, a, frozenset(a["SOPClassesInSeries"]), frozenset(a["TransferSyntaxesInSeries"]), uids
             )
 
     def query_instances(self, study: Study, series: Series) -> Iterator[Instance]:
