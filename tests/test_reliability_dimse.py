@@ -420,3 +420,9 @@ def test_verbose_warns_that_logs_may_hold_patient_names(dimse_job, dqr):
     assert result.exit_code == 0, result.output
     assert "may contain patient names and birth dates" in result.stderr
 
+
+
+def test_expected_instances_come_from_one_image_query_per_study_not_one_per_series(dimse_job, dqr, mock_dimse_pacs):
+    # CT study: 2 series. C-FINDs: 1 study query + 1 series query + 1 image query.
+    dqr("run", "--config", dimse_job([CT_STUDY]))
+    assert mock_dimse_pacs.requests["C-FIND"] == 3
