@@ -671,8 +671,8 @@ def echo(config: ConfigOption, source: SourceOption = None) -> None:
 @app.command()
 @handle_errors
 def plugins() -> None:
-    """List the loaded plugins, backend types and destination types."""
-    from dqr.pluginmanager import backend_types, destination_types, get_plugin_manager
+    """List the loaded plugins, backend types, destination types and executors."""
+    from dqr.pluginmanager import backend_types, destination_types, executor_types, get_plugin_manager
 
     manager = get_plugin_manager()
     table = Table("plugin", "hooks", header_style="bold")
@@ -688,6 +688,10 @@ def plugins() -> None:
     for name, destination in sorted(destination_types().items()):
         destinations.add_row(name, destination.plugin)
     out.print(destinations)
+    executors = Table("executor", "registered by", header_style="bold")
+    for name, executor in sorted(executor_types().items()):
+        executors.add_row(name, executor.plugin)
+    out.print(executors)
 
 
 def _register_plugin_commands() -> None:

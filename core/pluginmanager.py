@@ -52,13 +52,7 @@ def _build_manager() -> pluggy.PluginManager:
     manager = pluggy.PluginManager("dqr")
     manager.add_hookspecs(hookspecs)
     for name in BUILTIN_PLUGINS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # a built-in not written yet is no error
-                continue
-            raise
-        manager.register(module, name=name)
+        manager.register(importlib.import_module(name), name=name)
     # Entry points are registered under "<distribution>:<entry point>" rather
     # than pluggy's load_setuptools_entrypoints, which silently skips a name
     # already taken: a site plugin must never vanish or replace a built-in
