@@ -672,7 +672,12 @@ def echo(config: ConfigOption, source: SourceOption = None) -> None:
 @handle_errors
 def plugins() -> None:
     """List the loaded plugins, backend types, destination types and executors."""
-    from dqr.pluginmanager import backend_types, destination_types, executor_types, get_plugin_manager
+    from dqr.pluginmanager import (
+        backend_types,
+        destination_types,
+        executor_types,
+        get_plugin_manager,
+    )
 
     manager = get_plugin_manager()
     table = Table("plugin", "hooks", header_style="bold")
