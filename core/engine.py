@@ -97,10 +97,8 @@ class Failure:
 
 @dataclass
 class RunSummary:
-    rows: int = 0
-    rows_without_match: list[int] = field(default_factory=list)
-    rows_ambiguous: list[int] = field(default_factory=list)
-    label_collisions: list[int] = field(default_factory=list)
+    """What a retrieval did (what the query phase found is in :class:`Plan`)."""
+
     studies_selected: int = 0
     studies_stored: int = 0
     studies_already_stored: int = 0

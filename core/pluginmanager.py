@@ -72,37 +72,36 @@ def _build_manager() -> pluggy.PluginManager:
 
 def reset() -> None:
     """Forget loaded plugins (tests that install plugins use this)."""
-    global _manager, _backend_types, _destination_types, _executor_types
+    global _manager
     with _lock:
         _manager = None
-        _backend_types = None
-        _destination_types = None
-        _executor_types = None
+        _registries.clear()
 
 
 @dataclass(frozen=True)
-class BackendType:
+class Registered:
+    """Something a plugin registered by name: a destination or an executor."""
+
     name: str
+    plugin: str
     factory: Any
+
+
+@dataclass(frozen=True)
+class BackendType(Registered):
     config_model: type[BaseModel]
-    plugin: str
 
 
-@dataclass(frozen=True)
-class DestinationType:
-    name: str
-    factory: Any
-    plugin: str
+#: hook name -> {registered name -> record}, filled on first use
+_registries: dict[str, dict[str, Any]] = {}
 
 
-_backend_types: dict[str, BackendType] | None = None
-_destination_types: dict[str, DestinationType] | None = None
-_executor_types: dict[str, DestinationType] | None = None
-
-
-def _collect(hook_name: str, make: Any) -> dict[str, Any]:
+def _registry(hook_name: str, make: Any) -> dict[str, Any]:
     """Call each implementation of a ``register`` hook with a callback that
     knows which plugin is registering, so that clashes name both plugins."""
+    with _lock:
+        if hook_name in _registries:
+            return _registries[hook_name]
     manager = get_plugin_manager()
     found: dict[str, Any] = {}
     for impl in getattr(manager.hook, hook_name).get_hookimpls():
@@ -116,7 +115,8 @@ def _collect(hook_name: str, make: Any) -> dict[str, Any]:
             found[name] = make(name, _plugin, *args, **kwargs)
 
         impl.function(register=register)
-    return found
+    with _lock:
+        return _registries.setdefault(hook_name, found)
 
 
 def _make_backend(name: str, plugin: str, factory: Any, config_model: type[BaseModel]) -> BackendType:
@@ -124,35 +124,22 @@ def _make_backend(name: str, plugin: str, factory: Any, config_model: type[BaseM
 
     if not (isinstance(config_model, type) and issubclass(config_model, SourceConfig)):
         raise PluginError(f"plugin {plugin}: the config model of backend {name!r} must subclass dqr.config.SourceConfig")
-    return BackendType(name, factory, config_model, plugin)
+    return BackendType(name, plugin, factory, config_model)
 
 
 def backend_types() -> dict[str, BackendType]:
     """Every registered backend type, by the name used as ``type:``."""
-    global _backend_types
-    if _backend_types is None:
-        _backend_types = _collect("dqr_register_backends", _make_backend)
-    return _backend_types
+    return _registry("dqr_register_backends", _make_backend)
 
 
-def destination_types() -> dict[str, DestinationType]:
+def destination_types() -> dict[str, Registered]:
     """Every registered destination type, by name."""
-    global _destination_types
-    if _destination_types is None:
-        _destination_types = _collect(
-            "dqr_register_destinations", lambda name, plugin, factory: DestinationType(name, factory, plugin)
-        )
-    return _destination_types
+    return _registry("dqr_register_destinations", Registered)
 
 
-def executor_types() -> dict[str, DestinationType]:
-    """Every registered executor, by name (same record shape as destinations)."""
-    global _executor_types
-    if _executor_types is None:
-        _executor_types = _collect(
-            "dqr_register_executors", lambda name, plugin, factory: DestinationType(name, factory, plugin)
-        )
-    return _executor_types
+def executor_types() -> dict[str, Registered]:
+    """Every registered executor, by name."""
+    return _registry("dqr_register_executors", Registered)
 
 
 def plugin_names() -> list[str]:
