@@ -9,8 +9,12 @@ study's own tags (no Subject/Session given) changes nothing in the DICOM.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import dqr
-from dqr.relabel import RelabelContext
+
+if TYPE_CHECKING:  # keeps pydicom out of `dqr --help`
+    from dqr.relabel import RelabelContext
 
 SUBJECT_KEYWORDS = ("PatientName", "PatientID")
 SESSION_KEYWORDS = ("StudyID", "AccessionNumber")
