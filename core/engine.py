@@ -447,7 +447,8 @@ class Job:
                     chosen = self.hooks.dqr_select_series(study=study, series=series, series_filter=self.series_filter)
                     self.state.record_series(series, bool(chosen))
             known = self.state.known_series(study.study_uid)
-        self._summary.series_excluded += sum(1 for _, status in known if status == "excluded")
+        with self._lock:  # steps run on several threads
+            self._summary.series_excluded += sum(1 for _, status in known if status == "excluded")
         return [series for series, status in known if status != "excluded"]
 
     def _retrieve_series_step(self, line: ResultLine, labels: Labels, series: Series) -> None:
