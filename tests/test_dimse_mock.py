@@ -350,3 +350,38 @@ def test_store_failure_fails_the_c_store_and_is_raised(mock_dimse_pacs, dimse_ba
     with pytest.raises(OSError, match="No space left") as caught:
         backend.retrieve(RetrieveRequest(study, series), full_disk)
     assert any("could not store 3" in note for note in caught.value.__notes__)
+
+
+def test_a_final_response_that_never_reaches_the_query_aborts_the_association(
+    mock_dimse_pacs, dimse_backend_factory, monkeypatch
+):
+    # pynetdicom#875: its reactor can swallow a response meant for the waiting
+    # query, which would then wait dimse_timeout. dqr aborts instead, so the
+    # query is retried at once. Simulate it by not taking the final response.
+    from dqr.plugins.dimse import backend as dimse_backend
+    from dqr.plugins.dimse import queries
+
+    monkeypatch.setattr(dimse_backend, "LOST_FINAL_GRACE", 0.2)
+    backend = dimse_backend_factory(mock_dimse_pacs.port)
+    assoc = backend._open_query_association()
+    responses = assoc.send_c_find(queries.identifier("STUDY", {}, ("StudyInstanceUID",)), backend.find_model)
+    status, _ = next(responses)
+    assert status.Status == 0xFF00
+    deadline = time.monotonic() + 3
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert assoc.is_aborted
+
+
+def test_a_final_response_taken_in_time_leaves_the_association_open(
+    mock_dimse_pacs, dimse_backend_factory, monkeypatch
+):
+    from dqr.plugins.dimse import backend as dimse_backend
+
+    monkeypatch.setattr(dimse_backend, "LOST_FINAL_GRACE", 0.2)
+    backend = dimse_backend_factory(mock_dimse_pacs.port, limits={"max_queries": 1})
+    first_study(backend)
+    time.sleep(0.5)
+    assert mock_dimse_pacs.current_associations == 1  # the pooled association survived
+    first_study(backend)
+    assert mock_dimse_pacs.requests["C-FIND"] == 2

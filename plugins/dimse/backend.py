@@ -159,6 +159,8 @@ class DimseBackend:
             if not status or "Status" not in status:
                 break
             seen += 1
+            if status.Status not in PENDING:
+                _final_taken(assoc, msg_id)
             if status.Status in PENDING:
                 if answer is not None:
                     answers.append(answer)
@@ -425,13 +427,35 @@ class DimseBackend:
                 self._receiver = None
 
 
+#: Seconds a received final C-FIND response may take to reach the waiting
+#: query before it counts as lost (pynetdicom#875) and the association is
+#: aborted, so the query is retried at once instead of after dimse_timeout.
+LOST_FINAL_GRACE = 2.0
+
+
 def _count_find_response(event: Any) -> None:
     """EVT_DIMSE_RECV handler (DUL thread): count C-FIND responses by the
-    request's message ID, on the association itself."""
+    request's message ID, on the association itself, and watch each final
+    response until the query that waits for it has taken it."""
     message = event.message
-    if type(message).__name__ == "C_FIND_RSP":
-        counts = event.assoc.__dict__.setdefault("dqr_find_responses", Counter())
-        counts[int(message.command_set.MessageIDBeingRespondedTo)] += 1
+    if type(message).__name__ != "C_FIND_RSP":
+        return
+    assoc = event.assoc
+    msg_id = int(message.command_set.MessageIDBeingRespondedTo)
+    assoc.__dict__.setdefault("dqr_find_responses", Counter())[msg_id] += 1
+    if int(message.command_set.Status) not in PENDING:
+        watchdog = threading.Timer(LOST_FINAL_GRACE, _abort_if_final_not_taken, (assoc, msg_id))
+        watchdog.daemon = True
+        watchdog.start()
+
+
+def _abort_if_final_not_taken(assoc: Association, msg_id: int) -> None:
+    if msg_id not in assoc.__dict__.get("dqr_finals_taken", ()) and assoc.is_established:
+        assoc.abort()  # the waiting query then fails as retriable, on a fresh association
+
+
+def _final_taken(assoc: Association, msg_id: int) -> None:
+    assoc.__dict__.setdefault("dqr_finals_taken", set()).add(msg_id)
 
 
 def _is_destination_refusal(code: int, completed: int, arrivals: Arrivals) -> bool:
