@@ -9,6 +9,7 @@ closed the idle association just before.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import ssl
 import threading
@@ -444,14 +445,41 @@ def _count_find_response(event: Any) -> None:
     msg_id = int(message.command_set.MessageIDBeingRespondedTo)
     assoc.__dict__.setdefault("dqr_find_responses", Counter())[msg_id] += 1
     if int(message.command_set.Status) not in PENDING:
-        watchdog = threading.Timer(LOST_FINAL_GRACE, _abort_if_final_not_taken, (assoc, msg_id))
-        watchdog.daemon = True
-        watchdog.start()
+        _final_watch.expect(assoc, msg_id, LOST_FINAL_GRACE)
 
 
-def _abort_if_final_not_taken(assoc: Association, msg_id: int) -> None:
-    if msg_id not in assoc.__dict__.get("dqr_finals_taken", ()) and assoc.is_established:
-        assoc.abort()  # the waiting query then fails as retriable, on a fresh association
+class _FinalWatch:
+    """One thread checking, for every final C-FIND response received, that
+    its query took it in time (a thread per response would be thousands)."""
+
+    def __init__(self) -> None:
+        self._due: list[tuple[float, int, Association, int]] = []
+        self._order = itertools.count()
+        self._condition = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def expect(self, assoc: Association, msg_id: int, grace: float) -> None:
+        with self._condition:
+            heapq.heappush(self._due, (time.monotonic() + grace, next(self._order), assoc, msg_id))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="dqr-final-watch", daemon=True)
+                self._thread.start()
+            self._condition.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while not self._due or self._due[0][0] > time.monotonic():
+                    self._condition.wait(timeout=self._due[0][0] - time.monotonic() if self._due else None)
+                _, _, assoc, msg_id = heapq.heappop(self._due)
+            taken = assoc.__dict__.get("dqr_finals_taken", set())
+            if msg_id in taken:
+                taken.discard(msg_id)  # message IDs are reused: forget it once checked
+            elif assoc.is_established:
+                assoc.abort()  # the waiting query then fails as retriable, on a fresh association
+
+
+_final_watch = _FinalWatch()
 
 
 def _final_taken(assoc: Association, msg_id: int) -> None:
