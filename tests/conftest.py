@@ -79,3 +79,19 @@ def dqr() -> Callable[..., CliResult]:
 
 def archive_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*.dcm"))
+
+
+def assert_study_archived_relabeled(session_dir: Path, originals: dict[str, Any], subject: str, session: str) -> None:
+    """Every original instance (by SOP Instance UID) is in ``session_dir``,
+    relabeled with ``subject``/``session``, pixel data untouched, under its series."""
+    import pydicom
+
+    files = archive_files(session_dir)
+    assert sorted(p.stem for p in files) == sorted(originals)
+    for path in files:
+        stored = pydicom.dcmread(path)
+        original = originals[stored.SOPInstanceUID]
+        assert (str(stored.PatientName), stored.PatientID) == (subject, subject)
+        assert (stored.StudyID, stored.AccessionNumber) == (session, session)
+        assert stored.PixelData == original.PixelData
+        assert stored.SeriesInstanceUID == original.SeriesInstanceUID == path.parent.name

@@ -7,9 +7,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import pydicom
 import pytest
-from conftest import archive_files
+from conftest import archive_files, assert_study_archived_relabeled
 
 from dqr.plugins.memory.pacs import dataset_offset
 from dqr.plugins.memory.synthetic import generate_cohort
@@ -47,16 +46,10 @@ def test_run_over_dicomweb_archives_the_relabeled_study(dqr, site, write_csv, tm
     result = dqr("run", "--config", config)
 
     assert result.exit_code == 0, result.output
-    files = archive_files(tmp_path / "archive" / "Test" / "Subj042" / "Subj042_PET")
     originals = {d.SOPInstanceUID: d for d in generate_cohort(orthanc.cohort_spec) if d.AccessionNumber == PET_STUDY}
-    assert sorted(p.stem for p in files) == sorted(originals)
-    for path in files:
-        stored = pydicom.dcmread(path)
-        original = originals[stored.SOPInstanceUID]
-        assert (str(stored.PatientName), stored.PatientID) == ("Subj042", "Subj042")
-        assert (stored.StudyID, stored.AccessionNumber) == ("Subj042_PET", "Subj042_PET")
-        assert stored.PixelData == original.PixelData
-        assert stored.SeriesInstanceUID == original.SeriesInstanceUID == path.parent.name
+    assert_study_archived_relabeled(
+        tmp_path / "archive" / "Test" / "Subj042" / "Subj042_PET", originals, "Subj042", "Subj042_PET"
+    )
 
 
 def selected_studies(results_csv: Path) -> list[tuple[str, str, str, str]]:

@@ -3,9 +3,8 @@ by C-MOVE: the archive read back file by file."""
 
 from __future__ import annotations
 
-import pydicom
 import pytest
-from conftest import archive_files
+from conftest import assert_study_archived_relabeled
 
 from dqr.plugins.memory.synthetic import generate_cohort
 
@@ -32,20 +31,14 @@ def run_and_check_archive(dqr, site, write_csv, tmp_path, orthanc, source):
     )
     result = dqr("run", "--config", config)
     assert result.exit_code == 0, result.output
-    files = archive_files(tmp_path / "archive" / "Test" / "Subj042" / "Subj042_PET")
     originals = {
         d.SOPInstanceUID: d
         for d in generate_cohort(orthanc.cohort_spec)
         if d.AccessionNumber == PET_STUDY
     }
-    assert sorted(p.stem for p in files) == sorted(originals)
-    for path in files:
-        stored = pydicom.dcmread(path)
-        original = originals[stored.SOPInstanceUID]
-        assert (str(stored.PatientName), stored.PatientID) == ("Subj042", "Subj042")
-        assert (stored.StudyID, stored.AccessionNumber) == ("Subj042_PET", "Subj042_PET")
-        assert stored.PixelData == original.PixelData
-        assert stored.SeriesInstanceUID == original.SeriesInstanceUID == path.parent.name
+    assert_study_archived_relabeled(
+        tmp_path / "archive" / "Test" / "Subj042" / "Subj042_PET", originals, "Subj042", "Subj042_PET"
+    )
 
 
 def test_run_retrieves_by_c_get(dqr, site, write_csv, tmp_path, orthanc):
