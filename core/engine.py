@@ -38,7 +38,7 @@ from dqr.model import (
 )
 from dqr.planner import plan_queries
 from dqr.pluginmanager import backend_types, destination_types, executor_types, get_plugin_manager
-from dqr.relabel import RelabelContext, decode, encode_part10
+from dqr.relabel import RelabelContext, decode, encode_part10, raw_text
 from dqr.results import ResultLine, build_table, flag_label_collisions
 from dqr.state import JobState
 from dqr.throttle import (
@@ -51,6 +51,7 @@ from dqr.throttle import (
 )
 
 log = logging.getLogger("dqr")
+SERIES_INSTANCE_UID = 0x0020000E
 
 
 class Reporter:
@@ -549,7 +550,7 @@ class Job:
                 if writer.exists(received.sop_instance_uid):
                     return
                 decoded = decode(received)
-                if decoded.dataset.get("SeriesInstanceUID") != series.series_uid:
+                if raw_text(decoded, SERIES_INSTANCE_UID) != series.series_uid:
                     raise ValueError(f"instance {received.sop_instance_uid} is not of series {series.series_uid}")
                 context = RelabelContext(decoded.dataset, labels, study, series)
                 self.hooks.dqr_relabel(context=context)

@@ -78,6 +78,19 @@ def decode(received: ReceivedInstance) -> DecodedInstance:
     return DecodedInstance(dataset, data, _element_spans(dataset, len(data), implicit))
 
 
+def raw_text(decoded: DecodedInstance, tag: int) -> str | None:
+    """A top-level text element's value read from the source bytes, without
+    converting the element: a converted element would have to be re-encoded
+    when splicing. ``None`` when absent."""
+    element = decoded.dataset._dict.get(tag)
+    if element is None:
+        return None
+    if not isinstance(element, RawDataElement):
+        return str(decoded.dataset[tag].value)
+    value = element.value or b""
+    return value.decode("ascii", "replace").rstrip("\0 ")
+
+
 def _element_spans(dataset: Dataset, size: int, implicit: bool) -> dict[int, tuple[int, int]]:
     """Byte range of every top-level element in the source: from its header
     to the next element's header (which also covers undefined lengths)."""

@@ -92,3 +92,15 @@ def test_a_stale_group_length_of_a_changed_group_is_dropped():
 def test_the_synthetic_encoder_round_trips():
     dataset = first_instance()
     assert pydicom.dcmread(BytesIO(encode(dataset))).SOPInstanceUID == dataset.SOPInstanceUID
+
+
+def test_raw_text_reads_a_uid_without_converting_the_element():
+    from pydicom.dataelem import RawDataElement
+
+    from dqr.relabel import raw_text
+
+    original = first_instance()
+    decoded = decode(received_from(original, ExplicitVRLittleEndian))
+    assert raw_text(decoded, 0x0020000E) == original.SeriesInstanceUID
+    assert isinstance(decoded.dataset._dict[0x0020000E], RawDataElement)  # still copied verbatim when splicing
+    assert raw_text(decoded, 0x00181030) is None
