@@ -296,7 +296,9 @@ def retrieve(
 
     loaded = load_config(config)
     lines = read_table(results)
-    options = JobOptions_(source, _limits(None, max_retrievals), False, include, exclude, new_job)
+    from dqr.engine import JobOptions
+
+    options = JobOptions(source, _limits(None, max_retrievals), False, include, exclude, new_job)
     with _job(loaded, options) as (job, _):
         job.state.begin_input("results", str(results), _table_fingerprint(results), [])
         plan = job.make_plan(lines)
@@ -309,12 +311,6 @@ def _table_fingerprint(path: Path) -> str:
     import hashlib
 
     return "results:" + hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def JobOptions_(*args: Any):  # noqa: N802 - keeps the import lazy for `dqr --help`
-    from dqr.engine import JobOptions
-
-    return JobOptions(*args)
 
 
 def _exit_now(signum: int, frame: Any) -> None:
@@ -595,7 +591,9 @@ def retry(
     _, kind, input_path = latest
     failed_rows = {f["row"] for f in failures if f["kind"] == "row"}
     failed_studies = {f["StudyInstanceUID"] for f in failures if f["kind"] in ("study", "series")}
-    options = JobOptions_(source, _limits(max_queries, max_retrievals), False, None, None, False)
+    from dqr.engine import JobOptions
+
+    options = JobOptions(source, _limits(max_queries, max_retrievals))
     with _job(loaded, options) as (job, _):
         if kind == "csv":
             plan = job.query(read_csv_queries(Path(input_path)), input_path)
