@@ -90,6 +90,18 @@ class SourceConfig(Strict):
         return value
 
 
+class DestinationConfig(Strict):
+    """Keys every destination has; a destination type's config model extends this."""
+
+    type: str = "archive"
+
+
+class ExecutorConfig(Strict):
+    """Keys every executor has; an executor type's config model extends this."""
+
+    type: str = "local"
+
+
 class SeriesFilter(Strict):
     """Which series of a selected study are retrieved, by SeriesDescription."""
 
@@ -115,8 +127,12 @@ class SiteConfig(Strict):
     subject_label: SubjectRule = "PatientID"
     limits: Limits = Limits()
     state: Path | None = Field(None, description="job database; default <archive>-job.sqlite beside the archive")
-    destination: dict[str, Any] = Field(default_factory=lambda: {"type": "archive"})
-    executor: str = Field("local", description="how steps run: a type registered by dqr_register_executors")
+    destination: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "archive"}, description="validated by its type's registered model"
+    )
+    executor: str | dict[str, Any] = Field(
+        "local", description="how steps run: a type registered by dqr_register_executors, or a mapping with `type:`"
+    )
 
     @field_validator("project")
     @classmethod
@@ -130,11 +146,22 @@ class SiteConfig(Strict):
 class LoadedConfig:
     """A site config with its sources validated by their backend models."""
 
-    def __init__(self, path: Path, site: SiteConfig, sources: dict[str, SourceConfig]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        site: SiteConfig,
+        sources: dict[str, SourceConfig],
+        destination: DestinationConfig | None = None,
+        executor: ExecutorConfig | None = None,
+    ) -> None:
         self.path = path
         self.dir = path.parent
         self.site = site
         self.sources = sources
+        #: ``destination:`` validated by the model its type registered.
+        self.destination = destination or DestinationConfig()
+        #: ``executor:`` validated by the model its type registered.
+        self.executor = executor or ExecutorConfig()
 
     def source_name(self, override: str | None = None) -> str:
         name = override or self.site.source
@@ -260,6 +287,40 @@ def _secret_problems(data: Any, file: str, lines: dict, path: tuple = ()) -> lis
     return problems
 
 
+def _typed_section(
+    raw: Any,
+    where: tuple[str, ...],
+    types: dict[str, Any],
+    kind: str,
+    file: str,
+    lines: dict[tuple[Any, ...], int],
+    problems: list[Problem],
+) -> Any:
+    """Validate a section whose ``type:`` picks a registered model (a
+    source, the destination, the executor); add its problems, return the
+    model instance or ``None``."""
+    key = ".".join(where)
+    if not isinstance(raw, dict):
+        problems.append(Problem(file, f"{key} must be a mapping with a `type:`", lines.get(where)))
+        return None
+    type_name = raw.get("type")
+    if type_name not in types:
+        available = ", ".join(sorted(types))
+        message = f"{key}: missing `type:`" if type_name is None else f"{key}.type: unknown {kind} type {type_name!r}"
+        close = difflib.get_close_matches(str(type_name), list(types), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close and type_name else ""
+        problems.append(
+            Problem(file, f"{message}{hint} (available: {available})", lines.get(where + ("type",), lines.get(where)))
+        )
+        return None
+    model = types[type_name].config_model
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        problems += _problems_from(exc, model, file, lines, prefix=where)
+        return None
+
+
 def _resolve(path: Path | None, base: Path) -> Path | None:
     if path is None:
         return None
@@ -269,7 +330,11 @@ def _resolve(path: Path | None, base: Path) -> Path | None:
 
 def load_config(path: str | os.PathLike[str]) -> LoadedConfig:
     """Read and validate a site config, reporting every problem at once."""
-    from dqr.pluginmanager import backend_types  # late: loads plugins
+    from dqr.pluginmanager import (  # late: loads plugins
+        backend_types,
+        destination_types,
+        executor_types,
+    )
 
     path = Path(path)
     file = str(path)
@@ -298,33 +363,21 @@ def load_config(path: str | os.PathLike[str]) -> LoadedConfig:
         problems += _problems_from(exc, SiteConfig, file, lines)
 
     sources: dict[str, SourceConfig] = {}
-    types = backend_types()
     raw_sources = data.get("sources") if isinstance(data.get("sources"), dict) else {}
     if isinstance(data.get("sources"), dict) and not raw_sources:
         problems.append(Problem(file, "`sources:` is empty: configure at least one source", lines.get(("sources",))))
     for name, raw in raw_sources.items():
-        where = ("sources", name)
-        if not isinstance(raw, dict):
-            problems.append(Problem(file, f"sources.{name} must be a mapping", lines.get(where)))
-            continue
-        type_name = raw.get("type")
-        if type_name not in types:
-            available = ", ".join(sorted(types))
-            message = (
-                f"sources.{name}: missing `type:`" if type_name is None
-                else f"sources.{name}.type: unknown backend type {type_name!r}"
-            )
-            close = difflib.get_close_matches(str(type_name), list(types), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close and type_name else ""
-            problems.append(
-                Problem(file, f"{message}{hint} (available: {available})", lines.get(where + ("type",), lines.get(where)))
-            )
-            continue
-        model = types[type_name].config_model
-        try:
-            sources[name] = model.model_validate(raw)
-        except ValidationError as exc:
-            problems += _problems_from(exc, model, file, lines, prefix=where)
+        model = _typed_section(raw, ("sources", name), backend_types(), "backend", file, lines, problems)
+        if model is not None:
+            sources[name] = model
+    raw_executor = data.get("executor", "local")
+    if isinstance(raw_executor, str):  # `executor: local` is short for `executor: {type: local}`
+        raw_executor = {"type": raw_executor}
+    destination = _typed_section(
+        data.get("destination", {"type": "archive"}), ("destination",), destination_types(), "destination",
+        file, lines, problems,
+    )
+    executor = _typed_section(raw_executor, ("executor",), executor_types(), "executor", file, lines, problems)
 
     if site is not None and site.source is not None and raw_sources and site.source not in raw_sources:
         problems.append(
@@ -341,7 +394,7 @@ def load_config(path: str | os.PathLike[str]) -> LoadedConfig:
             "state": _resolve(site.state, base),
         }
     )
-    return LoadedConfig(path.resolve(), site, sources)
+    return LoadedConfig(path.resolve(), site, sources, destination, executor)
 
 
 def resolve_path(config: LoadedConfig, value: str | os.PathLike[str]) -> Path:

@@ -23,7 +23,7 @@ from typing import Any
 
 from dqr.backend import Backend, DestinationContext, SeriesWriter, SourceContext
 from dqr.config import LoadedConfig, SeriesFilter
-from dqr.errors import ConfigError, IncompleteRetrieveError, RemoteError
+from dqr.errors import IncompleteRetrieveError, RemoteError
 from dqr.labels import safe_label
 from dqr.matching import matches
 from dqr.model import (
@@ -164,13 +164,7 @@ class Job:
             self.limits.breaker_failures, self.limits.breaker_cooldown, self.limits.breaker_max_cooldowns, self.stop
         )
         self.window = TimeWindow.parse(self.limits.retrieve_window) if self.limits.retrieve_window else None
-        executors = executor_types()
-        if config.site.executor not in executors:
-            raise ConfigError(
-                f"executor: {config.site.executor!r} is unknown (available: {', '.join(sorted(executors))})",
-                file=str(config.path),
-            )
-        self.executor = executors[config.site.executor].factory()
+        self.executor = executor_types()[config.executor.type].factory()
         self._backend: Backend | None = None
         self._state: JobState | None = None
         self._destination = None
@@ -211,15 +205,9 @@ class Job:
     @property
     def destination(self):
         if self._destination is None:
-            section = self.config.site.destination
-            types = destination_types()
-            if section.get("type") not in types:
-                raise ConfigError(
-                    f"destination.type {section.get('type')!r} is unknown (available: {', '.join(types)})",
-                    file=str(self.config.path),
-                )
+            section = self.config.destination
             context = DestinationContext(self.config.site.archive, self.config.site.project)
-            self._destination = types[section["type"]].factory(section, context)
+            self._destination = destination_types()[section.type].factory(section, context)
         return self._destination
 
     def close(self) -> None:

@@ -55,11 +55,23 @@ def dqr_register_backends(register: Callable[..., None]) -> None:
 def dqr_register_destinations(register: Callable[..., None]) -> None:
     """Register destination types: where retrieved instances are stored.
 
-    Call ``register(type_name, factory)``; ``factory(config, context)``
-    returns a :class:`dqr.backend.Destination`. The built-in ``archive``
-    destination writes ``<archive>/<project>/<subject>/<session>/...``.
+    Call ``register(type_name, factory, config_model)`` once per type:
+
+    - ``type_name`` is what users write as ``destination: {type: ...}``;
+    - ``config_model`` is a pydantic model subclassing
+      :class:`dqr.config.DestinationConfig` that validates the
+      ``destination:`` section (unknown keys are errors); when omitted, the
+      section may hold only ``type:``;
+    - ``factory(config, context)`` returns a :class:`dqr.backend.Destination`
+      given the validated model and a :class:`dqr.backend.DestinationContext`.
+
+    The built-in ``archive`` destination writes
+    ``<archive>/<project>/<subject>/<session>/...``.
 
     :param register: The registration callback.
+
+    Called once, when the config is first loaded: the section is validated
+    then, so a typo stops the job before anything is queried.
     """
 
 
@@ -67,7 +79,10 @@ def dqr_register_destinations(register: Callable[..., None]) -> None:
 def dqr_register_executors(register: Callable[..., None]) -> None:
     """Register executors: what runs the engine's steps.
 
-    Call ``register(name, factory)``; ``factory()`` returns an object with
+    Call ``register(name, factory, config_model)``; ``config_model``
+    (optional) subclasses :class:`dqr.config.ExecutorConfig` and validates
+    an ``executor: {type: name, ...}`` section (``executor: name`` is short
+    for ``{type: name}``). ``factory()`` returns an object with
     ``run(step, items, workers, stop)`` that calls ``step(item)`` once for
     every item, at most ``workers`` at a time, starts no new step once the
     ``stop`` event is set, and returns when all started steps are done.

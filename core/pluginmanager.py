@@ -80,16 +80,17 @@ def reset() -> None:
 
 @dataclass(frozen=True)
 class Registered:
-    """Something a plugin registered by name: a destination or an executor."""
+    """A type a plugin registered by name: a backend, a destination or an
+    executor, with the pydantic model that validates its config section."""
 
     name: str
     plugin: str
     factory: Any
-
-
-@dataclass(frozen=True)
-class BackendType(Registered):
     config_model: type[BaseModel]
+
+
+#: Kept for plugins that imported it: every registered type now has a config model.
+BackendType = Registered
 
 
 #: hook name -> {registered name -> record}, filled on first use
@@ -119,27 +120,37 @@ def _registry(hook_name: str, make: Any) -> dict[str, Any]:
         return _registries.setdefault(hook_name, found)
 
 
-def _make_backend(name: str, plugin: str, factory: Any, config_model: type[BaseModel]) -> BackendType:
-    from dqr.config import SourceConfig
+def _maker(kind: str, base_name: str, required: bool):
+    """A ``make`` for :func:`_registry` that checks the config model
+    subclasses ``dqr.config.<base_name>``; where it is optional, a type
+    registered without one gets that base (which has only ``type:``)."""
 
-    if not (isinstance(config_model, type) and issubclass(config_model, SourceConfig)):
-        raise PluginError(f"plugin {plugin}: the config model of backend {name!r} must subclass dqr.config.SourceConfig")
-    return BackendType(name, plugin, factory, config_model)
+    def make(name: str, plugin: str, factory: Any, config_model: type[BaseModel] | None = None) -> Registered:
+        import dqr.config
+
+        base = getattr(dqr.config, base_name)
+        if config_model is None and not required:
+            config_model = base
+        if not (isinstance(config_model, type) and issubclass(config_model, base)):
+            raise PluginError(f"plugin {plugin}: the config model of {kind} {name!r} must subclass dqr.config.{base_name}")
+        return Registered(name, plugin, factory, config_model)
+
+    return make
 
 
-def backend_types() -> dict[str, BackendType]:
-    """Every registered backend type, by the name used as ``type:``."""
-    return _registry("dqr_register_backends", _make_backend)
+def backend_types() -> dict[str, Registered]:
+    """Every registered backend type, by the name used as ``type:`` under ``sources:``."""
+    return _registry("dqr_register_backends", _maker("backend", "SourceConfig", required=True))
 
 
 def destination_types() -> dict[str, Registered]:
-    """Every registered destination type, by name."""
-    return _registry("dqr_register_destinations", Registered)
+    """Every registered destination type, by the name used as ``destination.type``."""
+    return _registry("dqr_register_destinations", _maker("destination", "DestinationConfig", required=False))
 
 
 def executor_types() -> dict[str, Registered]:
-    """Every registered executor, by name."""
-    return _registry("dqr_register_executors", Registered)
+    """Every registered executor, by the name used as ``executor:`` (or ``executor.type``)."""
+    return _registry("dqr_register_executors", _maker("executor", "ExecutorConfig", required=False))
 
 
 def plugin_names() -> list[str]:

@@ -17,8 +17,10 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Literal
 
 import dqr
+from dqr.config import DestinationConfig
 from dqr.model import Series, Study
 
 TEMP_SUFFIX = ".dqr-tmp"
@@ -198,10 +200,16 @@ class Archive:
         return SeriesDirectory(self.root, self.session_dir(subject, session), study, series)
 
 
-def make_archive(config, context) -> Archive:
+class ArchiveConfig(DestinationConfig):
+    """``destination: {type: archive}``: the site config's ``archive:`` folder."""
+
+    type: Literal["archive"] = "archive"
+
+
+def make_archive(config: ArchiveConfig, context) -> Archive:
     return Archive(context.archive, context.project)
 
 
 @dqr.hookimpl
 def dqr_register_destinations(register):
-    register("archive", make_archive)
+    register("archive", make_archive, ArchiveConfig)
