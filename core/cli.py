@@ -366,55 +366,63 @@ class _job:  # noqa: N801 - used as a context manager
 #: Lines of the results table shown on the terminal; the files have them all.
 TERMINAL_TABLE_LINES = 100
 #: The terminal table's columns, most important first: on a narrow terminal
-#: the last ones go first (record key, header, the width it needs at least).
+#: the last ones are left out (record key, header, widest it is shown).
 TERMINAL_COLUMNS = (
-    ("row", "row", 3),
+    ("row", "row", 6),
     ("selected", "sel", 3),
-    ("subject", "subject", 8),
-    ("session", "session", 8),
-    ("warning", "warning", 12),
-    ("AccessionNumber", "Accession", 9),
-    ("StudyDate", "StudyDate", 8),
-    ("ModalitiesInStudy", "Mod", 3),
-    ("NumberOfStudyRelatedSeries", "Ser", 3),
-    ("NumberOfStudyRelatedInstances", "Inst", 4),
-    ("PatientID", "PatientID", 9),
-    ("StudyDescription", "Description", 11),
+    ("subject", "subject", 16),
+    ("session", "session", 16),
+    ("warning", "warning", 24),
+    ("AccessionNumber", "Accession", 16),
+    ("StudyDate", "StudyDate", 9),
+    ("ModalitiesInStudy", "Mod", 8),
+    ("NumberOfStudyRelatedSeries", "Ser", 4),
+    ("NumberOfStudyRelatedInstances", "Inst", 5),
+    ("PatientID", "PatientID", 16),
+    ("StudyDescription", "Description", 24),
 )
+GAP = 2
+
+
+def _fit(text: str, width: int) -> str:
+    return text.ljust(width) if len(text) <= width else text[: width - 1] + "…"
 
 
 def _print_table(lines, full_table: Path | None = None) -> None:
-    """One line per study, whatever the width: columns that do not fit are
-    dropped from the end of :data:`TERMINAL_COLUMNS`, long cells end in "…".
-    Patient names and birth dates stay in the files, off the terminal."""
+    """One line per study, whatever the terminal's width: columns that do
+    not fit are left out from the end of :data:`TERMINAL_COLUMNS`, long cells
+    end in "…", and the warning column takes the room that is left. Patient
+    names and birth dates stay in the files, off the terminal."""
     hidden = max(0, len(lines) - TERMINAL_TABLE_LINES)
     lines = lines[:TERMINAL_TABLE_LINES]
     records = [line.as_record() for line in lines]
     for record, line in zip(records, lines, strict=True):
         record["selected"] = "✔" if line.selected else ""
     width = err.width
-    columns: list[tuple[str, str, int]] = []
+    chosen: list[list] = []  # [key, header, shown width, natural width]
     used = 0
-    for key, header, least in TERMINAL_COLUMNS:
+    for key, header, widest in TERMINAL_COLUMNS:
         natural = max([len(header), *(len(r[key]) for r in records)])
-        need = min(natural, max(least, len(header))) + 3  # padding and the separator
-        if used + need > width and columns:
+        shown = min(natural, widest)
+        if used + shown + (GAP if chosen else 0) > width:
             continue
-        columns.append((key, header, natural))
-        used += need
-    table = Table(show_lines=False, header_style="bold", box=None, pad_edge=False)
-    for _key, header, natural in columns:
-        table.add_column(header, no_wrap=True, overflow="ellipsis", min_width=min(natural, 3))
+        chosen.append([key, header, shown, natural])
+        used += shown + (GAP if len(chosen) > 1 else 0)
+    for column in chosen:  # room left over widens the warning first
+        if column[0] == "warning":
+            column[2] += min(column[3] - column[2], max(0, width - used))
+    def render(cells: list[str]) -> str:
+        return (" " * GAP).join(_fit(cell, column[2]) for cell, column in zip(cells, chosen, strict=True)).rstrip()
+
+    err.print(render([c[1] for c in chosen]), markup=False, highlight=False, style="bold")
     for record in records:
-        table.add_row(*(record[key] for key, _, _ in columns))
-    err.print(table, soft_wrap=False, crop=True)
-    dropped = [header for key, header, _ in TERMINAL_COLUMNS if key not in {c[0] for c in columns}]
-    where = f" in {full_table}" if full_table else " (write it with -o FILE or --format csv)"
+        err.print(render([record[c[0]] for c in chosen]), markup=False, highlight=False)
+    dropped = [header for key, header, _ in TERMINAL_COLUMNS if key not in {c[0] for c in chosen}]
+    where = f"in {full_table}" if full_table else "written by -o FILE"
     if dropped:
-        err.print(f"(columns left out to fit {width} characters: {', '.join(dropped)}; the full table is{where})",
-                  highlight=False)
+        err.print(f"(left out to fit: {', '.join(dropped)}; the full table is {where})", highlight=False)
     if hidden:
-        err.print(f"… and {hidden} more lines (the full table is{where})", highlight=False)
+        err.print(f"… and {hidden} more lines (the full table is {where})", highlight=False)
 
 
 def _print_plan(table, table_path: Path | None) -> None:
