@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dqr.errors import ConfigError, Problem
 from dqr.labels import validate_label
-from dqr.yamlsafe import load_yaml
+from dqr.yamlsafe import load_yaml_file
 
 #: Keys that would put a secret into the YAML itself: refused outright.
 SECRET_KEYS = frozenset({"password", "token", "secret", "api_key", "apikey", "bearer"})
@@ -212,20 +213,38 @@ def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] |
     for part in loc:
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-        else:
+        # `Fault | None`: the model inside the optional
+        candidates = [annotation, *typing.get_args(annotation)]
+        models = [a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not models:
             return None
+        model = models[0]
     return model
 
 
-def _problems_from(
+def unknown_key_problem(
+    key: str, valid: list[str], file: str, line: int | None, where: tuple[Any, ...] = ()
+) -> Problem:
+    """``unknown key 'x'; did you mean 'y'?`` (or the valid keys)."""
+    message = f"unknown key {'.'.join(str(p) for p in (*where, key))!r}"
+    close = difflib.get_close_matches(str(key), valid, n=1)
+    if close:
+        message += f"; did you mean {close[0]!r}?"
+    elif valid:
+        message += f"; valid keys here: {', '.join(valid)}"
+    return Problem(file, message, line)
+
+
+def validation_problems(
     error: ValidationError,
     model: type[BaseModel],
     file: str,
     lines: dict[tuple[Any, ...], int],
     prefix: tuple[Any, ...] = (),
 ) -> list[Problem]:
+    """A pydantic error of ``model`` (validating the mapping at ``prefix``)
+    as problems with their YAML lines, unknown keys with the nearest valid
+    key and wrong values with what was found."""
     problems = []
     for item in error.errors():
         loc = tuple(item["loc"])
@@ -233,13 +252,9 @@ def _problems_from(
         if item["type"] == "extra_forbidden":
             owner = _model_at(model, loc[:-1])
             valid = sorted(owner.model_fields) if owner else []
-            message = f"unknown key {key!r}"
-            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-            if close:
-                message += f"; did you mean {close[0]!r}?"
-            elif valid:
-                message += f"; valid keys here: {', '.join(valid)}"
-        elif item["type"] == "missing":
+            problems.append(unknown_key_problem(str(loc[-1]), valid, file, _line_for(lines, prefix + loc), prefix + loc[:-1]))
+            continue
+        if item["type"] == "missing":
             message = f"missing key {key!r}"
         else:
             message = f"{key}: {_found(item, str(loc[-1]) if loc else '')}"
@@ -321,7 +336,7 @@ def _typed_section(
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        problems += _problems_from(exc, model, file, lines, prefix=where)
+        problems += validation_problems(exc, model, file, lines, prefix=where)
         return None
 
 
@@ -342,11 +357,7 @@ def load_config(path: str | os.PathLike[str]) -> LoadedConfig:
 
     path = Path(path)
     file = str(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        raise ConfigError(f"cannot read the config: {exc.strerror}", file=file) from exc
-    document = load_yaml(text, file)
+    document = load_yaml_file(path)
     data, lines = document.data, document.lines
     if data is None:
         data = {}
@@ -358,7 +369,7 @@ def load_config(path: str | os.PathLike[str]) -> LoadedConfig:
     try:
         site = SiteConfig.model_validate(data)
     except ValidationError as exc:
-        problems += _problems_from(exc, SiteConfig, file, lines)
+        problems += validation_problems(exc, SiteConfig, file, lines)
 
     sources: dict[str, SourceConfig] = {}
     raw_sources = data.get("sources") if isinstance(data.get("sources"), dict) else {}

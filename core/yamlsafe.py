@@ -19,6 +19,7 @@ Python object is built or any tree is walked:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -46,6 +47,21 @@ class YamlDocument:
     data: Any
     lines: dict[tuple[Any, ...], int]
     problems: tuple[Problem, ...] = ()
+
+
+def load_yaml_file(path: Path) -> YamlDocument:
+    """Read a UTF-8 YAML file (a BOM is allowed) with :func:`load_yaml`."""
+    file = str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config: {exc.strerror}", file=file) from exc
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(Problem(file, f"not UTF-8 (byte 0x{data[exc.start]:02x}); save the file as UTF-8", line)) from exc
+    return load_yaml(text, file)
 
 
 def load_yaml(text: str, file: str) -> YamlDocument:
