@@ -307,7 +307,7 @@ class CsvQueryFile:
         for name in REMAP_HEADERS:
             value = values.get(name, "")
             if value:
-                problem = validate_label(value)
+                problem = validate_label(value, name)
                 if problem:
                     self.problem(f"label {problem}", line, name)
                     ok = False
@@ -346,11 +346,13 @@ def _records(reader: Iterator[list[str]]) -> Iterable[tuple[int, int, list[str]]
         line = end + 1
 
 
-def read_records(text: str, file: str, problems: list[Problem]) -> list[tuple[int, list[str]]]:
+def read_records(
+    text: str, file: str, problems: list[Problem], line_breaks: bool = False
+) -> list[tuple[int, list[str]]]:
     """The CSV's records with the line each starts on. A record that cannot
-    be right -- a value holding a line break (an unbalanced quote), a field
-    the csv module refuses -- becomes a problem instead; reading stops at the
-    first field it refuses."""
+    be right becomes a problem instead: a quote never closed, a value
+    holding a line break (unless ``line_breaks``: the results table's free
+    text may), a field the csv module refuses (reading stops there)."""
     # skipinitialspace: `a, "b"` is a quoted field after a space, as users mean it
     reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True)
     records: list[tuple[int, list[str]]] = []
@@ -360,14 +362,16 @@ def read_records(text: str, file: str, problems: list[Problem]) -> list[tuple[in
         for line, end, cells in _records(reader):
             next_line = end + 1
             if end > line and any("\n" in cell or "\r" in cell for cell in cells):
-                if end >= total_lines:
-                    where = "it is never closed, so the rest of the file became one value"
-                else:
-                    where = f"the quoted value runs to line {end} (a value cannot hold a line break)"
-                problems.append(Problem(file, f"unbalanced quote starting on line {line}: {where}", line))
-                if not records:  # the header: nothing after it can be read by column
-                    return []
-                continue
+                unclosed = end >= total_lines and _quote_never_closed(text, line)
+                if unclosed or not line_breaks:
+                    if unclosed:
+                        where = "it is never closed, so the rest of the file became one value"
+                    else:
+                        where = f"the quoted value runs to line {end} (a value cannot hold a line break)"
+                    problems.append(Problem(file, f"unbalanced quote starting on line {line}: {where}", line))
+                    if not records:  # the header: nothing after it can be read by column
+                        return []
+                    continue
             records.append((line, cells))
     except csv.Error as exc:
         if "field larger than field limit" in str(exc):
@@ -379,6 +383,17 @@ def read_records(text: str, file: str, problems: list[Problem]) -> list[tuple[in
             message = f"cannot read this line as CSV: {exc}"
         problems.append(Problem(file, message, next_line))
     return records
+
+
+def _quote_never_closed(text: str, line: int) -> bool:
+    """Whether the record starting on ``line`` (the last one) ends inside a quote."""
+    tail = text.split("\n", line - 1)[-1] if line > 1 else text
+    try:
+        for _ in csv.reader(io.StringIO(tail, newline=""), skipinitialspace=True, strict=True):
+            pass
+    except csv.Error as exc:
+        return "unexpected end of data" in str(exc)
+    return False
 
 
 def other_separator(header: list[str], file: str, line: int) -> Problem | None:
