@@ -12,6 +12,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from dqr.csvquery import read_csv_queries
 from dqr.errors import InputError
 from dqr.results import read_table
 
@@ -186,3 +187,26 @@ def test_the_edited_table_error_exits_2(results_table, site, dqr, hostile_pacs):
     result = dqr("retrieve", "--config", config, "--results", edit(results_table, 2, "row", "²"))
     assert result.exit_code == 2
     assert "column 'row'" in result.stderr
+
+
+@pytest.fixture
+def unreachable_source() -> dict:
+    """A DIMSE source on a free loopback port nothing listens on: every query fails at once."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    limits = {"retries": 0, "breaker_failures": 1, "breaker_cooldown": 0, "breaker_max_cooldowns": 1}
+    return {"type": "dimse", "host": "127.0.0.1", "port": port, "called_aet": "NOBODY", "limits": limits}
+
+
+def test_the_failures_file_neutralises_cells_and_runs_again_as_it_is(site, write_csv, dqr, tmp_path, unreachable_source):
+    config = site(source=unreachable_source)
+    result = dqr("run", "--config", config, "--csv", write_csv("Patient ID,Study Date\nP1,-20200101\n"))
+    assert result.exit_code == 1, result.stderr
+    failures = tmp_path / "archive-failures.csv"
+    [row] = records(failures)
+    assert row["Study Date"] == "'-20200101"
+    [query] = read_csv_queries(failures)
+    assert query.filters == {"PatientID": "P1", "StudyDate": "-20200101"}
