@@ -375,6 +375,7 @@ def write_failure_report(
 def write_failures_csv(input_path: Path, failed_rows: dict[int, str], output: Path) -> int:
     """Copy the input's failed rows, verbatim, with a ``reason`` column, so
     the user can fix and re-run just those. Returns how many were written."""
+    from dqr.cells import neutralise_row  # opened in spreadsheets: no formula runs
     from dqr.csvquery import read_text
 
     reader = csv.reader(io.StringIO(read_text(input_path), newline=""))
@@ -388,7 +389,7 @@ def write_failures_csv(input_path: Path, failed_rows: dict[int, str], output: Pa
             keep = [i for i, cell in enumerate(cells) if cell.strip() != "reason"]
             writer.writerow([cells[i] for i in keep] + ["reason"])
         elif line in failed_rows:
-            writer.writerow([cells[i] for i in keep if i < len(cells)] + [failed_rows[line]])
+            writer.writerow(neutralise_row([cells[i] for i in keep if i < len(cells)] + [failed_rows[line]]))
             written += 1
         line = reader.line_num + 1
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from dqr.cells import neutralise, restore
 from dqr.errors import InputError, Problem
 from dqr.labels import validate_label
 from dqr.model import STUDY_KEYWORDS, RowOutcome, Study
@@ -24,6 +26,15 @@ from dqr.model import STUDY_KEYWORDS, RowOutcome, Study
 #: the selection and labels, then the study-level attributes every backend returns.
 COLUMNS = ("row", "selected", "subject", "session", *STUDY_KEYWORDS, "warning")
 REQUIRED_COLUMNS = ("row", "selected", "subject", "session", "StudyInstanceUID")
+#: Longest cell accepted in an edited table: far beyond any value dqr writes.
+MAX_CELL = 10_000
+#: Control characters refused in any cell (tab, LF and CR may be in free text:
+#: a PACS description can hold them, and the CSV quotes them).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+#: A line number or a count: ASCII digits only (``str.isdigit()`` accepts
+#: ``²`` and ``٣``, which ``int()`` refuses), at most 9 of them.
+_NUMBER = re.compile(r"[0-9]{1,9}")
+COUNT_COLUMNS = ("NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances")
 TRUE_WORDS = frozenset({"true", "yes", "y", "1", "x"})
 FALSE_WORDS = frozenset({"false", "no", "n", "0", ""})
 
@@ -230,7 +241,8 @@ def to_csv(lines: Iterable[ResultLine]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     for line in lines:
-        writer.writerow(line.as_record())
+        # PACS values go into a file users open in a spreadsheet: see dqr.cells
+        writer.writerow({column: neutralise(value) for column, value in line.as_record().items()})
     return buffer.getvalue()
 
 
@@ -263,26 +275,35 @@ def parse_selected(value: str) -> bool | None:
 
 
 def _int_or_none(value: str) -> int | None:
-    return int(value) if value.strip().isdigit() else None
+    return int(value) if _NUMBER.fullmatch(value.strip()) else None
 
 
 def read_table(path: Path) -> list[ResultLine]:
     """Read a results table (CSV as written by dqr, possibly edited in a
     spreadsheet); every problem is reported at once."""
-    from dqr.csvquery import check_uid, read_text
+    from dqr.csvquery import check_uid, other_separator, read_records, read_text
 
     file = str(path)
-    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
-    header = [h.strip() for h in reader.fieldnames or []]
+    problems: list[Problem] = []
+    records = read_records(read_text(path), file, problems, line_breaks=True)
+    if not records:
+        raise InputError(problems or [Problem(file, "not a dqr results table: the file is empty", 1)])
+    header_line, cells = records[0]
+    separator = other_separator(cells, file, header_line)
+    if separator:
+        raise InputError(separator)
+    header: dict[str, int] = {}
+    for index, name in enumerate(cell.strip() for cell in cells):
+        if name in header:
+            problems.append(Problem(file, f"column {name!r} appears twice (columns {header[name] + 1} and {index + 1})", header_line))
+        else:
+            header[name] = index
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
-        raise InputError(Problem(file, f"not a dqr results table: missing columns {', '.join(missing)}", 1))
-    reader.fieldnames = header
-    problems: list[Problem] = []
+        raise InputError(Problem(file, f"not a dqr results table: missing columns {', '.join(missing)}", header_line))
     lines: list[ResultLine] = []
-    for record in reader:
-        line_no = reader.line_num
-        record = {k: (v or "").strip() for k, v in record.items() if k is not None}
+    for line_no, cells in records[1:]:
+        record = {name: restore(cells[i].strip()) if i < len(cells) else "" for name, i in header.items() if name}
         if not any(record.values()):
             continue
         line = _read_line(record, line_no, file, problems, check_uid)
@@ -293,14 +314,31 @@ def read_table(path: Path) -> list[ResultLine]:
     return lines
 
 
+def _cell_problem(value: str) -> str | None:
+    """What makes any cell of an edited table unacceptable, whatever its column."""
+    if len(value) > MAX_CELL:
+        return f"is {len(value)} characters long; at most {MAX_CELL} are accepted"
+    control = _CONTROL.search(value)
+    if control:
+        # the value itself is not echoed: it may be a patient's name, or a terminal escape
+        return f"contains a control character (U+{ord(control.group()):04X}) at position {control.start() + 1}"
+    return None
+
+
 def _read_line(record: dict[str, str], line_no: int, file: str, problems: list[Problem], check_uid) -> ResultLine | None:
     bad = len(problems)
+    for column, value in record.items():
+        problem = _cell_problem(value)
+        if problem:
+            problems.append(Problem(file, problem, line_no, column))
+    if len(problems) > bad:
+        return None
     selected = parse_selected(record["selected"])
     if selected is None:
         problems.append(Problem(file, f"{record['selected']!r}: expected true/false (or yes/no, 1/0, x)", line_no, "selected"))
     for column in ("subject", "session"):
         if record[column]:
-            problem = validate_label(record[column])
+            problem = validate_label(record[column], column.capitalize())
             if problem:
                 problems.append(Problem(file, f"label {problem}", line_no, column))
     uid = record["StudyInstanceUID"]
@@ -310,7 +348,11 @@ def _read_line(record: dict[str, str], line_no: int, file: str, problems: list[P
         problems.append(Problem(file, "selected, but no StudyInstanceUID (this row matched nothing)", line_no, "selected"))
     row = _int_or_none(record["row"])
     if row is None:
-        problems.append(Problem(file, f"{record['row']!r}: expected the CSV line number", line_no, "row"))
+        problems.append(Problem(file, f"{record['row']!r}: expected the CSV line number (digits 0-9)", line_no, "row"))
+    for column in COUNT_COLUMNS:
+        value = record.get(column, "")
+        if value and not _NUMBER.fullmatch(value):
+            problems.append(Problem(file, f"{value!r}: expected a count (digits 0-9) or nothing", line_no, column))
     if len(problems) > bad:
         return None
     study = None
