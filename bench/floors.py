@@ -218,29 +218,25 @@ def pydicom_relabel(args: argparse.Namespace) -> dict:
     return {"written": written}
 
 
-def _file_meta(part10: bytes):
-    from io import BytesIO
-
-    from pydicom.filereader import _read_file_meta_info
-
-    stream = BytesIO(part10)
-    stream.seek(132)  # preamble + "DICM"
-    return _read_file_meta_info(stream)
-
-
 def dqr_store(args: argparse.Namespace) -> dict:
-    """dqr's relabel + store path, in-process, one series at a time."""
+    """dqr's own store path (dqr.steps.store_instance: check, relabel,
+    encode, atomic write, durable commit), in-process, one series at a time,
+    with no network."""
+    import threading
     from itertools import groupby
+    from types import SimpleNamespace
 
     from pydicom import dcmread
 
-    from dqr.model import Labels, ReceivedInstance, Series, Study
+    from dqr.context import Reporter
+    from dqr.model import Labels, RetrieveRequest, Series, Study
     from dqr.pluginmanager import get_plugin_manager
     from dqr.plugins.archive import Archive
-    from dqr.plugins.memory.pacs import dataset_offset
-    from dqr.relabel import RelabelContext, decode, encode_part10
+    from dqr.plugins.dicomweb.multipart import received_instance
+    from dqr.steps import StoreTarget, store_instance
 
-    hooks = get_plugin_manager().hook
+    # store_instance needs only the hooks, the stop event and a reporter.
+    ctx = SimpleNamespace(hooks=get_plugin_manager().hook, stop=threading.Event(), reporter=Reporter())
     archive = Archive(Path(args.out), "Bench")
     labels = Labels("BENCH_SUBJ", "BENCH_SESS", relabel_subject=True, relabel_session=True)
     written = 0
@@ -250,22 +246,12 @@ def dqr_store(args: argparse.Namespace) -> dict:
         meta = dcmread(paths[0], stop_before_pixels=True)
         study = Study(study_uid=meta.StudyInstanceUID, patient_id=meta.PatientID)
         series = Series(study_uid=meta.StudyInstanceUID, series_uid=meta.SeriesInstanceUID)
-        writer = archive.open_series(study, series, labels.subject, labels.session)
+        target = StoreTarget(RetrieveRequest(study, series), labels,
+                             archive.open_series(study, series, labels.subject, labels.session))
         for path in paths:
-            data = path.read_bytes()
-            header = _file_meta(data)
-            received = ReceivedInstance(
-                sop_class_uid=str(header.MediaStorageSOPClassUID),
-                sop_instance_uid=str(header.MediaStorageSOPInstanceUID),
-                transfer_syntax=str(header.TransferSyntaxUID),
-                dataset=data[dataset_offset(data):],
-            )
-            decoded = decode(received)  # a Dataset, or (newer dqr) a DecodedInstance holding one
-            context = RelabelContext(getattr(decoded, "dataset", decoded), labels, study, series)
-            hooks.dqr_relabel(context=context)
-            writer.write(received.sop_instance_uid, encode_part10(decoded, received), context.replaced)
+            store_instance(ctx, received_instance(path.read_bytes()), target)
             written += 1
-        writer.commit()
+        target.writer.commit()
     return {"written": written}
 
 

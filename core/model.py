@@ -217,20 +217,6 @@ class Labels:
     relabel_session: bool = False
 
 
-#: Study-level attributes every backend asks for: what the results table shows.
-STUDY_KEYWORDS = (
-    "StudyInstanceUID",
-    "PatientID",
-    "PatientName",
-    "PatientBirthDate",
-    "StudyDate",
-    "AccessionNumber",
-    "ModalitiesInStudy",
-    "StudyDescription",
-    "StudyID",
-    "NumberOfStudyRelatedSeries",
-    "NumberOfStudyRelatedInstances",
-)
 #: Series-level attributes every backend asks for.
 SERIES_KEYWORDS = ("SeriesInstanceUID", "Modality", "SeriesDescription", "SeriesNumber", "NumberOfSeriesRelatedInstances")
 
@@ -250,28 +236,56 @@ def _multi(value: object) -> tuple[str, ...]:
     return tuple(str(v) for v in value if str(v))  # type: ignore[attr-defined]
 
 
+#: Study-level keyword -> the :class:`Study` field holding it: the one mapping
+#: between DICOM answers, the results table's columns and the job state.
+STUDY_FIELDS: Mapping[str, str] = {
+    "StudyInstanceUID": "study_uid",
+    "PatientID": "patient_id",
+    "PatientName": "patient_name",
+    "PatientBirthDate": "patient_birth_date",
+    "StudyDate": "study_date",
+    "AccessionNumber": "accession_number",
+    "ModalitiesInStudy": "modalities",
+    "StudyDescription": "study_description",
+    "StudyID": "study_id",
+    "NumberOfStudyRelatedSeries": "n_series",
+    "NumberOfStudyRelatedInstances": "n_instances",
+}
+
+
+#: Study-level attributes every backend asks for: what the results table shows.
+STUDY_KEYWORDS = tuple(STUDY_FIELDS)
+#: Study fields that are counts, and the one that is multi-valued.
+_COUNT_FIELDS = frozenset({"n_series", "n_instances"})
+_MULTI_FIELDS = frozenset({"modalities"})
+
+
+def study_attributes(study: Study) -> dict[str, str]:
+    """A study as DICOM text by keyword (lists ``\\``-joined, unknown counts
+    empty): the inverse of :func:`study_from_attributes`."""
+    values: dict[str, str] = {}
+    for keyword, name in STUDY_FIELDS.items():
+        value = getattr(study, name)
+        if isinstance(value, tuple):
+            value = "\\".join(value)
+        values[keyword] = "" if value is None else str(value)
+    return values
+
+
 def study_from_attributes(attributes: Mapping[str, object]) -> Study:
     """A :class:`Study` from a study-level answer given as keyword -> value
     (strings; a multi-valued attribute as a ``\\``-joined string or a
     sequence; counts as text). Backends turn their answers into this."""
-
-    def text(keyword: str) -> str:
+    values: dict[str, object] = {}
+    for keyword, name in STUDY_FIELDS.items():
         value = attributes.get(keyword)
-        return "" if value is None else str(value)
-
-    return Study(
-        study_uid=text("StudyInstanceUID"),
-        patient_id=text("PatientID"),
-        patient_name=text("PatientName"),
-        patient_birth_date=text("PatientBirthDate"),
-        study_date=text("StudyDate"),
-        accession_number=text("AccessionNumber"),
-        modalities=_multi(attributes.get("ModalitiesInStudy")),
-        study_description=text("StudyDescription"),
-        study_id=text("StudyID"),
-        n_series=_count(attributes.get("NumberOfStudyRelatedSeries")),
-        n_instances=_count(attributes.get("NumberOfStudyRelatedInstances")),
-    )
+        if name in _COUNT_FIELDS:
+            values[name] = _count(value)
+        elif name in _MULTI_FIELDS:
+            values[name] = _multi(value)
+        else:
+            values[name] = "" if value is None else str(value)
+    return Study(**values)  # type: ignore[arg-type]
 
 
 def series_from_attributes(

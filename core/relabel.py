@@ -24,14 +24,13 @@ from pydicom.filewriter import dcmwrite, write_data_element
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 
 from dqr.model import Labels, ReceivedInstance, Series, Study
+from dqr.part10 import LONG_HEADER_VRS
 
 DEFLATED = "1.2.840.10008.1.2.1.99"
 IMPLICIT_LITTLE = "1.2.840.10008.1.2"
 EXPLICIT_BIG = "1.2.840.10008.1.2.2"
 IMPLEMENTATION_VERSION = "DQR_010"
 PREAMBLE = b"\0" * 128 + b"DICM"
-#: Explicit-VR element headers with a 4-byte length (PS3.5 7.1.2).
-LONG_HEADER_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
 
 
 @dataclass

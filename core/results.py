@@ -20,7 +20,7 @@ from pathlib import Path
 from dqr.cells import neutralise, restore
 from dqr.errors import InputError, Problem
 from dqr.labels import validate_label
-from dqr.model import STUDY_KEYWORDS, RowOutcome, Study
+from dqr.model import STUDY_KEYWORDS, RowOutcome, Study, study_attributes, study_from_attributes
 
 #: The results table's columns, a public contract (tests pin the exact header):
 #: the selection and labels, then the study-level attributes every backend returns.
@@ -82,24 +82,12 @@ class ResultLine:
         return replace(self, notes=tuple(dict.fromkeys((*self.notes, *(n for n in notes if n)))))
 
     def as_record(self) -> dict[str, str]:
-        study = self.study or Study(study_uid="")
-        counts = (study.n_series, study.n_instances)
         return {
             "row": str(self.row),
             "selected": "true" if self.selected else "false",
             "subject": self.subject,
             "session": self.session,
-            "StudyInstanceUID": study.study_uid,
-            "PatientID": study.patient_id,
-            "PatientName": study.patient_name,
-            "PatientBirthDate": study.patient_birth_date,
-            "StudyDate": study.study_date,
-            "AccessionNumber": study.accession_number,
-            "ModalitiesInStudy": "\\".join(study.modalities),
-            "StudyDescription": study.study_description,
-            "StudyID": study.study_id,
-            "NumberOfStudyRelatedSeries": "" if counts[0] is None else str(counts[0]),
-            "NumberOfStudyRelatedInstances": "" if counts[1] is None else str(counts[1]),
+            **study_attributes(self.study or Study(study_uid="")),
             "warning": self.warning,
         }
 
@@ -357,19 +345,7 @@ def _read_line(record: dict[str, str], line_no: int, file: str, problems: list[P
         return None
     study = None
     if uid:
-        study = Study(
-            study_uid=uid,
-            patient_id=record.get("PatientID", ""),
-            patient_name=record.get("PatientName", ""),
-            patient_birth_date=record.get("PatientBirthDate", ""),
-            study_date=record.get("StudyDate", ""),
-            accession_number=record.get("AccessionNumber", ""),
-            modalities=tuple(m for m in record.get("ModalitiesInStudy", "").split("\\") if m),
-            study_description=record.get("StudyDescription", ""),
-            study_id=record.get("StudyID", ""),
-            n_series=_int_or_none(record.get("NumberOfStudyRelatedSeries", "")),
-            n_instances=_int_or_none(record.get("NumberOfStudyRelatedInstances", "")),
-        )
+        study = study_from_attributes(record)
     # The warning column is output only: outcomes are judged afresh.
     outcome = RowOutcome.MATCHED if study else RowOutcome.NO_MATCH
     return ResultLine(row or 0, bool(selected), record["subject"], record["session"], study, outcome)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import archive_files, assert_study_archived_relabeled
 
-from dqr.plugins.memory.pacs import dataset_offset
+from dqr.part10 import dataset_offset
 from dqr.plugins.memory.synthetic import generate_cohort
 
 pytestmark = pytest.mark.orthanc

@@ -13,7 +13,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 
 from dqr.model import Labels, ReceivedInstance, Series, Study
-from dqr.plugins.memory.pacs import dataset_offset
+from dqr.part10 import dataset_offset
 from dqr.plugins.memory.synthetic import CohortSpec, encode, generate_cohort
 from dqr.relabel import RelabelContext, _encode_whole, decode, encode_part10
 

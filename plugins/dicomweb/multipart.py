@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from dqr.model import ReceivedInstance
+from dqr.part10 import is_part10, read_file_meta
 
 
 class MultipartError(ValueError):
@@ -159,35 +160,15 @@ def iter_parts(chunks: Iterable[bytes], boundary: bytes) -> Iterator[bytes]:
 
 # -- Part-10 file meta -----------------------------------------------------------
 
-#: VRs with a 4-byte length in explicit VR little endian (the file meta's encoding).
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
 _SOP_CLASS = 0x0002
 _SOP_INSTANCE = 0x0003
 _TRANSFER_SYNTAX = 0x0010
 
 
-def read_file_meta(part10: bytes) -> tuple[dict[int, str], int]:
-    """The file meta elements of a Part-10 file (element number -> text) and
-    where the dataset starts. Nothing after the file meta is decoded."""
-    if part10[128:132] != b"DICM":
-        raise MultipartError("a part is not a DICOM Part-10 file (no 'DICM' after the preamble)")
-    elements: dict[int, str] = {}
-    pos = 132
-    while pos + 8 <= len(part10) and part10[pos : pos + 2] == b"\x02\x00":
-        element = int.from_bytes(part10[pos + 2 : pos + 4], "little")
-        vr = part10[pos + 4 : pos + 6]
-        if vr in _LONG_VRS:
-            length, start = int.from_bytes(part10[pos + 8 : pos + 12], "little"), pos + 12
-        else:
-            length, start = int.from_bytes(part10[pos + 6 : pos + 8], "little"), pos + 8
-        if vr in (b"UI", b"AE", b"SH", b"CS"):
-            elements[element] = part10[start : start + length].rstrip(b"\x00 ").decode("ascii", "replace")
-        pos = start + length
-    return elements, pos
-
-
 def received_instance(part10: bytes) -> ReceivedInstance:
     """A :class:`ReceivedInstance` from a Part-10 file, the dataset left encoded."""
+    if not is_part10(part10):
+        raise MultipartError("a part is not a DICOM Part-10 file (no 'DICM' after the preamble)")
     meta, dataset_start = read_file_meta(part10)
     missing = [name for key, name in ((_SOP_CLASS, "SOP class"), (_SOP_INSTANCE, "SOP instance"),
                                       (_TRANSFER_SYNTAX, "transfer syntax")) if not meta.get(key)]

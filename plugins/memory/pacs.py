@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dqr.matching import matches_all
+from dqr.part10 import dataset_offset
 
 STUDY_KEYWORDS = (
     "PatientName",
@@ -86,22 +87,6 @@ class StoredInstance:
         return data[dataset_offset(data) :]
 
 
-def dataset_offset(part10: bytes) -> int:
-    """Where the dataset starts in a Part-10 file (after the file meta group)."""
-    if part10[128:132] != b"DICM":
-        return 0
-    # File meta elements are explicit VR little endian; (0002,0000) gives the
-    # group length but is optional, so walk the elements.
-    pos = 132
-    while pos + 8 <= len(part10) and part10[pos : pos + 2] == b"\x02\x00":
-        vr = part10[pos + 4 : pos + 6]
-        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV"):
-            length = int.from_bytes(part10[pos + 8 : pos + 12], "little")
-            pos += 12 + length
-        else:
-            length = int.from_bytes(part10[pos + 6 : pos + 8], "little")
-            pos += 8 + length
-    return pos
 
 
 def _index(dataset: Dataset) -> dict[str, str]:
