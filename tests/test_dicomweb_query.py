@@ -3,6 +3,8 @@ Orthanc-like mode: no percent-decoding) and against a real Orthanc."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from dqr.model import Study, StudyQuery
@@ -96,13 +98,15 @@ def test_date_range_matches_inclusively(web_url, dicomweb_backend_factory, dicom
     assert {s.study_uid for s in found} == expected and 0 < len(expected) < 8
 
 
-def test_modalities_in_study_list_survives_paging(web_url, dicomweb_backend_factory, dicomweb_memory_pacs):
-    # Orthanc pages a ModalitiesInStudy query wrongly; the backend matches it itself.
-    backend = dicomweb_backend_factory(web_url, page_size=2)
+def test_modalities_in_study_survives_paging(web_url, site, write_csv, dqr, tmp_path, dicomweb_memory_pacs):
+    # Orthanc pages a ModalitiesInStudy query wrongly: it is matched on the answers instead.
+    source = {"type": "dicomweb", "url": web_url, "page_size": 2, "query_value_escaping": "raw"}
+    config = site(source=source, csv=str(write_csv("Modality\nCT\\PT\n")))
 
-    found = studies(backend, ModalitiesInStudy="CT\\PT")
+    result = dqr("query", "--config", config, "--format", "json")
 
-    assert {s.study_uid for s in found} == expected_studies(dicomweb_memory_pacs, ModalitiesInStudy="CT\\PT")
+    found = {line["StudyInstanceUID"] for line in json.loads(result.stdout)}
+    assert found == expected_studies(dicomweb_memory_pacs, ModalitiesInStudy="CT\\PT")
     assert len(found) == 5
 
 

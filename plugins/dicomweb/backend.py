@@ -34,7 +34,6 @@ from requests.adapters import HTTPAdapter
 import dqr
 from dqr.backend import SourceContext, StoreCallback
 from dqr.errors import ConfigError, RemoteError
-from dqr.matching import matches
 from dqr.model import (
     Instance,
     ReceivedInstance,
@@ -62,7 +61,6 @@ from dqr.plugins.dicomweb.qido import (
     encode_filter,
     instance_from_json,
     json_text,
-    json_values,
     query_string,
     series_from_json,
     split_uid_lists,
@@ -267,21 +265,17 @@ class DicomwebBackend:
 
     def query_studies(self, query: StudyQuery) -> Iterator[Study]:
         filters = {key: value for key, value in query.filters.items() if value}
-        # ModalitiesInStudy is matched here, not by the server: Orthanc (1.10,
-        # DICOMweb 1.7) applies limit/offset before matching computed
-        # attributes, so paging a query on it silently loses matches.
-        modalities = filters.pop("ModalitiesInStudy", None)
+        # ModalitiesInStudy is not sent: Orthanc (1.10, DICOMweb 1.7) applies
+        # limit/offset before matching computed attributes, so paging a query
+        # on it silently loses matches. The engine matches it on the answers
+        # (dqr.steps, for every backend), asking for series modalities where
+        # an answer leaves them out.
+        filters.pop("ModalitiesInStudy", None)
         what = f"QIDO-RS study search (CSV line {query.line})"
-        found = unchecked = 0
+        found = 0
         for answer in self._study_answers(filters, what):
-            values = json_values(answer, "ModalitiesInStudy")
-            if modalities and values and not matches("ModalitiesInStudy", modalities, values):
-                continue
-            unchecked += bool(modalities and not values)
             found += 1
             yield study_from_json(answer)
-        if unchecked:
-            self._warn_modalities_unchecked(query)
         if not found:
             self._warn_if_suspicious(query, filters)
 
@@ -296,14 +290,6 @@ class DicomwebBackend:
             for answer in self._qido(f"{self._qido_url}/studies", pairs, what):
                 if not widened or still_matches(answer, widened):
                     yield answer
-
-    def _warn_modalities_unchecked(self, query: StudyQuery) -> None:
-        _add_warning(
-            query,
-            f"CSV line {query.line}: source {self.source} does not return ModalitiesInStudy, so "
-            f"studies were not filtered by modality; set `matching: {{modalities_in_study: false}}` "
-            f"on sources.{self.source} to have dqr check series modalities instead",
-        )
 
     def _warn_if_suspicious(self, query: StudyQuery, filters: dict[str, str]) -> None:
         keys = suspicious_keys(filters)
