@@ -4,7 +4,12 @@ A backend type is registered by a plugin (see
 :func:`dqr.hookspecs.dqr_register_backends`) with a factory that builds one
 :class:`Backend` per configured source. Backends are called from several
 engine threads at once: they own their connection pools (associations, HTTP
-sessions) and keep them within ``context.limits``.
+sessions) and keep them within ``context.limits``: at most ``max_queries``
+queries and ``max_retrievals`` retrievals at once, a query (every page of
+it) within ``query_timeout`` seconds and a retrieval request within
+``retrieve_timeout`` -- a remote that stops answering fails the attempt with
+a retriable error naming dqr's limit (:class:`dqr.throttle.Deadline`), and
+the engine retries it.
 """
 
 from __future__ import annotations

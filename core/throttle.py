@@ -290,3 +290,32 @@ class Guard:
     def retrieve(self, action: Callable[[], T]) -> T:
         """One retrieval attempt loop, within ``max_retrievals``."""
         return call_with_retries(action, self.limits, self.retrievals, None, self.breaker)
+
+
+class Deadline:
+    """The time one operation may take, named by the limit that set it
+    (``limits.query_timeout``, ``limits.retrieve_timeout``), so that an
+    operation cut short says it was dqr's own bound, not the remote's."""
+
+    def __init__(self, seconds: float, limit: str) -> None:
+        self.seconds = seconds
+        self.limit = limit
+        self.ends = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return max(0.0, self.ends - time.monotonic())
+
+    @property
+    def passed(self) -> bool:
+        return time.monotonic() >= self.ends
+
+    def error(self, what: str) -> RemoteError:
+        """The retriable error for an operation this deadline cut short."""
+        return RemoteError(
+            f"{what}: dqr's limits.{self.limit} ({self.seconds:g} s) passed before it finished; retried",
+            retriable=True,
+        )
+
+    def check(self, what: str) -> None:
+        if self.passed:
+            raise self.error(what)

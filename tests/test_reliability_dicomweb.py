@@ -163,3 +163,31 @@ def test_simultaneous_requests_never_exceed_the_limits(limit, web_job, dqr, mock
     assert result.exit_code == 0, result.output
     assert mock_dicomweb_pacs.max_concurrent_requests == limit
     assert len(stored_sops(tmp_path / "archive")) == 57
+
+
+def test_a_pacs_that_stalls_mid_series_fails_the_attempt_after_retrieve_timeout(web_job, mock_dicomweb_pacs, dqr):
+    import time
+
+    mock_dicomweb_pacs.faults.part_delay = 30.0  # stops answering after the first instance
+    config = web_job([CT_STUDY], limits={**FAST, "retries": 0, "retrieve_timeout": 1.0})
+    started = time.monotonic()
+    result = dqr("run", "--config", config, "--json")
+    assert time.monotonic() - started < 15
+    assert result.exit_code == 1
+    reasons = [f["reason"] for f in json.loads(result.stdout)["failures"]]
+    assert reasons and all("limits.retrieve_timeout (1 s)" in reason for reason in reasons)
+
+
+def test_after_a_stall_the_retry_asks_only_for_what_is_missing_and_completes(web_job, mock_dicomweb_pacs, dqr, tmp_path):
+    mock_dicomweb_pacs.faults.part_delay = 30.0  # a series answer stalls after its first instance
+    config = web_job([CT_STUDY], limits={**FAST, "retries": 1, "retrieve_timeout": 1.0})
+    assert dqr("run", "--config", config).exit_code == 0
+    assert stored_sops(tmp_path / "archive") == expected_sops(CT_STUDY)
+
+
+def test_a_slow_query_fails_after_query_timeout(web_job, mock_dicomweb_pacs, dqr):
+    mock_dicomweb_pacs.faults.delay = 2.0
+    config = web_job([CT_STUDY], limits={**FAST, "retries": 0, "query_timeout": 0.5})
+    result = dqr("run", "--config", config)
+    assert result.exit_code == 1
+    assert "limits.query_timeout (0.5 s)" in result.stderr

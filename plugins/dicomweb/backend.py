@@ -68,6 +68,7 @@ from dqr.plugins.dicomweb.qido import (
     study_from_json,
     suspicious_keys,
 )
+from dqr.throttle import Deadline
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +158,7 @@ class DicomwebBackend:
         self._credentials = credential_keys(config.auth, context.name)
         self._session = make_session(config, context)
         self._verify = tls_verify(config, context)
+        self._limits = context.limits
         self._query_slots = threading.BoundedSemaphore(context.limits.max_queries)
         self._retrieve_slots = threading.BoundedSemaphore(context.limits.max_retrievals)
 
@@ -168,26 +170,27 @@ class DicomwebBackend:
     def _operation(self, what: str, url: str) -> Operation:
         return Operation(what, _location(url), self.source, self._credentials)
 
-    def _get(self, url: str, op: Operation, accept: str, stream: bool) -> requests.Response:
+    def _get(self, url: str, op: Operation, accept: str, stream: bool, deadline: Deadline) -> requests.Response:
+        deadline.check(op.what)
+        # No single read may outlast the operation's own bound.
+        timeout = (self._timeout[0], max(0.01, min(self._timeout[1], deadline.remaining())))
         try:
-            response = self._session.get(
-                url, headers={"Accept": accept}, timeout=self._timeout, stream=stream, verify=self._verify
-            )
+            response = self._session.get(url, headers={"Accept": accept}, timeout=timeout, stream=stream, verify=self._verify)
         except requests.RequestException as exc:
             # `from None`: the requests exception's text holds the full URL,
             # query string (patient names) included.
-            raise error_for_exception(exc, op) from None
+            raise (deadline.error(op.what) if deadline.passed else error_for_exception(exc, op)) from None
         if response.status_code >= 400:
             error = error_for_status(response, op)
             response.close()
             raise error
         return response
 
-    def _qido_page(self, url: str, op: Operation) -> tuple[list[dict[str, Any]], bool]:
+    def _qido_page(self, url: str, op: Operation, deadline: Deadline) -> tuple[list[dict[str, Any]], bool]:
         """One QIDO-RS answer, and whether the server said more results exist
         (``Warning: 299``, PS3.18 6.7.1.2)."""
         with self._query_slots:
-            response = self._get(url, op, QIDO_ACCEPT, stream=False)
+            response = self._get(url, op, QIDO_ACCEPT, False, deadline)
         more = "299" in response.headers.get("Warning", "")
         if not response.content:  # 204, or 200 with an empty body: no match
             return [], more
@@ -203,9 +206,10 @@ class DicomwebBackend:
         page_size = self.config.page_size
         offset = 0
         previous_first: Any = None
+        deadline = Deadline(self._limits.query_timeout, "query_timeout")  # the whole search, every page
         while True:
             url = f"{path}?{query_string([*pairs, ('limit', str(page_size)), ('offset', str(offset))])}"
-            page, more = self._qido_page(url, self._operation(what, url))
+            page, more = self._qido_page(url, self._operation(what, url), deadline)
             if page and page[0] == previous_first:
                 raise RemoteError(f"{what}: {_location(url)} ignores `offset`, so its answers cannot be paged")
             yield from page
@@ -216,7 +220,9 @@ class DicomwebBackend:
             offset += len(page)
             previous_first = page[0]
 
-    def _stream_instances(self, response: requests.Response, op: Operation) -> Iterator[ReceivedInstance]:
+    def _stream_instances(
+        self, response: requests.Response, op: Operation, deadline: Deadline
+    ) -> Iterator[ReceivedInstance]:
         """The instances of a WADO-RS answer, each as soon as it has arrived."""
         content_type = response.headers.get("Content-Type", "")
         media_type = content_type.split(";")[0].strip().lower()
@@ -231,11 +237,16 @@ class DicomwebBackend:
                 raise RemoteError(f"{op.what}: {op.where} answered {content_type or 'no Content-Type'}, "
                                   'not multipart/related; type="application/dicom"')
             for part in parts:
+                # A trickling answer is cut at the deadline; a stalled one is cut by the
+                # read timeout, which the deadline bounds (see _get).
+                if delivered:
+                    deadline.check(op.what)
                 instance = received_instance(part)
                 delivered += 1
                 yield instance
         except requests.RequestException as exc:
-            raise _with_progress(error_for_exception(exc, op), delivered) from None
+            error = deadline.error(op.what) if deadline.passed else error_for_exception(exc, op)
+            raise _with_progress(error, delivered) from None
         except TruncatedMultipartError:
             raise _with_progress(
                 RemoteError(f"{op.what}: {op.where}: the answer ended early", retriable=True), delivered
@@ -243,12 +254,12 @@ class DicomwebBackend:
         except MultipartError as exc:
             raise _with_progress(RemoteError(f"{op.what}: {op.where}: {exc}"), delivered) from None
 
-    def _retrieve_one(self, url: str, op: Operation, store: StoreCallback) -> int:
+    def _retrieve_one(self, url: str, op: Operation, store: StoreCallback, deadline: Deadline) -> int:
         delivered = 0
         with self._retrieve_slots:
-            response = self._get(url, op, WADO_ACCEPT, stream=True)
+            response = self._get(url, op, WADO_ACCEPT, True, deadline)
             with response:
-                for instance in self._stream_instances(response, op):
+                for instance in self._stream_instances(response, op, deadline):
                     store(instance)  # store's own errors pass through unchanged
                     delivered += 1
         return delivered
@@ -258,7 +269,9 @@ class DicomwebBackend:
     def echo(self) -> str:
         started = time.monotonic()
         url = f"{self._qido_url}/studies?limit=1"
-        page, _ = self._qido_page(url, self._operation("echo (QIDO-RS search for one study)", url))
+        page, _ = self._qido_page(
+            url, self._operation("echo (QIDO-RS search for one study)", url), Deadline(self._limits.query_timeout, "query_timeout")
+        )
         elapsed = (time.monotonic() - started) * 1000
         holds = "has studies" if page else "holds no study"
         return f"DICOMweb service {self.config.url} answered QIDO-RS in {elapsed:.0f} ms ({holds})"
@@ -364,8 +377,9 @@ class DicomwebBackend:
                 (f"{series_url}/instances/{_uid(uid)}", f"WADO-RS instance retrieve ({uid})")
                 for uid in request.sop_instance_uids
             ]
+        deadline = Deadline(self._limits.retrieve_timeout, "retrieve_timeout")  # the whole request
         for url, what in targets:
-            self._retrieve_one(url, self._operation(what, url), store)
+            self._retrieve_one(url, self._operation(what, url), store, deadline)
         return RetrieveReport()
 
     def close(self) -> None:

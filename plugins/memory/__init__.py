@@ -65,7 +65,7 @@ def load_pacs(config: MemorySourceConfig, config_dir: Path):  # -> MemoryPacs
 def make_backend(config: MemorySourceConfig, context: "SourceContext"):
     from dqr.plugins.memory.backend import MemoryBackend
 
-    return MemoryBackend(load_pacs(config, context.config_dir))
+    return MemoryBackend(load_pacs(config, context.config_dir), context.limits)
 
 
 @dqr.hookimpl

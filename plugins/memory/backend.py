@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from dqr.backend import StoreCallback
+from dqr.config import Limits
 from dqr.model import (
     Instance,
     ReceivedInstance,
@@ -17,13 +18,15 @@ from dqr.model import (
     study_from_attributes,
 )
 from dqr.plugins.memory.pacs import MemoryPacs
+from dqr.throttle import Deadline
 
 
 class MemoryBackend:
     """A :class:`dqr.backend.Backend` over an in-process :class:`MemoryPacs`."""
 
-    def __init__(self, pacs: MemoryPacs) -> None:
+    def __init__(self, pacs: MemoryPacs, limits: Limits | None = None) -> None:
         self.pacs = pacs
+        self.limits = limits or Limits()
 
     def echo(self) -> str:
         return f"in-memory PACS with {len(self.pacs)} instances of {len(self.pacs.study_uids())} studies"
@@ -45,7 +48,9 @@ class MemoryBackend:
 
     def retrieve(self, request: RetrieveRequest, store: StoreCallback) -> RetrieveReport:
         completed = 0
+        deadline = Deadline(self.limits.retrieve_timeout, "retrieve_timeout")
         for stored in self.pacs.instances(request.study.study_uid, request.series.series_uid, request.sop_instance_uids):
+            deadline.check(f"retrieve of series {request.series.series_uid}")
             store(
                 ReceivedInstance(
                     sop_class_uid=stored.sop_class_uid,

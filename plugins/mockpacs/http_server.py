@@ -89,6 +89,7 @@ class Faults(BaseModel):
     retry_after: str = Field("1", description="Retry-After of 429/503: seconds or an HTTP date")
     server_errors: int = Field(0, ge=0, description="next N requests answered 500")
     cut_after_parts: int | None = Field(None, ge=0, description="cut WADO answers after N instances")
+    part_delay: float = Field(0.0, ge=0, description="seconds a WADO answer stalls before each instance after the first")
     on: Literal["any", "qido", "wado"] = "any"
 
 
@@ -445,9 +446,18 @@ class MockDicomwebServer:
             raise ConnectionAbortedError("mock: connection cut (fault injection)")
 
         visit.streams = True
-        body = multipart_body((i.read_part10() for i in instances), boundary, cut_after, cut, visit.leave)
+        body = multipart_body(_stalling(instances, self.faults.part_delay), boundary, cut_after, cut, visit.leave)
         content_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
         return Response(body, 200, content_type=content_type, direct_passthrough=True)
+
+
+def _stalling(instances: list, delay: float) -> Iterator[bytes]:
+    """The instances' files, with ``delay`` seconds before each but the first
+    (a PACS that slows down or stops answering mid-series)."""
+    for index, instance in enumerate(instances):
+        if index and delay:
+            time.sleep(delay)
+        yield instance.read_part10()
 
 
 def serve(pacs: MemoryPacs, config: Config | None = None) -> MockDicomwebServer:
