@@ -14,6 +14,7 @@ the engine retries it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,12 @@ class SourceContext:
     """Directory of the site config: relative paths are relative to it."""
     limits: Limits
     """Effective limits for this source (global, then source, then CLI)."""
+
+    def resolve(self, value: str | os.PathLike[str]) -> Path:
+        """A path from the source's config, relative to the site config's directory."""
+        from dqr.config import resolve_path
+
+        return resolve_path(value, self.config_dir)
 
 
 @runtime_checkable

@@ -340,11 +340,15 @@ def _typed_section(
         return None
 
 
-def _resolve(path: Path | None, base: Path) -> Path | None:
-    if path is None:
-        return None
-    path = Path(os.path.expanduser(str(path)))
+def resolve_path(value: str | os.PathLike[str], base: Path) -> Path:
+    """A path from a config, relative to the config file's directory
+    ``base`` (``~`` expanded): the one rule for every path a config holds."""
+    path = Path(os.path.expanduser(str(value)))
     return path if path.is_absolute() else (base / path).resolve()
+
+
+def _resolve(path: Path | None, base: Path) -> Path | None:
+    return None if path is None else resolve_path(path, base)
 
 
 def load_config(path: str | os.PathLike[str]) -> LoadedConfig:
@@ -404,10 +408,3 @@ def load_config(path: str | os.PathLike[str]) -> LoadedConfig:
         }
     )
     return LoadedConfig(path.resolve(), site, sources, destination, executor)
-
-
-def resolve_path(config: LoadedConfig, value: str | os.PathLike[str]) -> Path:
-    """Resolve a path from a source config relative to the config file."""
-    resolved = _resolve(Path(value), config.dir)
-    assert resolved is not None
-    return resolved

@@ -23,7 +23,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -93,11 +92,10 @@ def _location(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
 
-def _resolve_ca_bundle(path: str, source: str, base: Path) -> str:
-    resolved = Path(path).expanduser()
-    resolved = resolved if resolved.is_absolute() else base / resolved
+def _resolve_ca_bundle(path: str, context: SourceContext) -> str:
+    resolved = context.resolve(path)
     if not resolved.is_file():
-        raise ConfigError(f"sources.{source}.ca_bundle: {resolved} is not a file")
+        raise ConfigError(f"sources.{context.name}.ca_bundle: {resolved} is not a file")
     return str(resolved)
 
 
@@ -127,7 +125,7 @@ def tls_verify(config: DicomwebSourceConfig, context: SourceContext) -> bool | s
         )
         return False
     if config.ca_bundle:
-        return _resolve_ca_bundle(config.ca_bundle, context.name, context.config_dir)
+        return _resolve_ca_bundle(config.ca_bundle, context)
     return True
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import requests
 from pydantic import SecretStr
 
+from dqr.config import resolve_path
 from dqr.errors import ConfigError
 from dqr.plugins.dicomweb import AuthConfig, BasicAuth, BearerAuth
 
@@ -27,8 +28,7 @@ def _from_env(variable: str, key: str) -> SecretStr:
 
 
 def _from_file(path: str, base: Path, key: str) -> SecretStr:
-    resolved = Path(os.path.expanduser(path))
-    resolved = resolved if resolved.is_absolute() else base / resolved
+    resolved = resolve_path(path, base)
     try:
         text = resolved.read_text(encoding="utf-8")
     except OSError as exc:
