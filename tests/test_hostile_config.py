@@ -133,3 +133,9 @@ def test_a_key_given_explicitly_beside_a_merge_is_not_a_duplicate(config_file):
     )
     messages = problems(config_file(text))  # `base:` is an unknown key, nothing else
     assert len(messages) == 1 and "unknown key 'base'" in messages[0]
+
+
+def test_a_value_no_member_of_a_union_accepts_is_one_problem(config_file):
+    messages = [m for m in problems(config_file(BASE + "executor: 5\n")) if "executor:" in m]
+    assert messages[0].endswith("executor: Input should be a valid string or a valid dictionary; got 5")
+    assert not [m for m in messages if "executor.str" in m or "executor.dict" in m]
