@@ -246,8 +246,23 @@ def validation_problems(
     as problems with their YAML lines, unknown keys with the nearest valid
     key and wrong values with what was found."""
     problems = []
-    for item in error.errors():
+    items = error.errors()
+    unions: dict[tuple[Any, ...], list[Any]] = {}
+    for item in items:
+        if item["type"] not in ("missing", "extra_forbidden"):
+            loc = _without_union_tags(tuple(item["loc"]), lines, prefix)
+            if loc != tuple(item["loc"]):
+                unions.setdefault(loc, []).append(item)
+    for item in items:
         loc = tuple(item["loc"])
+        if item["type"] not in ("missing", "extra_forbidden"):
+            loc = _without_union_tags(loc, lines, prefix)
+            members = unions.get(loc, [])
+            if members:  # one message per value, however many members of a union refused it
+                if item is not members[0]:
+                    continue
+                rest = [str(m["msg"]).removeprefix("Input should be ") for m in members[1:]]
+                item = {**item, "msg": " or ".join([str(item["msg"]), *rest])}
         key = ".".join(str(p) for p in prefix + loc)
         if item["type"] == "extra_forbidden":
             owner = _model_at(model, loc[:-1])
@@ -260,6 +275,21 @@ def validation_problems(
             message = f"{key}: {_found(item, str(loc[-1]) if loc else '')}"
         problems.append(Problem(file=file, line=_line_for(lines, prefix + loc), message=message))
     return problems
+
+
+#: How pydantic names the member of a union in an error's location:
+#: ``str``, ``dict[str,any]``, ``literal['a','b']``, a model's class name.
+_UNION_TAG = re.compile(r"[a-z][a-z_-]*(\[.*\])?|[A-Z]\w*")
+
+
+def _without_union_tags(loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int], prefix: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``("executor", "str")`` -> ``("executor",)``: a part that is no key of the YAML is a union member's tag."""
+    kept: tuple[Any, ...] = ()
+    for part in loc:
+        if isinstance(part, str) and (*prefix, *kept, part) not in lines and _UNION_TAG.fullmatch(part):
+            continue
+        kept += (part,)
+    return kept
 
 
 def _found(item: Any, key: str) -> str:

@@ -280,10 +280,8 @@ class CsvQueryFile:
             extra = [c for c in cells[len(header) :] if c.strip()]
             if extra:
                 self.problem(f"{len(cells)} values but the header has {len(header)} columns (extra: {extra!r})", line)
-        values = {name: cells[i].strip() if i < len(cells) else "" for i, name in columns.items()}
-        for name, value in values.items():
-            if value[:1] == "'":  # a cell dqr neutralised (see dqr.cells)
-                values[name] = restore(value)
+        # restore: a cell dqr neutralised against formulas (see dqr.cells)
+        values = {name: restore(cells[i].strip()) if i < len(cells) else "" for i, name in columns.items()}
         filters: dict[str, str] = {}
         ok = True
         for name, value in values.items():

@@ -18,6 +18,8 @@ WINDOWS_RESERVED = frozenset(
     {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 )
 
+_RESERVED = re.compile(f"({'|'.join(sorted(WINDOWS_RESERVED))})(\\..*)?", re.IGNORECASE)
+
 
 @dataclass(frozen=True)
 class LabelRule:
@@ -55,7 +57,7 @@ def validate_label(value: str, role: str | None = None) -> str | None:
         return f"{value!r} starts with {value[0]!r}: as a directory name {why}"
     if value.endswith("."):
         return f"{value!r} ends with '.': Windows drops a trailing dot from a directory name"
-    if value.split(".", 1)[0].upper() in WINDOWS_RESERVED:
+    if _RESERVED.fullmatch(value):
         return (
             f"{value!r} is a device name reserved on Windows (CON, PRN, AUX, NUL, COM1-COM9, LPT1-LPT9, "
             "with any extension); it cannot be a directory name"

@@ -12,6 +12,8 @@ import pytest
 from dqr.config import load_config
 from dqr.errors import ConfigError
 
+QUERIES = "Patient ID\nP1\n"
+
 BASE = """\
 project: Test
 sources:
@@ -52,8 +54,8 @@ def problems(path: Path) -> list[str]:
     return [str(p) for p in error.value.problems]
 
 
-def test_an_invalid_choice_names_the_value_found(config_file, dqr):
-    result = dqr("validate", "--csv", config_file(BASE), "--config", config_file(BASE + "session_label: NoSuchRule\n"))
+def test_an_invalid_choice_names_the_value_found(config_file, dqr, write_csv):
+    result = dqr("validate", "--csv", write_csv(QUERIES), "--config", config_file(BASE + "session_label: NoSuchRule\n"))
     assert result.exit_code == 2
     assert "session_label" in result.stderr and "got 'NoSuchRule'" in result.stderr
 
@@ -84,8 +86,8 @@ def test_a_yaml_bomb_is_refused_within_a_second(config_file):
     assert "alias" in message and "expand" in message
 
 
-def test_a_yaml_bomb_exits_2(config_file, dqr):
-    result = dqr("validate", "--csv", config_file(BASE), "--config", config_file(BILLION_LAUGHS))
+def test_a_yaml_bomb_exits_2(config_file, dqr, write_csv):
+    result = dqr("validate", "--csv", write_csv(QUERIES), "--config", config_file(BILLION_LAUGHS))
     assert result.exit_code == 2
     assert "alias" in result.stderr
 
@@ -133,3 +135,17 @@ def test_a_key_given_explicitly_beside_a_merge_is_not_a_duplicate(config_file):
     )
     messages = problems(config_file(text))  # `base:` is an unknown key, nothing else
     assert len(messages) == 1 and "unknown key 'base'" in messages[0]
+
+
+def test_a_value_no_member_of_a_union_accepts_is_one_problem(config_file):
+    messages = [m for m in problems(config_file(BASE + "executor: 5\n")) if "executor:" in m]
+    assert messages[0].endswith("executor: Input should be a valid string or a valid dictionary; got 5")
+    assert not [m for m in messages if "executor.str" in m or "executor.dict" in m]
+
+
+def test_a_config_that_is_not_utf8_names_the_byte_and_line(tmp_path, dqr, write_csv):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(BASE.encode() + "project: Caf\xe9\n".encode("latin-1"))
+    result = dqr("validate", "--csv", write_csv(QUERIES), "--config", path)
+    assert result.exit_code == 2
+    assert "line 6" in result.stderr and "not UTF-8 (byte 0xe9)" in result.stderr

@@ -82,3 +82,9 @@ def test_a_config_that_is_not_a_mapping_exits_2(mock_config, dqr):
     result = dqr("mock-pacs", "--config", mock_config("- dimse\n"))
     assert result.exit_code == 2
     assert "mapping" in result.stderr
+
+
+def test_a_source_folder_that_does_not_exist_names_the_file_and_line(mock_config, dqr):
+    result = dqr("mock-pacs", "--config", mock_config("dimse: {port: 0}\nsource:\n  path: nowhere\n"))
+    assert result.exit_code == 2
+    assert "mock-pacs.yaml, line 2" in result.stderr and "not a folder of DICOM files" in result.stderr
