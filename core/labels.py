@@ -76,10 +76,14 @@ def validate_label(value: str, role: str | None = None) -> str | None:
 def safe_label(value: str, fallback: str) -> str:
     """Turn a value taken from DICOM (not from the user) into a safe label.
 
-    Unsafe characters become ``_``; an empty or dot-only result becomes
-    ``fallback``. Used for directory names when no label was given.
+    Unsafe characters become ``_``; leading ``-``/``.`` and trailing ``.``
+    are dropped; a Windows device name gets a ``_`` suffix (``CON`` ->
+    ``CON_``); an empty result becomes ``fallback``. Used for directory names
+    when no label was given, so the same rules hold as for a user's label.
     """
-    label = _UNSAFE.sub("_", value.strip()).strip("_")[:MAX_LABEL_LENGTH]
-    if not label or set(label) == {"."}:
+    label = _UNSAFE.sub("_", value.strip()).strip("_").lstrip("-.").rstrip(".")[:MAX_LABEL_LENGTH]
+    if not label:
         return fallback
+    if _RESERVED.fullmatch(label):
+        label = label.split(".", 1)[0][: MAX_LABEL_LENGTH - 1] + "_"
     return label

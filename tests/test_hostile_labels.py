@@ -78,3 +78,10 @@ def test_the_project_label_follows_the_directory_rules(site, project):
 
 def test_a_project_label_may_be_longer_than_a_session_label(site):
     assert load_config(site(project="P" * 40)).site.project == "P" * 40
+
+
+@pytest.mark.parametrize("value", ["CON", "nul.txt", "-rf", "..hidden", "trailing.", "../x", "COM1"])
+def test_a_label_derived_from_pacs_values_obeys_the_same_rules_as_a_users(value):
+    from dqr.labels import safe_label, validate_label
+
+    assert validate_label(safe_label(value, "UNKNOWN")) is None
