@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from dqr.acceptance import accept_arrival
 from dqr.backend import Backend, DestinationContext, SeriesWriter, SourceContext
 from dqr.config import LoadedConfig, SeriesFilter
 from dqr.errors import IncompleteRetrieveError, RemoteError
@@ -38,7 +39,7 @@ from dqr.model import (
 )
 from dqr.planner import plan_queries
 from dqr.pluginmanager import backend_types, destination_types, executor_types, get_plugin_manager
-from dqr.relabel import RelabelContext, decode, encode_part10, raw_text
+from dqr.relabel import RelabelContext, decode, encode_part10
 from dqr.results import ResultLine, build_table, flag_label_collisions
 from dqr.state import JobState
 from dqr.throttle import (
@@ -465,7 +466,7 @@ class Job:
         """Make one series complete in the destination: the idempotent
         retrieval step, keyed by (study, series UID)."""
         state = self.state
-        writer = self.destination.open_series(study, series, labels.subject, labels.session)
+        writer = self.destination.open_series(study, series, labels.subject, labels.session, labels=labels)
         expected = self._expected_instances(study, series)
         stored = state.stored_instances(series.series_uid)
         if expected is not None:
@@ -478,7 +479,7 @@ class Job:
                 state.set_series_status(series.series_uid, "stored")
                 return
         state.set_series_status(series.series_uid, "retrieving")
-        store, store_errors = self._store_callback(study, series, labels, writer)
+        store, store_errors = self._store_callback(study, series, labels, writer, expected)
 
         def attempt() -> None:
             # Every attempt asks only for what is still missing: a retry after
@@ -527,7 +528,7 @@ class Job:
         return [i.sop_instance_uid for i in instances]
 
     def _store_callback(
-        self, study: Study, series: Series, labels: Labels, writer: SeriesWriter
+        self, study: Study, series: Series, labels: Labels, writer: SeriesWriter, expected: Sequence[str] | None = None
     ) -> tuple[Callable[[ReceivedInstance], None], list[str]]:
         errors: list[str] = []
 
@@ -535,11 +536,8 @@ class Job:
             if self.stop.is_set():
                 raise Interrupted("stopping: instance not stored")
             try:
-                if writer.exists(received.sop_instance_uid):
-                    return
                 decoded = decode(received)
-                if raw_text(decoded, SERIES_INSTANCE_UID) != series.series_uid:
-                    raise ValueError(f"instance {received.sop_instance_uid} is not of series {series.series_uid}")
+                accept_arrival(decoded, received, RetrieveRequest(study, series), expected)
                 context = RelabelContext(decoded.dataset, labels, study, series)
                 self.hooks.dqr_relabel(context=context)
                 part10 = encode_part10(decoded, received)

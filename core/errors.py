@@ -93,3 +93,9 @@ class IncompleteRetrieveError(RemoteError):
     def __init__(self, message: str, missing: int) -> None:
         super().__init__(message, retriable=True)
         self.missing = missing
+
+
+class UntrustedValueError(RemoteError):
+    """A remote sent a value dqr refuses to use: a UID that is no UID (it
+    would become a path in the archive), an instance of another study.
+    Final: asking again gets the same answer."""

@@ -205,6 +205,17 @@ def _multi(value: object) -> tuple[str, ...]:
     return tuple(str(v) for v in value if str(v))  # type: ignore[attr-defined]
 
 
+def _checked_uid(keyword: str, value: str) -> str:
+    """The gate for UIDs in query answers: they become archive directories."""
+    from dqr.errors import UntrustedValueError
+    from dqr.uids import check_uid
+
+    problem = check_uid(value)
+    if problem:
+        raise UntrustedValueError(f"the PACS answered with {keyword} {problem}; refused")
+    return value
+
+
 def study_from_attributes(attributes: Mapping[str, object]) -> Study:
     """A :class:`Study` from a study-level answer given as keyword -> value
     (strings; a multi-valued attribute as a ``\\``-joined string or a
@@ -215,7 +226,7 @@ def study_from_attributes(attributes: Mapping[str, object]) -> Study:
         return "" if value is None else str(value)
 
     return Study(
-        study_uid=text("StudyInstanceUID"),
+        study_uid=_checked_uid("StudyInstanceUID", text("StudyInstanceUID")),
         patient_id=text("PatientID"),
         patient_name=text("PatientName"),
         patient_birth_date=text("PatientBirthDate"),
@@ -244,7 +255,7 @@ def series_from_attributes(
 
     return Series(
         study_uid=study_uid,
-        series_uid=text("SeriesInstanceUID"),
+        series_uid=_checked_uid("SeriesInstanceUID", text("SeriesInstanceUID")),
         modality=text("Modality"),
         description=text("SeriesDescription"),
         number=text("SeriesNumber"),
