@@ -176,6 +176,8 @@ class SeriesDirectory:
         and labels are what its manifest line says. A file without a line
         that proves it (a stray, an older dqr's) is not: fetching the
         instance again lets :meth:`write` compare it."""
+        if check_uid(sop_instance_uid):  # never a path; refused when it arrives (dqr.acceptance)
+            return False
         path = self.path_of(sop_instance_uid)
         where = self.where(sop_instance_uid)
         with self._errors(f"cannot read {where}"):

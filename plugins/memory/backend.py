@@ -16,14 +16,16 @@ from dqr.model import (
     series_from_attributes,
     study_from_attributes,
 )
+from dqr.plugins.memory.hostile import HostileFaults, deliveries
 from dqr.plugins.memory.pacs import MemoryPacs
 
 
 class MemoryBackend:
     """A :class:`dqr.backend.Backend` over an in-process :class:`MemoryPacs`."""
 
-    def __init__(self, pacs: MemoryPacs) -> None:
+    def __init__(self, pacs: MemoryPacs, hostile: HostileFaults | None = None) -> None:
         self.pacs = pacs
+        self.hostile = hostile
 
     def echo(self) -> str:
         return f"in-memory PACS with {len(self.pacs)} instances of {len(self.pacs.study_uids())} studies"
@@ -45,7 +47,8 @@ class MemoryBackend:
 
     def retrieve(self, request: RetrieveRequest, store: StoreCallback) -> RetrieveReport:
         completed = 0
-        for stored in self.pacs.instances(request.study.study_uid, request.series.series_uid, request.sop_instance_uids):
+        asked = list(self.pacs.instances(request.study.study_uid, request.series.series_uid, request.sop_instance_uids))
+        for stored in deliveries(self.pacs, self.hostile, request.study.study_uid, request.series.series_uid, asked):
             store(
                 ReceivedInstance(
                     sop_class_uid=stored.sop_class_uid,
