@@ -50,7 +50,10 @@ def hostile_source(request, mock_dimse_factory, mock_dicomweb_factory):
 @pytest.fixture(autouse=True)
 def no_absolute_leftover():
     yield
-    assert not os.path.lexists(ABSOLUTE), f"{ABSOLUTE} was written outside the archive"
+    leftovers = [path for path in (ABSOLUTE, ABSOLUTE + ".dcm") if os.path.lexists(path)]
+    for path in leftovers:
+        os.unlink(path)
+    assert not leftovers, f"written outside the archive: {leftovers}"
 
 
 def run(dqr, site, write_csv, source) -> object:
