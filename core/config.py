@@ -394,7 +394,13 @@ def load_config(path: str | os.PathLike[str]) -> LoadedConfig:
             "state": _resolve(site.state, base),
         }
     )
-    return LoadedConfig(path.resolve(), site, sources, destination, executor)
+    loaded = LoadedConfig(path.resolve(), site, sources, destination, executor)
+    from dqr.locations import check_locations
+
+    problems = check_locations(loaded, lines)
+    if problems:
+        raise ConfigError(problems)
+    return loaded
 
 
 def resolve_path(config: LoadedConfig, value: str | os.PathLike[str]) -> Path:
