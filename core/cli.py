@@ -328,10 +328,17 @@ class _job:  # noqa: N801 - used as a context manager
 
     def __init__(self, loaded, options) -> None:
         from dqr.engine import Job
+        from dqr.joblock import job_lock
         from dqr.progress import make_reporter
 
-        self.reporter = make_reporter(err)
-        self.job = Job(loaded, options, self.reporter)
+        self.lock = job_lock(loaded)  # first: a second run is refused before it touches anything
+        self.lock.acquire()
+        try:
+            self.reporter = make_reporter(err)
+            self.job = Job(loaded, options, self.reporter)
+        except BaseException:
+            self.lock.release()
+            raise
         self._previous: dict[int, Any] = {}
         self._signalled = False
 
@@ -357,6 +364,7 @@ class _job:  # noqa: N801 - used as a context manager
         if self.reporter is not None:
             self.reporter.close()
         self.job.close()
+        self.lock.release()
 
 
 # -- rendering -------------------------------------------------------------------
