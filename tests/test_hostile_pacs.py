@@ -80,6 +80,16 @@ def test_a_traversing_series_uid_writes_nothing_outside_the_archive(dqr, site, w
     assert "SeriesInstanceUID '../../../../x' is not a UID" in result.stderr
 
 
+def test_a_traversing_study_uid_fails_the_row_and_writes_nothing(dqr, site, write_csv, tmp_path, hostile_source):
+    result = run(dqr, site, write_csv, hostile_source(study_uid=TRAVERSAL))
+
+    assert result.exit_code == 1, result.output
+    assert outside_archive(tmp_path) == []
+    assert not (tmp_path / "x").exists()
+    assert "StudyInstanceUID '../../../../x' is not a UID" in result.stderr
+    assert archive_files(tmp_path / "archive") == []
+
+
 def test_an_absolute_sop_instance_uid_is_refused_and_the_other_series_stored(dqr, site, write_csv, tmp_path, hostile_source):
     result = run(dqr, site, write_csv, hostile_source(sop_uid=ABSOLUTE))
 

@@ -6,10 +6,11 @@ own model so both kinds combine.)
 The faults apply to the first series of each targeted study (``accession``,
 or every study):
 
-- ``series_uid`` / ``sop_uid``: that series is served -- in query answers
-  and in the instances themselves -- with this SeriesInstanceUID, its first
-  instance with this SOPInstanceUID (``../../../../x``, ``/tmp/x``, 65
-  digits, ``1.02.3``...).
+- ``study_uid``: the study is served -- in query answers and in its
+  instances -- with this StudyInstanceUID;
+- ``series_uid`` / ``sop_uid``: that series is served with this
+  SeriesInstanceUID, its first instance with this SOPInstanceUID
+  (``../../../../x``, ``/tmp/x``, 65 digits, ``1.02.3``...).
 - ``foreign_study``: retrieving that series also delivers an instance of
   another study, carrying the requested SeriesInstanceUID.
 - ``unrequested_instance``: ... also delivers an instance of the series
@@ -38,6 +39,7 @@ class HostileFaults(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     accession: str | None = Field(None, description="AccessionNumber of the study altered; None: every study")
+    study_uid: str | None = Field(None, description="StudyInstanceUID the study is served with")
     series_uid: str | None = Field(None, description="SeriesInstanceUID its first series is served with")
     sop_uid: str | None = Field(None, description="SOPInstanceUID the first instance of that series is served with")
     foreign_study: bool = Field(False, description="also deliver another study's instance carrying that series' UID")
@@ -46,7 +48,7 @@ class HostileFaults(BaseModel):
 
     @property
     def rewrites(self) -> bool:
-        return self.series_uid is not None or self.sop_uid is not None
+        return self.study_uid is not None or self.series_uid is not None or self.sop_uid is not None
 
     @property
     def adds(self) -> bool:
@@ -103,19 +105,21 @@ def rewrite(pacs: MemoryPacs, faults: HostileFaults | None) -> MemoryPacs:
     if faults is None or not faults.rewrites:
         return pacs
     targets = set(_targets(pacs, faults))
+    studies = {study for study, _ in targets}
     served = MemoryPacs()
     for study_uid in pacs.study_uids():
         first_in_series = True
         for instance in pacs.instances(study_uid):
+            values: dict[str, object] = {}
+            if faults.study_uid is not None and study_uid in studies:
+                values["StudyInstanceUID"] = faults.study_uid
             if (study_uid, instance.series_uid) in targets:
-                values: dict[str, object] = {}
                 if faults.series_uid is not None:
                     values["SeriesInstanceUID"] = faults.series_uid
                 if faults.sop_uid is not None and first_in_series:
                     values["SOPInstanceUID"] = faults.sop_uid
                 first_in_series = False
-                instance = _altered(instance, **values) if values else instance
-            served.add(instance)
+            served.add(_altered(instance, **values) if values else instance)
     return served
 
 
