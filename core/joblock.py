@@ -4,7 +4,7 @@ archive, held for the whole run.
 Two runs of one job would each "store" everything (instances recorded
 twice, manifest lines duplicated), and ``--new-job`` during a live run would
 set the live database aside under it. So a run takes ``flock(2)`` locks on
-``<state>.lock`` and on ``<archive>/.dqr-lock`` before it opens the state,
+``.<state>.lock`` (beside the state) and on ``<archive>/.dqr-lock`` before it opens the state,
 and writes who holds them (pid, host, start time) into both files. A second
 run is refused at once, naming the holder, before it touches anything.
 
@@ -41,10 +41,10 @@ def _holder(fd: int) -> str:
 
 
 class JobLock:
-    """The locks of one job: ``<state>.lock`` and ``<archive>/.dqr-lock``."""
+    """The locks of one job: ``.<state>.lock`` and ``<archive>/.dqr-lock``."""
 
     def __init__(self, state_path: Path, archive: Path | None) -> None:
-        self.paths = [state_path.with_name(f"{state_path.name}.lock")]
+        self.paths = [state_path.with_name(f".{state_path.name}.lock")]
         if archive is not None:
             self.paths.append(archive / ARCHIVE_LOCK)
         self._fds: list[int] = []
