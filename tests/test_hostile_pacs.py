@@ -64,7 +64,7 @@ def run(dqr, site, write_csv, source) -> object:
 def outside_archive(tmp_path: Path) -> list[str]:
     """What a run left in its folder besides the archive, the config, the CSV
     and dqr's files beside the archive."""
-    expected = {"archive", "site.yaml", "queries.csv"}
+    expected = {"archive", "site.yaml", "queries.csv", ".archive-job.sqlite.lock"}
     return sorted(
         str(p.relative_to(tmp_path)) for p in tmp_path.iterdir()
         if p.name not in expected and not p.name.startswith("archive-")
