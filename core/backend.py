@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from dqr.model import (
     Instance,
+    Labels,
     ReceivedInstance,
     RetrieveReport,
     RetrieveRequest,
@@ -123,8 +124,12 @@ class SeriesWriter(Protocol):
 class Destination(Protocol):
     """Where relabeled instances end up."""
 
-    def open_series(self, study: Study, series: Series, subject: str, session: str) -> SeriesWriter:
-        """Prepare to store one series under the given labels."""
+    def open_series(
+        self, study: Study, series: Series, subject: str, session: str, labels: Labels | None = None
+    ) -> SeriesWriter:
+        """Prepare to store one series under the given labels (``labels``:
+        the same with their relabel flags, so a destination can tell a file
+        relabeled otherwise from one already stored as asked)."""
 
     def describe(self) -> str:
         """Short human description, e.g. the archive path."""

@@ -326,13 +326,17 @@ class _job:  # noqa: N801 - used as a context manager
 
     def __init__(self, loaded, options) -> None:
         from dqr.context import JobContext
+        from dqr.joblock import job_lock
         from dqr.progress import make_reporter
 
+        self.lock = job_lock(loaded)  # first: a second run is refused before it touches anything
+        self.lock.acquire()
         self.reporter = make_reporter(err)
         try:
             self.ctx = JobContext.open(loaded, options, self.reporter)
         except BaseException:
             self.reporter.close()
+            self.lock.release()
             raise
         self._previous: dict[int, Any] = {}
         self._signalled = False
@@ -358,6 +362,7 @@ class _job:  # noqa: N801 - used as a context manager
             signal.signal(signum, _exit_now if self._signalled else handler)
         self.reporter.close()
         self.ctx.close()
+        self.lock.release()
 
 
 # -- rendering -------------------------------------------------------------------

@@ -437,4 +437,10 @@ def load_config(path: str | os.PathLike[str]) -> LoadedConfig:
             "state": _resolve(site.state, base),
         }
     )
-    return LoadedConfig(path.resolve(), site, sources, destination, executor)
+    loaded = LoadedConfig(path.resolve(), site, sources, destination, executor)
+    from dqr.locations import check_locations
+
+    problems = check_locations(loaded, lines)
+    if problems:
+        raise ConfigError(problems)
+    return loaded

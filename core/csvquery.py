@@ -21,6 +21,7 @@ from dqr.cells import restore
 from dqr.errors import InputError, Problem
 from dqr.labels import validate_label
 from dqr.model import NAME_PART_HEADERS, REMAP_HEADERS, SEARCH_HEADERS, RowQuery
+from dqr.uids import check_uid as uid_problem
 
 KNOWN_HEADERS = (*SEARCH_HEADERS, *NAME_PART_HEADERS, *REMAP_HEADERS)
 #: Columns dqr itself adds (the failures CSV's ``reason``): accepted and ignored,
@@ -30,7 +31,6 @@ IGNORED_HEADERS = ("reason",)
 _DATE = re.compile(r"\d{8}")
 _SCIENTIFIC = re.compile(r"[+-]?\d+(?:[.,]\d+)?[eE][+-]?\d+")
 _TRAILING_ZERO = re.compile(r"\d+\.0+")
-_UID = re.compile(r"(0|[1-9]\d*)(\.(0|[1-9]\d*))*")
 _CS = re.compile(r"[A-Z0-9_ ]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LOOKS_LIKE_DATE = re.compile(r"\d{1,4}[-/.]\d{1,2}[-/.]\d{1,4}")
@@ -166,9 +166,7 @@ def check_uid(value: str) -> str | None:
     mangled = _spreadsheet_problem(value)
     if mangled:
         return mangled
-    if len(value) > 64 or not _UID.fullmatch(value):
-        return f"{value!r} is not a UID (digits and dots, at most 64 characters, no leading zeros)"
-    return None
+    return uid_problem(value)
 
 
 def check_modality(value: str) -> str | None:

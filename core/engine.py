@@ -23,7 +23,7 @@ from typing import Any
 
 from dqr.config import LoadedConfig
 from dqr.context import JobContext
-from dqr.model import RowOutcome, RowQuery, SeriesStatus, Study, StudyStatus
+from dqr.model import Labels, RowOutcome, RowQuery, SeriesStatus, Study, StudyStatus
 from dqr.pluginmanager import executor_types
 from dqr.results import ResultLine, ResultsTable, build_table, flag_label_collisions, write_table
 from dqr.steps import Step, StepKind
@@ -204,9 +204,14 @@ def _label_conflict(ctx: JobContext, study_uid: str, labels) -> str | None:
         return None
     if status == StudyStatus.FAILED and not _has_stored_instances(ctx, study_uid):
         return None
+    # A subject derived from PatientName is a patient's name: never in a message.
+    def shown(given: Labels) -> str:
+        named = ctx.config.site.subject_label == "PatientName" and not given.relabel_subject
+        return f"{'(the patient name)' if named else given.subject}/{given.session}"
+
     return (
-        f"already stored as {previous.subject}/{previous.session} by an earlier run; not stored again as "
-        f"{labels.subject}/{labels.session} (remove it from the archive and use --new-job to relabel)"
+        f"already stored as {shown(previous)} by an earlier run; not stored again as {shown(labels)} "
+        "(remove it from the archive and use --new-job to relabel)"
     )
 
 

@@ -102,3 +102,9 @@ class SourceDownError(RemoteError):
 
 class Interrupted(RemoteError):
     """The job is stopping; the instance was not stored."""
+
+
+class UntrustedValueError(RemoteError):
+    """A remote sent a value dqr refuses to use: a UID that is no UID (it
+    would become a path in the archive), an instance of another study.
+    Final: asking again gets the same answer."""

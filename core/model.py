@@ -272,6 +272,17 @@ def study_attributes(study: Study) -> dict[str, str]:
     return values
 
 
+def _checked_uid(keyword: str, value: str) -> str:
+    """The gate for UIDs in query answers: they become archive directories."""
+    from dqr.errors import UntrustedValueError
+    from dqr.uids import check_uid
+
+    problem = check_uid(value)
+    if problem:
+        raise UntrustedValueError(f"the PACS answered with {keyword} {problem}; refused")
+    return value
+
+
 def study_from_attributes(attributes: Mapping[str, object]) -> Study:
     """A :class:`Study` from a study-level answer given as keyword -> value
     (strings; a multi-valued attribute as a ``\\``-joined string or a
@@ -285,6 +296,7 @@ def study_from_attributes(attributes: Mapping[str, object]) -> Study:
             values[name] = _multi(value)
         else:
             values[name] = "" if value is None else str(value)
+    values["study_uid"] = _checked_uid("StudyInstanceUID", str(values["study_uid"]))
     return Study(**values)  # type: ignore[arg-type]
 
 
@@ -303,7 +315,7 @@ def series_from_attributes(
 
     return Series(
         study_uid=study_uid,
-        series_uid=text("SeriesInstanceUID"),
+        series_uid=_checked_uid("SeriesInstanceUID", text("SeriesInstanceUID")),
         modality=text("Modality"),
         description=text("SeriesDescription"),
         number=text("SeriesNumber"),

@@ -23,11 +23,12 @@ step                key                    what it records
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from dqr.acceptance import accept_arrival
 from dqr.backend import SeriesWriter
 from dqr.context import JobContext
 from dqr.errors import IncompleteRetrieveError, Interrupted, RemoteError, SourceDownError
@@ -45,10 +46,9 @@ from dqr.model import (
     StudyStatus,
 )
 from dqr.planner import plan_queries
-from dqr.relabel import RelabelContext, decode, encode_part10, raw_text
+from dqr.relabel import RelabelContext, decode, encode_part10
 
 log = logging.getLogger("dqr")
-SERIES_INSTANCE_UID = 0x0020000E
 
 
 class StepKind(StrEnum):
@@ -188,7 +188,7 @@ def retrieve_series(ctx: JobContext, study: Study, series: Series, labels: Label
     """Make one series complete in the destination; idempotent, keyed by
     the series UID. Every attempt asks only for what is still missing."""
     state = ctx.state
-    writer = ctx.destination.open_series(study, series, labels.subject, labels.session)
+    writer = ctx.destination.open_series(study, series, labels.subject, labels.session, labels=labels)
     expected = _expected_instances(ctx, study, series)
     if expected is not None:
         stored = state.stored_instances(series.series_uid)
@@ -208,7 +208,7 @@ def retrieve_series(ctx: JobContext, study: Study, series: Series, labels: Label
         if missing == []:
             return
         request = RetrieveRequest(study, series, tuple(missing) if missing is not None and now else None)
-        target = StoreTarget(request, labels, writer)
+        target = StoreTarget(request, labels, writer, expected)
         try:
             report = ctx.backend.retrieve(request, lambda received: store_instance(ctx, received, target))
         finally:
@@ -265,6 +265,8 @@ class StoreTarget:
     request: RetrieveRequest
     labels: Labels
     writer: SeriesWriter
+    #: every SOP Instance UID of the series, when known: nothing else is accepted
+    expected: Collection[str] | None = None
     errors: list[str] = field(default_factory=list)
     #: bytes written per SOP Instance UID, for the summary
     sizes: dict[str, int] = field(default_factory=dict)
@@ -282,11 +284,11 @@ def store_instance(ctx: JobContext | Any, received: ReceivedInstance, target: St
     if ctx.stop.is_set():
         raise Interrupted("stopping: instance not stored")
     try:
-        if target.writer.exists(received.sop_instance_uid):
-            return 0
         decoded = decode(received)
-        if raw_text(decoded, SERIES_INSTANCE_UID) != series.series_uid:
-            raise ValueError(f"instance {received.sop_instance_uid} is not of series {series.series_uid}")
+        # Before anything is written: only the request's own instances. (An
+        # instance already stored is not skipped here: the destination
+        # compares it, so a twin with other content is a conflict.)
+        accept_arrival(decoded, received, target.request, target.expected)
         context = RelabelContext(decoded.dataset, target.labels, target.request.study, series)
         ctx.hooks.dqr_relabel(context=context)
         part10 = encode_part10(decoded, received)

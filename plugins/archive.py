@@ -6,32 +6,27 @@ Each file is written to a temp file in the same directory and linked into
 place, so a reader (or a crash) never sees half a file and an existing
 different file is never overwritten. ``commit()`` fsyncs the files and their
 directories -- once per batch, not per instance -- before anything is
-reported stored. Each session keeps ``manifest.jsonl``: one line per stored
-instance with the original values relabeling replaced.
+reported stored. Each session keeps ``manifest.jsonl`` (:mod:`dqr.manifest`):
+one line per stored instance with the original values relabeling replaced,
+its labels and the digest of its bytes, written before the file is linked.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import threading
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
 import dqr
 from dqr.config import DestinationConfig
-from dqr.model import Series, Study
+from dqr.manifest import MANIFEST, ManifestRecord, Manifests, digest, file_digest, labels_record
+from dqr.model import Labels, Series, Study
+from dqr.uids import check_uid, quoted
 
 TEMP_SUFFIX = ".dqr-tmp"
-MANIFEST = "manifest.jsonl"
-_manifest_locks: dict[Path, threading.Lock] = {}
-_manifest_locks_guard = threading.Lock()
-
-
-def _manifest_lock(path: Path) -> threading.Lock:
-    with _manifest_locks_guard:
-        return _manifest_locks.setdefault(path, threading.Lock())
 
 
 def _load_syncfs():
@@ -71,33 +66,79 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _sop_instance_uid_of(path: Path) -> str | None:
-    from pydicom import dcmread
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        return str(dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
-    except (InvalidDicomError, OSError, AttributeError, ValueError, EOFError):
-        return None
+class ArchiveError(Exception):
+    """The archive refused or failed to store an instance. Messages name
+    instances by UIDs (``<study>/<series>/<sop>.dcm``), never by the label
+    directories, which may be derived from patient names."""
 
 
-class ArchiveCollisionError(Exception):
+class ArchiveCollisionError(ArchiveError):
     """A different file already exists where an instance would be stored."""
 
 
-class SeriesDirectory:
-    """Writes one series of a session (a :class:`dqr.backend.SeriesWriter`)."""
+class UnsafePathError(ArchiveError):
+    """A value would make a path outside the archive (or is no UID)."""
 
-    def __init__(self, archive_root: Path, session_dir: Path, study: Study, series: Series) -> None:
+
+class ArchiveWriteError(ArchiveError, OSError):
+    """The file system refused (permissions, disk full...)."""
+
+
+def inside(root: Path, path: Path) -> bool:
+    """Whether ``path`` is ``root`` or below it, symlinks resolved."""
+    return path.resolve().is_relative_to(root.resolve())
+
+
+class SeriesDirectory:
+    """Writes one series of a session (a :class:`dqr.backend.SeriesWriter`).
+
+    An instance is stored once: a file already at its path is accepted only
+    when its bytes are those the manifest recorded under this run's labels
+    (:meth:`exists`) or those just relabeled (:meth:`write`); anything else
+    is a conflict naming the instance, and nothing is overwritten.
+    """
+
+    def __init__(
+        self,
+        archive_root: Path,
+        session_dir: Path,
+        study: Study,
+        series: Series,
+        labels: Labels | None = None,
+        manifests: Manifests | None = None,
+    ) -> None:
         self.archive_root = archive_root
         self.session_dir = session_dir
-        self.dir = session_dir / series.series_uid
         self.study = study
         self.series = series
-        self._pending: dict[str, dict] = {}
+        where = f"{study.study_uid}/{series.series_uid}"
+        for keyword, uid in (("StudyInstanceUID", study.study_uid), ("SeriesInstanceUID", series.series_uid)):
+            problem = check_uid(uid)
+            if problem:
+                raise UnsafePathError(f"series {quoted(where)}: {keyword} {problem}; nothing stored")
+        self.dir = session_dir / series.series_uid
+        if not inside(archive_root, self.dir):  # checked before anything is created
+            raise UnsafePathError(f"series {where}: its directory would be outside the archive; nothing stored")
+        self._labels = None if labels is None else labels_record(labels)
+        self._pending: dict[str, int] = {}
+        self._conflicted: set[str] = set()
         self._lock = threading.Lock()
-        self._created_dirs = self._make_dirs()
-        self._remove_stale_temp_files()
+        with self._errors(f"cannot create the directory of series {where}"):
+            self._created_dirs = self._make_dirs()
+            self._remove_stale_temp_files()
+        self.manifest = (manifests or Manifests()).open(
+            session_dir / MANIFEST, present=lambda relative: (session_dir / relative).is_file()
+        )
+
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        """OS errors carry full paths (label directories): say what failed by UIDs."""
+        try:
+            yield
+        except ArchiveError:
+            raise
+        except OSError as error:
+            raise ArchiveWriteError(f"{what}: {error.strerror or type(error).__name__}") from None
 
     def _make_dirs(self) -> list[Path]:
         created = []
@@ -114,72 +155,127 @@ class SeriesDirectory:
         for stale in self.dir.glob(f".*{TEMP_SUFFIX}"):
             stale.unlink(missing_ok=True)
 
+    def where(self, sop_instance_uid: str) -> str:
+        """An instance named for messages: archive-relative by UIDs."""
+        return f"{self.study.study_uid}/{self.series.series_uid}/{sop_instance_uid}.dcm"
+
     def path_of(self, sop_instance_uid: str) -> Path:
+        problem = check_uid(sop_instance_uid)
+        if problem:
+            raise UnsafePathError(
+                f"instance of series {self.study.study_uid}/{self.series.series_uid}: "
+                f"SOPInstanceUID {problem}; not stored"
+            )
         return self.dir / f"{sop_instance_uid}.dcm"
 
+    def _relative(self, sop_instance_uid: str) -> str:
+        return f"{self.series.series_uid}/{sop_instance_uid}.dcm"
+
     def exists(self, sop_instance_uid: str) -> bool:
-        path = self.path_of(sop_instance_uid)
-        if not path.exists():
+        """Whether the instance is stored: its file is there and its bytes
+        and labels are what its manifest line says. A file without a line
+        that proves it (a stray, an older dqr's) is not: fetching the
+        instance again lets :meth:`write` compare it."""
+        if check_uid(sop_instance_uid):  # never a path; refused when it arrives (dqr.acceptance)
             return False
-        # Found, not recorded: trust it only if it is that instance (a file
-        # put there by someone else must not pass for ours).
-        if _sop_instance_uid_of(path) != sop_instance_uid:
-            raise ArchiveCollisionError(f"{path} already exists with different content; not overwritten")
-        with self._lock:  # present from an earlier run: make it durable and report it
-            self._pending.setdefault(sop_instance_uid, {"replaced": None, "size": path.stat().st_size})
+        path = self.path_of(sop_instance_uid)
+        where = self.where(sop_instance_uid)
+        with self._errors(f"cannot read {where}"):
+            if not path.is_file():
+                return False
+            known = self.manifest.get(self._relative(sop_instance_uid))
+            if known is None or not known.proves_content:
+                return False
+            if file_digest(path) != known.sha256:
+                raise ArchiveCollisionError(f"{where} already exists with different content than its manifest line records; not overwritten")
+            if self._labels is not None and known.labels is not None and known.labels != self._labels:
+                changed = sorted(key for key in self._labels if known.labels.get(key) != self._labels[key])
+                raise ArchiveCollisionError(
+                    f"{where} was stored under other labels ({', '.join(changed)} differ) and is not relabeled "
+                    "as this run asks; not overwritten"
+                )
+            with self._lock:  # present from an earlier run: make it durable and report it
+                self._pending.setdefault(sop_instance_uid, known.size)
         return True
 
     def write(self, sop_instance_uid: str, part10: bytes, replaced: dict[str, str]) -> None:
         final = self.path_of(sop_instance_uid)
-        temp = self.dir / f".{sop_instance_uid}.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}"
-        with open(temp, "wb") as handle:
-            handle.write(part10)
-        try:
-            os.link(temp, final)  # fails if the name exists: never overwrite
-        except FileExistsError:
-            if final.read_bytes() != part10:
-                raise ArchiveCollisionError(
-                    f"{final} already exists with different content; not overwritten"
-                ) from None
-        finally:
-            temp.unlink(missing_ok=True)
-        with self._lock:
-            self._pending[sop_instance_uid] = {"replaced": replaced, "size": len(part10)}
+        record = ManifestRecord(
+            path=self._relative(sop_instance_uid),
+            study_uid=self.study.study_uid,
+            series_uid=self.series.series_uid,
+            sop_instance_uid=sop_instance_uid,
+            size=len(part10),
+            replaced=replaced,
+            sha256=digest(part10),
+            labels=self._labels,
+        )
+        with self._errors(f"cannot store {self.where(sop_instance_uid)}"):
+            with self._lock:
+                if sop_instance_uid in self._conflicted or os.path.lexists(final):
+                    self._accept_existing(final, part10, record)
+                    return
+                known = self.manifest.get(record.path)
+                if known is None or (known.sha256, known.labels) != (record.sha256, record.labels):
+                    self.manifest.append(record)  # the intent, before the file is in place
+            temp = self.dir / f".{sop_instance_uid}.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}"
+            with open(temp, "wb") as handle:
+                handle.write(part10)
+            try:
+                os.link(temp, final)  # fails if the name exists: never overwrite
+            except FileExistsError:
+                with self._lock:
+                    self._accept_existing(final, part10, record)
+                return
+            finally:
+                temp.unlink(missing_ok=True)
+            with self._lock:
+                self._pending[sop_instance_uid] = len(part10)
+
+    def _accept_existing(self, final: Path, part10: bytes, record: ManifestRecord) -> None:
+        """A file is already where ``record`` goes (the lock is held)."""
+        uid = record.sop_instance_uid
+        where = self.where(uid)
+        if uid not in self._conflicted and not final.is_symlink() and final.is_file() and final.read_bytes() == part10:
+            known = self.manifest.get(record.path)
+            if known is None or (known.sha256, known.labels) != (record.sha256, record.labels):
+                self.manifest.append(record)  # its line was lost (older dqr, power loss): proven equal, adopted
+            self._pending.setdefault(uid, record.size)
+            return
+        if uid in self._pending or uid in self._conflicted:
+            # Two different instances with one SOP Instance UID arrived in
+            # this run: which one is right cannot be told. Neither is stored.
+            self._set_aside(final, part10, record)
+            raise ArchiveCollisionError(
+                f"{where}: two different instances arrived with this SOP Instance UID; both were set aside "
+                "(*.conflict files in its series directory) and neither is stored"
+            )
+        raise ArchiveCollisionError(
+            f"{where} already exists with different content (not stored by dqr under these labels); not overwritten"
+        )
+
+    def _set_aside(self, final: Path, part10: bytes, record: ManifestRecord) -> None:
+        uid = record.sop_instance_uid
+        if os.path.lexists(final):
+            first = file_digest(final) if final.is_file() else "link"
+            final.rename(self.dir / f"{uid}.{first[:12]}.conflict")
+        (self.dir / f"{uid}.{record.sha256[:12]}.conflict").write_bytes(part10)  # type: ignore[index]
+        self._pending.pop(uid, None)
+        self._conflicted.add(uid)
+        self.manifest.forget(record.path)
 
     def commit(self) -> list[str]:
         with self._lock:
             pending, self._pending = self._pending, {}
         if not pending:
             return []
-        directories = [self.dir, *self._created_dirs, *(d.parent for d in self._created_dirs)]
-        _make_durable([self.path_of(uid) for uid in pending], directories)
+        where = f"{self.study.study_uid}/{self.series.series_uid}"
+        with self._errors(f"cannot make series {where} durable"):
+            self.manifest.sync()
+            directories = [self.dir, *self._created_dirs, *(d.parent for d in self._created_dirs)]
+            _make_durable([*(self.path_of(uid) for uid in pending), self.manifest.path], directories)
         self._created_dirs = []
-        self._append_manifest(pending)
         return list(pending)
-
-    def _append_manifest(self, pending: dict[str, dict]) -> None:
-        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        lines = []
-        for sop_instance_uid, info in pending.items():
-            if info["replaced"] is None:
-                continue  # found from an earlier run, whose manifest line exists
-            record = {
-                "path": str(self.path_of(sop_instance_uid).relative_to(self.session_dir)),
-                "StudyInstanceUID": self.study.study_uid,
-                "SeriesInstanceUID": self.series.series_uid,
-                "SOPInstanceUID": sop_instance_uid,
-                "size": info["size"],
-                "replaced": info["replaced"],
-                "stored": now,
-            }
-            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-        if not lines:
-            return
-        manifest = self.session_dir / MANIFEST
-        with _manifest_lock(manifest), open(manifest, "a", encoding="utf-8") as handle:
-            handle.write("".join(lines))
-            handle.flush()
-            os.fsync(handle.fileno())
 
 
 class Archive:
@@ -188,6 +284,7 @@ class Archive:
     def __init__(self, root: Path, project: str) -> None:
         self.root = root
         self.project = project
+        self.manifests = Manifests()
 
     def describe(self) -> str:
         return f"archive {self.root / self.project}"
@@ -195,9 +292,16 @@ class Archive:
     def session_dir(self, subject: str, session: str) -> Path:
         return self.root / self.project / subject / session
 
-    def open_series(self, study: Study, series: Series, subject: str, session: str) -> SeriesDirectory:
-        self.root.mkdir(parents=True, exist_ok=True)
-        return SeriesDirectory(self.root, self.session_dir(subject, session), study, series)
+    def open_series(
+        self, study: Study, series: Series, subject: str, session: str, labels: Labels | None = None
+    ) -> SeriesDirectory:
+        """``labels``: the run's labels, relabel flags included; a found
+        file stored under other ones is a conflict, not "already stored"."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ArchiveWriteError(f"cannot create the archive {self.root}: {error.strerror}") from None
+        return SeriesDirectory(self.root, self.session_dir(subject, session), study, series, labels, self.manifests)
 
 
 class ArchiveConfig(DestinationConfig):

@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 
 import dqr
 from dqr.config import SourceConfig, Strict
+from dqr.plugins.memory.hostile import HostileFaults
 
 if TYPE_CHECKING:
     from dqr.backend import SourceContext
@@ -36,6 +37,7 @@ class MemorySourceConfig(SourceConfig):
     type: Literal["memory"] = "memory"
     path: str | None = None
     synthetic: SyntheticCohort | None = None
+    hostile: HostileFaults | None = None
 
     @model_validator(mode="after")
     def _one_origin(self) -> "MemorySourceConfig":
@@ -64,8 +66,9 @@ def load_pacs(config: MemorySourceConfig, config_dir: Path):  # -> MemoryPacs
 
 def make_backend(config: MemorySourceConfig, context: "SourceContext"):
     from dqr.plugins.memory.backend import MemoryBackend
+    from dqr.plugins.memory.hostile import rewrite
 
-    return MemoryBackend(load_pacs(config, context.config_dir), context.limits)
+    return MemoryBackend(rewrite(load_pacs(config, context.config_dir), config.hostile), config.hostile, context.limits)
 
 
 @dqr.hookimpl

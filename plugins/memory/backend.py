@@ -17,6 +17,7 @@ from dqr.model import (
     series_from_attributes,
     study_from_attributes,
 )
+from dqr.plugins.memory.hostile import HostileFaults, deliveries
 from dqr.plugins.memory.pacs import MemoryPacs
 from dqr.throttle import Deadline
 
@@ -24,8 +25,9 @@ from dqr.throttle import Deadline
 class MemoryBackend:
     """A :class:`dqr.backend.Backend` over an in-process :class:`MemoryPacs`."""
 
-    def __init__(self, pacs: MemoryPacs, limits: Limits | None = None) -> None:
+    def __init__(self, pacs: MemoryPacs, hostile: HostileFaults | None = None, limits: Limits | None = None) -> None:
         self.pacs = pacs
+        self.hostile = hostile
         self.limits = limits or Limits()
 
     def echo(self) -> str:
@@ -49,7 +51,8 @@ class MemoryBackend:
     def retrieve(self, request: RetrieveRequest, store: StoreCallback) -> RetrieveReport:
         completed = 0
         deadline = Deadline(self.limits.retrieve_timeout, "retrieve_timeout")
-        for stored in self.pacs.instances(request.study.study_uid, request.series.series_uid, request.sop_instance_uids):
+        asked = list(self.pacs.instances(request.study.study_uid, request.series.series_uid, request.sop_instance_uids))
+        for stored in deliveries(self.pacs, self.hostile, request.study.study_uid, request.series.series_uid, asked):
             deadline.check(f"retrieve of series {request.series.series_uid}")
             store(
                 ReceivedInstance(

@@ -2,7 +2,8 @@
 C-ECHO, C-FIND (Study and Patient Root, every level), C-GET and C-MOVE to the
 destinations of its config, with fault injection for reliability tests.
 
-Faults live in ``server.faults`` and may be changed while it runs; the
+Faults live in ``server.faults`` and may be changed while it runs (``hostile``:
+hostile content, see :mod:`dqr.plugins.memory.hostile`); the
 ``times`` of a fault counts down as it fires (``None``: every time).
 """
 
@@ -17,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dqr.plugins.memory.hostile import HostileFaults, deliveries, rewrite
 from dqr.plugins.memory.pacs import MemoryPacs, StoredInstance
 
 #: Reject reason -> (source, diagnostic) of the A-ASSOCIATE-RJ.
@@ -60,6 +62,7 @@ class Faults(_Mutable):
     abort: AbortFault | None = None
     statuses: list[StatusFault] = Field(default_factory=list)
     max_associations: int | None = Field(None, ge=1, description="reject beyond this many at once")
+    hostile: HostileFaults = Field(default_factory=HostileFaults, description="hostile content (UID rewrites apply at start)")
 
 
 class Destination(_Mutable):
@@ -93,7 +96,7 @@ class MockDimseServer:
     """A running Query/Retrieve SCP over a :class:`MemoryPacs`."""
 
     def __init__(self, pacs: MemoryPacs, config: Config) -> None:
-        self.pacs = pacs
+        self.pacs = rewrite(pacs, config.faults.hostile)
         self.config = config
         self.faults = config.faults
         self.aet = config.aet
@@ -235,13 +238,9 @@ class MockDimseServer:
     def _selected(self, identifier: Any) -> list[StoredInstance]:
         filters = _filters(identifier)
         uids = filters.get("SOPInstanceUID")
-        return list(
-            self.pacs.instances(
-                filters.get("StudyInstanceUID", ""),
-                filters.get("SeriesInstanceUID") or None,
-                uids.split("\\") if uids else None,
-            )
-        )
+        study_uid, series_uid = filters.get("StudyInstanceUID", ""), filters.get("SeriesInstanceUID") or None
+        asked = list(self.pacs.instances(study_uid, series_uid, uids.split("\\") if uids else None))
+        return deliveries(self.pacs, self.faults.hostile, study_uid, series_uid, asked)
 
     def _sub_operations(
         self, event: Any, instances: list[StoredInstance]
@@ -336,14 +335,16 @@ def _filters(identifier: Any) -> dict[str, str]:
 
 
 def _answer(level: str, keys: list[str], attributes: dict[str, Any]) -> Any:
+    from pydicom import config
     from pydicom.dataset import Dataset
 
     answer = Dataset()
     answer.SpecificCharacterSet = "ISO_IR 192"
     answer.QueryRetrieveLevel = level
-    for keyword in keys:
-        value = attributes.get(keyword, "")
-        setattr(answer, keyword, list(value) if isinstance(value, tuple) else value)
+    with config.disable_value_validation():  # the mock answers what it holds, hostile values included
+        for keyword in keys:
+            value = attributes.get(keyword, "")
+            setattr(answer, keyword, list(value) if isinstance(value, tuple) else value)
     return answer
 
 

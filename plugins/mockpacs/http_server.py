@@ -19,7 +19,8 @@ Faults (``Config.faults``, or ``server.faults`` changed while it runs):
 429 and the next ``unavailable`` ones 503, both with ``Retry-After:
 retry_after``; the next ``server_errors`` get 500; ``cut_after_parts``
 closes the connection of every WADO answer after that many instances;
-``on`` restricts status faults to ``qido`` or ``wado`` requests. ``auth``
+``on`` restricts status faults to ``qido`` or ``wado`` requests; ``hostile``
+serves hostile content (:mod:`dqr.plugins.memory.hostile`). ``auth``
 makes every request need basic or bearer credentials.
 ``decode_percent_escapes: false`` behaves like Orthanc's DICOMweb plugin,
 which does not percent-decode QIDO values (except ``%2C``).
@@ -48,6 +49,7 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
 from dqr.model import DATE_KEYWORDS, UID_KEYWORDS
+from dqr.plugins.memory.hostile import HostileFaults, deliveries, rewrite
 from dqr.plugins.memory.pacs import MemoryPacs
 
 HOST = "127.0.0.1"
@@ -91,6 +93,7 @@ class Faults(BaseModel):
     cut_after_parts: int | None = Field(None, ge=0, description="cut WADO answers after N instances")
     part_delay: float = Field(0.0, ge=0, description="seconds a WADO answer stalls before each instance after the first")
     on: Literal["any", "qido", "wado"] = "any"
+    hostile: HostileFaults = Field(default_factory=HostileFaults, description="hostile content (UID rewrites apply at start)")
 
 
 class Config(BaseModel):
@@ -278,7 +281,7 @@ class MockDicomwebServer:
     """A running mock DICOMweb server; see the module docstring."""
 
     def __init__(self, pacs: MemoryPacs, config: Config) -> None:
-        self.pacs = pacs
+        self.pacs = rewrite(pacs, config.faults.hostile)
         self.config = config
         self.faults = config.faults.model_copy()
         self.auth = config.auth
@@ -432,7 +435,8 @@ class MockDicomwebServer:
         if "application/dicom" not in accept and "*/*" not in accept:
             return Response("only multipart/related; type=application/dicom\n", 406)
         sops = [arguments["sop"]] if "sop" in arguments else None
-        instances = list(self.pacs.instances(arguments["study"], arguments.get("series"), sops))
+        asked = list(self.pacs.instances(arguments["study"], arguments.get("series"), sops))
+        instances = deliveries(self.pacs, self.faults.hostile, arguments["study"], arguments.get("series"), asked)
         if not instances:
             return NotFound().get_response()
         boundary = uuid.uuid4().hex

@@ -1,0 +1,202 @@
+"""The manifest: one JSON line per stored instance, beside what it describes
+(``manifest.jsonl`` in each archive session; a network destination may keep
+one beside the job state).
+
+A line says where the instance is (``path``, relative to the manifest's
+folder), which instance it is (Study, Series and SOP Instance UIDs), what
+relabeling replaced (``replaced``: keyword -> original value), under which
+labels (``labels``), and a digest of the stored Part-10 bytes (``sha256``)
+with their ``size``. The digest is what lets dqr tell its own file from a
+twin, a stray or a file relabeled differently: a file is trusted as already
+stored only when its bytes match its line.
+
+Provenance must survive ``kill -9``: the line is written *before* the file
+is linked into place (an intent), so a file in place always has its line. A
+line whose file never arrived is dropped when the manifest is next loaded,
+and so is every line a later one for the same path superseded: each stored
+file keeps exactly one line. Lines are appended with one ``write(2)``; they
+are made durable by the destination's commit (fsync or syncfs), together
+with the files.
+
+Older manifests (lines without ``sha256`` or ``labels``) are read as they
+are: such a line is provenance, but not proof of content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dqr.model import Labels
+
+MANIFEST = "manifest.jsonl"
+
+
+def digest(data: bytes) -> str:
+    """The digest a manifest line holds: sha256 of the stored bytes, hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def labels_record(labels: Labels) -> dict[str, Any]:
+    """How a manifest line records the labels an instance was stored under."""
+    return asdict(labels)
+
+
+@dataclass(frozen=True)
+class ManifestRecord:
+    """One manifest line."""
+
+    path: str
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    size: int
+    replaced: dict[str, str]
+    stored: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    sha256: str | None = None
+    labels: dict[str, Any] | None = None
+
+    def to_json(self) -> str:
+        record: dict[str, Any] = {
+            "path": self.path,
+            "StudyInstanceUID": self.study_uid,
+            "SeriesInstanceUID": self.series_uid,
+            "SOPInstanceUID": self.sop_instance_uid,
+            "size": self.size,
+            "replaced": self.replaced,
+            "stored": self.stored,
+        }
+        if self.sha256 is not None:
+            record["sha256"] = self.sha256
+        if self.labels is not None:
+            record["labels"] = self.labels
+        return json.dumps(record, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, line: str) -> ManifestRecord | None:
+        """The record of one line; ``None`` for a line that is not one (a
+        torn last line, a hand edit)."""
+        try:
+            data = json.loads(line)
+            return cls(
+                path=str(data["path"]),
+                study_uid=str(data["StudyInstanceUID"]),
+                series_uid=str(data["SeriesInstanceUID"]),
+                sop_instance_uid=str(data["SOPInstanceUID"]),
+                size=int(data.get("size", 0)),
+                replaced=dict(data.get("replaced") or {}),
+                stored=str(data.get("stored", "")),
+                sha256=data.get("sha256"),
+                labels=data.get("labels"),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    @property
+    def proves_content(self) -> bool:
+        """Whether this line can vouch for a file's bytes (older lines cannot)."""
+        return self.sha256 is not None
+
+
+def read_records(path: Path) -> list[ManifestRecord]:
+    """Every valid line of a manifest file, in order (none if it is absent)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    return [record for line in text.splitlines() if line.strip() and (record := ManifestRecord.from_json(line))]
+
+
+class Manifest:
+    """One manifest file, indexed by path; thread-safe. Get it with
+    :func:`open_manifest`, which keeps one per file in this process."""
+
+    def __init__(self, path: Path, present: Callable[[str], bool] | None = None) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._records: dict[str, ManifestRecord] = {}
+        self._stale = False
+        lines = read_records(path)
+        for record in lines:
+            self._records[record.path] = record  # the last line for a path wins
+        if present is not None:  # lines of intents whose file never arrived
+            self._records = {key: record for key, record in self._records.items() if present(key)}
+        if len(self._records) != len(lines):
+            self._rewrite()
+
+    def get(self, path: str) -> ManifestRecord | None:
+        with self._lock:
+            return self._records.get(path)
+
+    def records(self) -> list[ManifestRecord]:
+        with self._lock:
+            return list(self._records.values())
+
+    def append(self, record: ManifestRecord) -> None:
+        """Add a line (before the file it describes is in place). A line for
+        a path that has one supersedes it; the file is compacted at sync."""
+        data = (record.to_json() + "\n").encode("utf-8")
+        with self._lock:
+            if record.path in self._records:
+                self._stale = True
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, data)  # one write(2): a killed process leaves whole lines
+            finally:
+                os.close(fd)
+            self._records[record.path] = record
+
+    def forget(self, path: str) -> None:
+        """Drop the line of a file that was set aside."""
+        with self._lock:
+            if self._records.pop(path, None) is not None:
+                self._stale = True
+
+    def sync(self) -> None:
+        """Compact if lines were superseded; the caller makes the file durable."""
+        with self._lock:
+            if self._stale:
+                self._rewrite()
+
+    def _rewrite(self) -> None:
+        temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with open(temp, "w", encoding="utf-8") as handle:
+            handle.write("".join(record.to_json() + "\n" for record in self._records.values()))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, self.path)
+        self._stale = False
+
+
+class Manifests:
+    """The manifests one destination has open, each loaded (and compacted)
+    once; thread-safe."""
+
+    def __init__(self) -> None:
+        self._open: dict[Path, Manifest] = {}
+        self._guard = threading.Lock()
+
+    def open(self, path: Path, present: Callable[[str], bool] | None = None) -> Manifest:
+        """The :class:`Manifest` at ``path``; ``present(line_path)`` says
+        whether a line's file exists (lines of absent files are dropped)."""
+        with self._guard:
+            manifest = self._open.get(path)
+            if manifest is None:
+                manifest = self._open[path] = Manifest(path, present)
+            return manifest
