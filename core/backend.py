@@ -29,6 +29,7 @@ from dqr.model import (
     Series,
     Study,
     StudyQuery,
+    StudyRetrieveRequest,
 )
 
 if TYPE_CHECKING:
@@ -99,6 +100,23 @@ class Backend(Protocol):
         """Release connections and servers; called once at the end of a job."""
 
 
+@runtime_checkable
+class WholeStudyBackend(Protocol):
+    """A backend that can also fetch a whole study in one request.
+
+    Optional: the engine uses it when a backend has ``retrieve_study`` and
+    every series of a study is selected with nothing stored yet; otherwise,
+    and for whatever such a request did not deliver, it retrieves series by
+    series (asking only for the missing instances). Completeness is judged
+    per instance either way.
+    """
+
+    def retrieve_study(self, request: StudyRetrieveRequest, store: StoreCallback) -> RetrieveReport:
+        """Fetch every instance of ``request.study`` and hand each to ``store``
+        as it arrives (any series, any order). Raises :class:`NotImplementedError`
+        when the remote cannot (the engine then asks series by series)."""
+
+
 #: ``factory(config, context) -> Backend``
 BackendFactory = Callable[["BaseModel", SourceContext], Backend]
 
@@ -159,4 +177,5 @@ __all__ = [
     "SeriesWriter",
     "SourceContext",
     "StoreCallback",
+    "WholeStudyBackend",
 ]

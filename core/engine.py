@@ -26,7 +26,7 @@ from dqr.context import JobContext
 from dqr.model import Labels, RowOutcome, RowQuery, SeriesStatus, Study, StudyStatus
 from dqr.pluginmanager import executor_types
 from dqr.results import ResultLine, ResultsTable, build_table, flag_label_collisions, write_table
-from dqr.steps import Step, StepKind
+from dqr.steps import Step, StepKind, whole_study_series
 
 log = logging.getLogger("dqr")
 
@@ -190,7 +190,13 @@ def retrieve(ctx: JobContext, lines: Sequence[ResultLine]) -> RunSummary:
     wanted = [s for s, status in series if status != SeriesStatus.EXCLUDED]
     ctx.reporter.start("retrieve", len(wanted))
     ctx.reporter.start("instances", sum(s.n_instances or 0 for s in wanted))
-    run_steps(ctx, StepKind.RETRIEVE_SERIES, [s.series_uid for s in wanted], ctx.limits.max_retrievals)
+    # A study whose every series is wanted and nothing stored goes in one
+    # request (one C-GET/C-MOVE/WADO-RS instead of one per series).
+    whole = [uid for uid in study_uids if whole_study_series(ctx, uid) is not None]
+    in_whole = set(whole)
+    run_steps(ctx, StepKind.RETRIEVE_STUDY, whole, ctx.limits.max_retrievals)
+    by_series = [s.series_uid for s in wanted if s.study_uid not in in_whole]
+    run_steps(ctx, StepKind.RETRIEVE_SERIES, by_series, ctx.limits.max_retrievals)
     ctx.reporter.finish("retrieve")
     ctx.reporter.finish("instances")
     return _finish(ctx, summary, to_do, started)

@@ -173,6 +173,17 @@ class RetrieveRequest:
 
 
 @dataclass(frozen=True)
+class StudyRetrieveRequest:
+    """Retrieve a whole study in one request (one C-GET/C-MOVE/WADO-RS
+    instead of one per series): asked only when every series of it is
+    selected and nothing of it is stored yet. ``series`` are all of them,
+    with what the queries learnt (SOP classes, expected instances)."""
+
+    study: Study
+    series: tuple[Series, ...]
+
+
+@dataclass(frozen=True)
 class ReceivedInstance:
     """An instance as it arrived, still encoded.
 

@@ -14,6 +14,8 @@ step                key                    what it records
 ``list-study``      ``study_uid``          the study's series, selected or not
 ``retrieve-series`` ``series_uid``         each instance stored, the series'
                                            status
+``retrieve-study``  ``study_uid``          the same for every series of a
+                                           study fetched in one request
 ==================  =====================  ==================================
 
 :func:`store_instance` is the store path every backend feeds (also used by
@@ -29,7 +31,7 @@ from enum import StrEnum
 from typing import Any
 
 from dqr.acceptance import accept_arrival
-from dqr.backend import SeriesWriter
+from dqr.backend import SeriesWriter, WholeStudyBackend
 from dqr.context import JobContext
 from dqr.errors import IncompleteRetrieveError, Interrupted, RemoteError, SourceDownError
 from dqr.matching import matches
@@ -43,12 +45,14 @@ from dqr.model import (
     SeriesStatus,
     Study,
     StudyQuery,
+    StudyRetrieveRequest,
     StudyStatus,
 )
 from dqr.planner import plan_queries
-from dqr.relabel import RelabelContext, decode, encode_part10
+from dqr.relabel import RelabelContext, decode, encode_part10, raw_text
 
 log = logging.getLogger("dqr")
+SERIES_INSTANCE_UID = 0x0020000E
 
 
 class StepKind(StrEnum):
@@ -57,6 +61,7 @@ class StepKind(StrEnum):
     QUERY_ROW = "query-row"
     LIST_STUDY = "list-study"
     RETRIEVE_SERIES = "retrieve-series"
+    RETRIEVE_STUDY = "retrieve-study"
 
 
 # -- query one row ----------------------------------------------------------------
@@ -191,12 +196,7 @@ def retrieve_series(ctx: JobContext, study: Study, series: Series, labels: Label
     writer = ctx.destination.open_series(study, series, labels.subject, labels.session, labels=labels)
     expected = _expected_instances(ctx, study, series)
     if expected is not None:
-        stored = state.stored_instances(series.series_uid)
-        for uid in expected:
-            if uid not in stored:
-                writer.exists(uid)  # a file an interrupted run wrote but did not record: committed below
-        _commit(ctx, series, writer, None)
-        stored = state.stored_instances(series.series_uid)
+        stored = _adopt_found(ctx, series, writer, expected)
         if all(uid in stored for uid in expected):
             state.set_series_status(series.series_uid, SeriesStatus.STORED)
             return
@@ -232,6 +232,19 @@ def retrieve_series(ctx: JobContext, study: Study, series: Series, labels: Label
 
     ctx.guard.retrieve(attempt)
     state.set_series_status(series.series_uid, SeriesStatus.STORED)
+
+
+def _adopt_found(ctx: JobContext, series: Series, writer: SeriesWriter, expected: list[str]) -> set[str]:
+    """Record the expected instances the destination already holds that the
+    job state does not know (an interrupted run's, or a set-aside state's
+    files: the destination checks each is that instance, as asked); return
+    what is stored now."""
+    stored = ctx.state.stored_instances(series.series_uid)
+    for uid in expected:
+        if uid not in stored:
+            writer.exists(uid)  # registers a proven file for the commit
+    _commit(ctx, series, writer, None)
+    return ctx.state.stored_instances(series.series_uid)
 
 
 def _commit(ctx: JobContext, series: Series, writer: SeriesWriter, sizes: dict[str, int] | None) -> None:
@@ -274,31 +287,126 @@ class StoreTarget:
 
 def store_instance(ctx: JobContext | Any, received: ReceivedInstance, target: StoreTarget) -> int:
     """Check, relabel, encode and write one arriving instance; return the
-    bytes written (0 when already stored). Raises when it could not be
-    stored, so the backend can refuse it; the reason is kept in ``target``.
+    bytes written. Raises when it could not be stored, so the backend can
+    refuse it; the reason is kept in ``target``.
 
     ``ctx`` needs only ``hooks``, ``stop`` and ``reporter`` (bench/ passes a
     small stand-in).
     """
-    series = target.request.series
+    return _store(ctx, received, lambda decoded: target)
+
+
+def store_study_instance(ctx: JobContext | Any, received: ReceivedInstance, targets: dict[str, StoreTarget]) -> int:
+    """:func:`store_instance` for a whole-study request: the instance goes to
+    the target of its own series (one of another series is refused as not
+    of the series asked for)."""
+    first = next(iter(targets.values()))
+    return _store(ctx, received, lambda decoded: targets.get(raw_text(decoded, SERIES_INSTANCE_UID) or "", first))
+
+
+def _store(ctx: Any, received: ReceivedInstance, target_of: Callable[[Any], StoreTarget]) -> int:
     if ctx.stop.is_set():
         raise Interrupted("stopping: instance not stored")
+    target: StoreTarget | None = None
     try:
         decoded = decode(received)
+        target = target_of(decoded)
         # Before anything is written: only the request's own instances. (An
         # instance already stored is not skipped here: the destination
         # compares it, so a twin with other content is a conflict.)
         accept_arrival(decoded, received, target.request, target.expected)
-        context = RelabelContext(decoded.dataset, target.labels, target.request.study, series)
+        context = RelabelContext(decoded.dataset, target.labels, target.request.study, target.request.series)
         ctx.hooks.dqr_relabel(context=context)
         part10 = encode_part10(decoded, received)
         target.writer.write(received.sop_instance_uid, part10, context.replaced)
     except Exception as error:
-        target.errors.append(str(error))
+        if target is not None:
+            target.errors.append(str(error))
         raise
     target.sizes[received.sop_instance_uid] = len(part10)
     ctx.reporter.instance_stored(len(part10))
     return len(part10)
+
+
+# -- retrieve one study in one request -------------------------------------------
+
+
+def whole_study_series(ctx: JobContext, study_uid: str) -> list[Series] | None:
+    """The series of a study when it can be fetched in one request: the
+    backend can, every series is selected and pending, each one's instances
+    are known and none is stored. ``None`` otherwise (series by series)."""
+    if not isinstance(ctx.backend, WholeStudyBackend):
+        return None
+    known = ctx.state.known_series(study_uid)
+    if not known or any(status != SeriesStatus.PENDING for _, status in known):
+        return None
+    for series, _ in known:
+        if ctx.state.expected_instances(series.series_uid) is None or ctx.state.stored_instances(series.series_uid):
+            return None
+    return [series for series, _ in known]
+
+
+def retrieve_study_step(ctx: JobContext, study_uid: str) -> None:
+    """The ``retrieve-study`` step: one request for the whole study, then
+    each series made complete by :func:`retrieve_series_step` -- which, for
+    what the request delivered, only confirms it."""
+    study, labels, _ = ctx.state.selected_study(study_uid)
+    series = [s for s, _ in ctx.state.known_series(study_uid)]
+    if not ctx.wait_for_window():
+        return
+    refused: dict[str, str] = {}
+    try:
+        refused = retrieve_whole_study(ctx, study, series, labels)
+    except SourceDownError as error:
+        ctx.give_up(str(error))
+        return
+    except Exception as error:  # noqa: BLE001 - the series-by-series retrieval below is the fallback
+        log.info("study %s in one request: %s; retrieving it series by series", study_uid, error)
+    for one in series:
+        if ctx.stop.is_set():
+            return
+        if one.series_uid in refused:  # as series by series: an instance that could not be stored fails its series
+            reason = f"could not store an instance: {refused[one.series_uid]}"
+            log.warning("series %s of study %s failed: %s", one.series_uid, study_uid, reason)
+            ctx.state.set_series_status(one.series_uid, SeriesStatus.FAILED, reason, attempt=True)
+            ctx.reporter.advance("retrieve")
+            continue
+        retrieve_series_step(ctx, one.series_uid)
+
+
+def retrieve_whole_study(ctx: JobContext, study: Study, series: list[Series], labels: Labels) -> dict[str, str]:
+    """One attempt to fetch a study in one request; what arrived is stored
+    (committed per series) whatever happens, the rest is left to do.
+    Returns, per series, the first instance that could not be stored."""
+    state = ctx.state
+    targets: dict[str, StoreTarget] = {}
+    for one in series:
+        expected = state.expected_instances(one.series_uid) or []
+        writer = ctx.destination.open_series(study, one, labels.subject, labels.session, labels=labels)
+        if _adopt_found(ctx, one, writer, expected):
+            # some of it is in the destination already: fetch only what is missing
+            raise RemoteError("part of the study is in the destination already")
+        targets[one.series_uid] = StoreTarget(RetrieveRequest(study, one), labels, writer, expected)
+    for one in series:
+        state.set_series_status(one.series_uid, SeriesStatus.RETRIEVING)
+    request = StudyRetrieveRequest(study, tuple(series))
+    failure: Exception | None = None
+    try:
+        ctx.guard.retrieve_once(
+            lambda: ctx.backend.retrieve_study(request, lambda received: store_study_instance(ctx, received, targets))  # type: ignore[attr-defined]
+        )
+    except SourceDownError:
+        raise
+    except Exception as error:  # noqa: BLE001 - judged below, with what was refused
+        failure = error
+    finally:
+        for one in series:
+            target = targets[one.series_uid]
+            _commit(ctx, one, target.writer, target.sizes)
+    refused = {uid: target.errors[0] for uid, target in targets.items() if target.errors}
+    if failure is not None and not refused:
+        raise failure
+    return refused
 
 
 #: step kind -> ``step(context, key)``
@@ -306,6 +414,7 @@ STEPS: dict[StepKind, Callable[[JobContext, Any], None]] = {
     StepKind.QUERY_ROW: query_row_step,
     StepKind.LIST_STUDY: list_study_step,
     StepKind.RETRIEVE_SERIES: retrieve_series_step,
+    StepKind.RETRIEVE_STUDY: retrieve_study_step,
 }
 
 

@@ -291,6 +291,11 @@ class Guard:
         """One retrieval attempt loop, within ``max_retrievals``."""
         return call_with_retries(action, self.limits, self.retrievals, None, self.breaker)
 
+    def retrieve_once(self, action: Callable[[], T]) -> T:
+        """One retrieval attempt, within ``max_retrievals``, not retried
+        (the caller has a cheaper way to finish what it leaves undone)."""
+        return call_with_retries(action, self.limits.merged({"retries": 0}), self.retrievals, None, self.breaker)
+
 
 class Deadline:
     """The time one operation may take, named by the limit that set it

@@ -103,8 +103,10 @@ def test_500s_are_retried_and_the_job_completes(web_job, dqr, mock_dicomweb_pacs
 def test_500s_beyond_the_retries_fail_that_series_with_a_reason_and_the_rest_completes(
     web_job, dqr, mock_dicomweb_pacs, tmp_path
 ):
-    # retries: 2 -> the first series retrieved (one at a time) meets all three.
-    mock_dicomweb_pacs.faults.server_errors = 3
+    # The first study's one-request retrieval meets the first 500 (not retried:
+    # it falls back to series by series); retries: 2 -> its first series
+    # (one at a time) meets the other three.
+    mock_dicomweb_pacs.faults.server_errors = 4
     mock_dicomweb_pacs.faults.on = "wado"
     result = dqr("run", "--config", web_job([CT_STUDY, PET_STUDY], limits={"max_retrievals": 1}), "--json")
     assert result.exit_code == 1, result.output
@@ -191,3 +193,27 @@ def test_a_slow_query_fails_after_query_timeout(web_job, mock_dicomweb_pacs, dqr
     result = dqr("run", "--config", config)
     assert result.exit_code == 1
     assert "limits.query_timeout (0.5 s)" in result.stderr
+
+
+def test_a_study_with_every_series_selected_is_fetched_in_one_request(web_job, dqr, mock_dicomweb_pacs, tmp_path):
+    assert dqr("run", "--config", web_job([CT_STUDY, MR_STUDY])).exit_code == 0
+    assert mock_dicomweb_pacs.requests["wado-study"] == 2
+    assert mock_dicomweb_pacs.requests["wado-series"] == mock_dicomweb_pacs.requests["wado-instance"] == 0
+    assert stored_sops(tmp_path / "archive") == expected_sops(CT_STUDY, MR_STUDY)
+
+
+def test_a_study_with_a_series_excluded_is_fetched_series_by_series(web_job, dqr, mock_dicomweb_pacs, tmp_path):
+    assert dqr("run", "--config", web_job([CT_STUDY]), "--exclude", "*localizer*").exit_code == 0
+    assert mock_dicomweb_pacs.requests["wado-study"] == 0
+    assert mock_dicomweb_pacs.requests["wado-series"] == 1
+
+
+def test_a_study_cut_short_in_one_request_is_finished_asking_only_for_the_missing_instances(
+    web_job, dqr, mock_dicomweb_pacs, tmp_path
+):
+    config = web_job([CT_STUDY])
+    cut_once(mock_dicomweb_pacs)
+    assert dqr("run", "--config", config).exit_code == 0
+    assert stored_sops(tmp_path / "archive") == expected_sops(CT_STUDY)
+    assert mock_dicomweb_pacs.requests["wado-study"] == 1
+    assert mock_dicomweb_pacs.requests["wado-instance"] + mock_dicomweb_pacs.requests["wado-series"] >= 1

@@ -41,6 +41,7 @@ from dqr.model import (
     Series,
     Study,
     StudyQuery,
+    StudyRetrieveRequest,
 )
 from dqr.plugins.dicomweb import DicomwebSourceConfig
 from dqr.plugins.dicomweb.credentials import credential_keys, make_auth
@@ -378,6 +379,12 @@ class DicomwebBackend:
         deadline = Deadline(self._limits.retrieve_timeout, "retrieve_timeout")  # the whole request
         for url, what in targets:
             self._retrieve_one(url, self._operation(what, url), store, deadline)
+        return RetrieveReport()
+
+    def retrieve_study(self, request: StudyRetrieveRequest, store: StoreCallback) -> RetrieveReport:
+        url = f"{self._wado_url}/studies/{_uid(request.study.study_uid)}"
+        deadline = Deadline(self._limits.retrieve_timeout, "retrieve_timeout")
+        self._retrieve_one(url, self._operation(f"WADO-RS study retrieve ({request.study.study_uid})", url), store, deadline)
         return RetrieveReport()
 
     def close(self) -> None:

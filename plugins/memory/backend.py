@@ -14,6 +14,7 @@ from dqr.model import (
     Series,
     Study,
     StudyQuery,
+    StudyRetrieveRequest,
     series_from_attributes,
     study_from_attributes,
 )
@@ -49,11 +50,20 @@ class MemoryBackend:
             yield Instance(series.series_uid, stored.sop_instance_uid, stored.sop_class_uid, stored.transfer_syntax)
 
     def retrieve(self, request: RetrieveRequest, store: StoreCallback) -> RetrieveReport:
-        completed = 0
-        deadline = Deadline(self.limits.retrieve_timeout, "retrieve_timeout")
         asked = list(self.pacs.instances(request.study.study_uid, request.series.series_uid, request.sop_instance_uids))
-        for stored in deliveries(self.pacs, self.hostile, request.study.study_uid, request.series.series_uid, asked):
-            deadline.check(f"retrieve of series {request.series.series_uid}")
+        served = deliveries(self.pacs, self.hostile, request.study.study_uid, request.series.series_uid, asked)
+        return self._deliver(served, store, f"retrieve of series {request.series.series_uid}")
+
+    def retrieve_study(self, request: StudyRetrieveRequest, store: StoreCallback) -> RetrieveReport:
+        asked = list(self.pacs.instances(request.study.study_uid))
+        served = deliveries(self.pacs, self.hostile, request.study.study_uid, None, asked)
+        return self._deliver(served, store, f"retrieve of study {request.study.study_uid}")
+
+    def _deliver(self, served, store: StoreCallback, what: str) -> RetrieveReport:
+        deadline = Deadline(self.limits.retrieve_timeout, "retrieve_timeout")
+        completed = 0
+        for stored in served:
+            deadline.check(what)
             store(
                 ReceivedInstance(
                     sop_class_uid=stored.sop_class_uid,
