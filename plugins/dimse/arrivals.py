@@ -240,19 +240,34 @@ class MoveReceiver:
         ae = AE(ae_title=aet)
         ae.network_timeout = network_timeout
         ae.maximum_associations = 64
-        ae.require_calling_aet = sorted(source_aets)
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, accepted_transfer_syntaxes())
         self._server = ae.start_server(
             (host, port),
             block=False,
-            evt_handlers=[(evt.EVT_C_STORE, self._on_store), *NODELAY_SERVER_HANDLERS],
+            evt_handlers=[
+                (evt.EVT_REQUESTED, self._on_requested),
+                (evt.EVT_C_STORE, self._on_store),
+                *NODELAY_SERVER_HANDLERS,
+            ],
         )
         self.host = host
         self.port = self._server.server_address[1]
 
     def expecting(self, move_id: int, arrivals: Arrivals, request: RetrieveRequest) -> Any:
         return self.routing.expecting(move_id, arrivals, request)
+
+    def _on_requested(self, event: Any) -> None:
+        requestor = event.assoc.requestor
+        primitive = requestor.primitive  # ae_title is filled in only after negotiation
+        calling = str(primitive.calling_ae_title if primitive else requestor.ae_title).strip()
+        if not self.routing.allows(calling):
+            log.warning(
+                "storage SCP: rejected an association from AE %r at %s:%s: not one of move_source_aets",
+                calling, requestor.address, requestor.port,
+            )
+            event.assoc.acse.send_reject(1, 1, 3)  # permanent, calling AE title not recognised
+            event.assoc.kill()
 
     def _on_store(self, event: Any) -> int:
         request = event.request
