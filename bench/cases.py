@@ -84,7 +84,7 @@ def store_port(world: World) -> int:
     raise RuntimeError("no free port for the C-MOVE storage SCP")
 
 
-def dimse_source(world: World, retrieve: str = "c-get") -> dict:
+def dimse_source(world: World, retrieve: str = "c-get", transport: str | None = None) -> dict:
     source = {
         "type": "dimse",
         "host": "127.0.0.1",
@@ -93,6 +93,8 @@ def dimse_source(world: World, retrieve: str = "c-get") -> dict:
         "calling_aet": CALLING_AET,
         "retrieve": retrieve,
     }
+    if transport:
+        source["transport"] = transport
     if retrieve == "c-move":
         source.update(move_destination=CALLING_AET, store_port=0, store_host="127.0.0.1")  # port: per run
     return source
@@ -214,6 +216,8 @@ def dimse_case(world: World) -> list[Variant]:
                 description="dqr run: query, C-GET, relabel, store (fsync'd), default limits (max_retrievals 2)"),
         dqr_run(world, "dimse", "dqr run c-move", dimse_source(world, "c-move"), csv, n,
                 description="dqr run: query, C-MOVE to dqr's storage SCP, relabel, store, default limits"),
+        dqr_run(world, "dimse", "dqr run c-get pynetdicom", dimse_source(world, "c-get", "pynetdicom"), csv, n,
+                description="dqr run as above over `transport: pynetdicom` (the previous DIMSE stack)"),
     ]
     script = world.inputs / "getscu-loop.sh"
     if world.getscu:

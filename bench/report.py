@@ -54,6 +54,8 @@ def targets(results: dict) -> list[dict]:
     ratio_target("query", "dqr query / raw pynetdicom 1 association ≤ 1.0", "dqr query", "pynetdicom 1 assoc", 1.0)
     ratio_target("dimse", "dqr C-GET / raw pynetdicom C-GET ≤ 1.15", "dqr run c-get", "pynetdicom C-GET", 1.15)
     ratio_target("dimse", "dqr C-MOVE / raw pynetdicom C-GET ≤ 1.15", "dqr run c-move", "pynetdicom C-GET", 1.15)
+    ratio_target("dimse", "dqr C-GET / getscu loop ≤ 1.5 (issue 13)", "dqr run c-get", "getscu loop", 1.5)
+    ratio_target("dimse", "dqr C-MOVE / getscu loop ≤ 2.0 (issue 13)", "dqr run c-move", "getscu loop", 2.0)
     ratio_target("dimse", "stretch: dqr C-GET / getscu loop ≤ 1.0", "dqr run c-get", "getscu loop", 1.0)
     ratio_target("dicomweb", "dqr WADO-RS / dicomweb-client loop ≤ 1.0", "dqr run dicomweb", "dicomweb-client", 1.0)
     ratio_target("dicomweb", "dqr WADO-RS / raw HTTP ≤ 1.3", "dqr run dicomweb", "raw HTTP", 1.3)

@@ -521,3 +521,13 @@ def test_c_move_refuses_c_stores_from_another_ae_and_instances_not_asked_for(
 def test_storage_scp_binds_the_address_that_reaches_the_pacs(mock_dimse_pacs, dimse_backend_factory):
     backend = dimse_backend_factory(mock_dimse_pacs.port, retrieve="c-move", store_port=0)
     assert backend.move_receiver().host == "127.0.0.1"
+
+
+def test_an_idle_association_is_closed_after_network_timeout(mock_dimse_pacs, dimse_backend_factory):
+    backend = dimse_backend_factory(mock_dimse_pacs.port, network_timeout=0.5)
+    first_study(backend)
+    assert mock_dimse_pacs.current_associations == 1  # pooled
+    deadline = time.monotonic() + 5
+    while mock_dimse_pacs.current_associations and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert mock_dimse_pacs.current_associations == 0

@@ -45,7 +45,7 @@ def validate_ae_title(value: str) -> str:
 AETitle = Annotated[str, AfterValidator(validate_ae_title)]
 
 #: The DIMSE stack used when a source names none (and has no tls).
-DEFAULT_TRANSPORT = "pynetdicom"
+DEFAULT_TRANSPORT = "native"
 
 
 class TlsOptions(Strict):

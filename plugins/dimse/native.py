@@ -210,6 +210,18 @@ class Link(asyncio.Protocol):
         else:
             raise ValueError(f"unknown PDU type 0x{pdu_type:02X}")
 
+    def close_when_idle(self, idle: float) -> None:
+        """Abort the association once nothing arrived for ``idle`` seconds
+        (network_timeout; loop thread), as pynetdicom does."""
+        if self.closed:
+            return
+        left = self.last_activity + idle - time.monotonic()
+        if left <= 0:
+            log.debug("closing an association idle for %.0f s (network_timeout)", idle)
+            self.abort()
+            return
+        asyncio.get_running_loop().call_later(min(left, 5.0) + 0.01, self.close_when_idle, idle)
+
     # sending (loop thread) ----------------------------------------------------
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -564,6 +576,7 @@ def associate(
         int(cx.context_id): (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in accepted
     }
     assoc = Association(link, inbox, where, timeouts, accepted, rejected)
+    loop.call(link.close_when_idle, timeouts.network)
     if not accepted:
         assoc.release()
         raise NoAcceptedContexts(
