@@ -11,8 +11,8 @@ plugin's test suite).
 
 from __future__ import annotations
 
+from dqr.testing.dcmqrscp import *  # noqa: F403, E402
 from dqr.testing.fault_proxy import *  # noqa: F403, E402
 from dqr.testing.fixtures_dicomweb import *  # noqa: F403
 from dqr.testing.fixtures_dimse import *  # noqa: F403
 from dqr.testing.fixtures_orthanc import *  # noqa: F403
-from dqr.testing.dcmqrscp import *  # noqa: F403, E402
