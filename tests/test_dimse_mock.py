@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 
@@ -499,19 +500,24 @@ def test_c_move_refuses_c_stores_from_another_ae_and_instances_not_asked_for(
     study = first_study(backend)
     series = next(backend.query_series(study))
     stored = next(iter(mock_dimse_cohort.instances(study.study_uid, series.series_uid)))
-    injected = dcmread(__import__("io").BytesIO(stored.read_part10()))
+    injected = dcmread(io.BytesIO(stored.read_part10()))
     outcomes = {}
-
-    def store(instance):
-        if not outcomes:  # while the move is in flight
-            outcomes["evil"] = evil_store(port, injected)
-            foreign = injected.copy()
-            foreign.SOPInstanceUID = generate_uid()
-            outcomes["foreign"] = evil_store(port, foreign, calling_aet="MOCKPACS")
-        received.append(instance)
-
     received = []
-    backend.retrieve(RetrieveRequest(study, series), store)
+    mock_dimse_pacs.faults.delay = 0.3  # keeps the move in flight while the intruders send
+
+    def intrude():  # from another thread: the store callback must not wait on the network
+        deadline = time.monotonic() + 10
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.01)
+        outcomes["evil"] = evil_store(port, injected)
+        foreign = injected.copy()
+        foreign.SOPInstanceUID = generate_uid()
+        outcomes["foreign"] = evil_store(port, foreign, calling_aet="MOCKPACS")
+
+    intruder = threading.Thread(target=intrude)
+    intruder.start()
+    backend.retrieve(RetrieveRequest(study, series), received.append)
+    intruder.join()
     assert outcomes["evil"] in (None, 0xC001)  # association rejected, or the C-STORE refused
     assert outcomes["foreign"] == 0xC001
     assert len(received) == 3

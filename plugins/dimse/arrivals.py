@@ -104,7 +104,9 @@ class Arrivals:
         """Wait until ``expected`` instances arrived or none came for
         ``idle_timeout`` seconds (asynchronous C-MOVE: the C-STOREs may
         follow the final C-MOVE response)."""
-        if self.inbox is not None:
+        from dqr.plugins.dimse import native
+
+        if self.inbox is not None and not native.STORE_ON_LOOP:
             while self.count < expected:
                 left = self.last_arrival + idle_timeout - time.monotonic()
                 if left <= 0:
