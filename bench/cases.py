@@ -26,7 +26,7 @@ from bench.setup import (
     write_local_cohort,
 )
 
-CASES = ("query", "dimse", "dicomweb", "relabel", "growth", "validate", "throttle")
+CASES = ("query", "dimse", "dimse-large", "dicomweb", "relabel", "growth", "validate", "throttle")
 
 
 @dataclass
@@ -84,7 +84,7 @@ def store_port(world: World) -> int:
     raise RuntimeError("no free port for the C-MOVE storage SCP")
 
 
-def dimse_source(world: World, retrieve: str = "c-get") -> dict:
+def dimse_source(world: World, retrieve: str = "c-get", transport: str | None = None) -> dict:
     source = {
         "type": "dimse",
         "host": "127.0.0.1",
@@ -93,6 +93,8 @@ def dimse_source(world: World, retrieve: str = "c-get") -> dict:
         "calling_aet": CALLING_AET,
         "retrieve": retrieve,
     }
+    if transport:
+        source["transport"] = transport
     if retrieve == "c-move":
         source.update(move_destination=CALLING_AET, store_port=0, store_host="127.0.0.1")  # port: per run
     return source
@@ -205,19 +207,42 @@ def query_case(world: World) -> list[Variant]:
 
 def dimse_case(world: World) -> list[Variant]:
     n = world.sizes.retrieve_studies
-    studies = world.first(n)
-    csv = labelled_csv(world.inputs / f"retrieve-{n}.csv", studies)
-    uids = lines_file(world.inputs / f"study-uids-{n}.txt", [s.study_uid for s in studies])
-    expected = world.instances(n)
+    return dimse_variants(world, "dimse", world.first(n), n, pynetdicom_variant=True)
+
+
+def dimse_large_case(world: World) -> list[Variant]:
+    """Issue 13: large instances (512 x 512 16-bit, ~130 MB in all), where
+    bytes rather than messages dominate."""
+    from bench.setup import seed_large
+
+    studies = seed_large(world)
+    return dimse_variants(world, "dimse-large", studies, len(studies))
+
+
+def dimse_variants(world: World, case: str, studies: list, n: int, pynetdicom_variant: bool = False) -> list[Variant]:
+    tag = f"{case}-{n}"
+    csv = labelled_csv(world.inputs / f"retrieve-{tag}.csv", studies)
+    uids = lines_file(world.inputs / f"study-uids-{tag}.txt", [s.study_uid for s in studies])
+    expected = sum(s.instances for s in studies)
+
+    def run(name: str, source: dict, description: str) -> Variant:
+        variant = dqr_run(world, case, name, source, csv, n, description=description)
+        variant.expected_files = expected
+        return variant
+
     variants = [
-        dqr_run(world, "dimse", "dqr run c-get", dimse_source(world, "c-get"), csv, n,
-                description="dqr run: query, C-GET, relabel, store (fsync'd), default limits (max_retrievals 2)"),
-        dqr_run(world, "dimse", "dqr run c-move", dimse_source(world, "c-move"), csv, n,
-                description="dqr run: query, C-MOVE to dqr's storage SCP, relabel, store, default limits"),
+        run("dqr run c-get", dimse_source(world, "c-get"),
+            "dqr run: query, C-GET, relabel, store (fsync'd), default limits (max_retrievals 2), transport native"),
+        run("dqr run c-move", dimse_source(world, "c-move"),
+            "dqr run: query, C-MOVE to dqr's storage SCP, relabel, store, default limits, transport native"),
     ]
-    script = world.inputs / "getscu-loop.sh"
+    if pynetdicom_variant:
+        variants.append(run("dqr run c-get pynetdicom", dimse_source(world, "c-get", "pynetdicom"),
+                            "dqr run as above over `transport: pynetdicom` (the previous DIMSE stack)"))
+    getscu = world.inputs / f"getscu-loop-{tag}.sh"
+    movescu = world.inputs / f"movescu-loop-{tag}.sh"
     if world.getscu:
-        script.write_text(
+        getscu.write_text(
             "#!/bin/bash\n# one dcmtk getscu process per study, into the folder given as $1\n"
             "# Debian's DCMTK leaves Nagle on unless told: the competitor at its best\n"
             "export TCP_NODELAY=1\n"
@@ -227,14 +252,37 @@ def dimse_case(world: World) -> list[Variant]:
             f"-k StudyInstanceUID=\"$uid\" -od \"$1\" 127.0.0.1 {world.orthanc.dicom_port} >/dev/null 2>&1 || exit 1\n"
             f"done < {uids}\n"
         )
+    movescu_tool = world.getscu and str(Path(world.getscu).with_name("movescu"))
+
+    def movescu_command(run_dir: Path) -> list[str]:
+        # the storage SCP is movescu's own (--port), registered in Orthanc like dqr's
+        port = store_port(world)
+        movescu.write_text(
+            "#!/bin/bash\n# one dcmtk movescu process per study, each its own storage SCP on $2\n"
+            "export TCP_NODELAY=1\n"
+            'mkdir -p "$1"\n'
+            "while IFS= read -r uid; do\n"
+            f"  {movescu_tool} -S -aet {CALLING_AET} -aem {CALLING_AET} -aec {CALLED_AET} --port \"$2\" "
+            f"-k QueryRetrieveLevel=STUDY -k StudyInstanceUID=\"$uid\" -od \"$1\" "
+            f"127.0.0.1 {world.orthanc.dicom_port} >/dev/null 2>&1 || exit 1\n"
+            f"done < {uids}\n"
+        )
+        return ["bash", str(movescu), str(_out(run_dir)), str(port)]
+
     variants.append(Variant(
-        "dimse", "getscu loop", lambda run: ["bash", str(script), str(_out(run))],
+        case, "getscu loop", lambda run: ["bash", str(getscu), str(_out(run))],
         "bash loop, one dcmtk getscu process per study (TCP_NODELAY=1), files as received", role="reference",
         files_dir=_out, expected_files=expected, units=n,
         skipped=None if world.getscu else "dcmtk getscu not installed",
     ))
     variants.append(Variant(
-        "dimse", "pynetdicom C-GET",
+        case, "movescu loop", movescu_command,
+        "bash loop, one dcmtk movescu process per study with its own storage SCP (--port), TCP_NODELAY=1",
+        role="reference", files_dir=_out, expected_files=expected, units=n,
+        skipped=None if movescu_tool and Path(movescu_tool).exists() else "dcmtk movescu not installed",
+    ))
+    variants.append(Variant(
+        case, "pynetdicom C-GET",
         lambda run: floor(world, "cget", "--port", str(world.orthanc.dicom_port), "--studies", str(uids), "--out", str(_out(run))),
         "raw pynetdicom, one association (TCP_NODELAY), one C-GET per study, files written unmodified",
         role="floor", files_dir=_out, expected_files=expected, units=n,
@@ -333,6 +381,7 @@ def throttle_case(world: World) -> list[Variant]:
 BUILDERS = {
     "query": query_case,
     "dimse": dimse_case,
+    "dimse-large": dimse_large_case,
     "dicomweb": dicomweb_case,
     "relabel": relabel_case,
     "growth": growth_case,

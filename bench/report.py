@@ -54,7 +54,13 @@ def targets(results: dict) -> list[dict]:
     ratio_target("query", "dqr query / raw pynetdicom 1 association ≤ 1.0", "dqr query", "pynetdicom 1 assoc", 1.0)
     ratio_target("dimse", "dqr C-GET / raw pynetdicom C-GET ≤ 1.15", "dqr run c-get", "pynetdicom C-GET", 1.15)
     ratio_target("dimse", "dqr C-MOVE / raw pynetdicom C-GET ≤ 1.15", "dqr run c-move", "pynetdicom C-GET", 1.15)
+    ratio_target("dimse", "dqr C-GET / getscu loop ≤ 1.5 (issue 13)", "dqr run c-get", "getscu loop", 1.5)
+    ratio_target("dimse", "dqr C-MOVE / getscu loop ≤ 2.0 (issue 13)", "dqr run c-move", "getscu loop", 2.0)
+    ratio_target("dimse", "dqr C-MOVE / movescu+SCP loop ≤ 1.0 (issue 13)", "dqr run c-move", "movescu loop", 1.0)
     ratio_target("dimse", "stretch: dqr C-GET / getscu loop ≤ 1.0", "dqr run c-get", "getscu loop", 1.0)
+    ratio_target("dimse-large", "large: dqr C-GET / getscu loop ≤ 1.5", "dqr run c-get", "getscu loop", 1.5)
+    ratio_target("dimse-large", "large: dqr C-MOVE / getscu loop ≤ 2.0", "dqr run c-move", "getscu loop", 2.0)
+    ratio_target("dimse-large", "large: dqr C-MOVE / movescu+SCP loop ≤ 1.0", "dqr run c-move", "movescu loop", 1.0)
     ratio_target("dicomweb", "dqr WADO-RS / dicomweb-client loop ≤ 1.0", "dqr run dicomweb", "dicomweb-client", 1.0)
     ratio_target("dicomweb", "dqr WADO-RS / raw HTTP ≤ 1.3", "dqr run dicomweb", "raw HTTP", 1.3)
 
@@ -168,6 +174,7 @@ def series_extra(results: dict, case: str) -> list[str]:
 TITLES = {
     "query": "1. Query (study-level C-FIND per CSV row)",
     "dimse": "2. Retrieve over DIMSE (query, retrieve, relabel, store)",
+    "dimse-large": "2b. Retrieve over DIMSE, large instances (512 x 512 16-bit, ~130 MB)",
     "dicomweb": "3. Retrieve over DICOMweb",
     "relabel": "4. Relabel + store alone (local folder, no network)",
     "growth": "5a. Growth: dqr run (C-GET) with more studies",

@@ -96,6 +96,7 @@ class World:
     studies: list[StudyInfo]  # retrieve cohort, generation order
     query_accessions: list[str]
     inputs: Path = field(init=False)
+    large_studies: list[StudyInfo] | None = None
 
     def __post_init__(self) -> None:
         self.inputs = self.root / "inputs"
@@ -162,6 +163,26 @@ def seed(orthanc: OrthancServer, sizes: Sizes) -> tuple[list[StudyInfo], list[st
     retrieve = list(studies.values())[: sizes.cohort_studies]
     accessions = [info.accession for info in queried.values()][: sizes.query_rows]
     return retrieve, accessions
+
+
+#: Issue 13's large-instance cohort: 4 studies of 512 x 512 16-bit images,
+#: ~250 instances, ~130 MB (quick: 64 x 64).
+LARGE_IMAGE = 512
+LARGE_INSTANCES_PER_SERIES = 28
+
+
+def seed_large(world: World) -> list[StudyInfo]:
+    if world.large_studies is None:
+        quick = world.sizes.image_size < 64
+        spec = CohortSpec(
+            patients=1 if quick else 2, studies_per_patient=2,
+            instances_per_series=2 if quick else LARGE_INSTANCES_PER_SERIES,
+            rows=64 if quick else LARGE_IMAGE, columns=64 if quick else LARGE_IMAGE, seed=77,
+        )
+        found: dict[str, StudyInfo] = {}
+        world.orthanc.seed(_recording(generate_cohort(spec), found))
+        world.large_studies = list(found.values())
+    return world.large_studies
 
 
 def write_local_cohort(world: World) -> Path:

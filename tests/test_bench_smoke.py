@@ -17,7 +17,7 @@ import pytest
 from dqr.testing.fixtures_orthanc import require_orthanc
 
 REPO = Path(__file__).resolve().parent.parent
-EXPECTED_CASES = ["query", "dimse", "dicomweb", "relabel", "growth", "validate", "throttle"]
+EXPECTED_CASES = ["query", "dimse", "dimse-large", "dicomweb", "relabel", "growth", "validate", "throttle"]
 
 pytestmark = [pytest.mark.slow, pytest.mark.orthanc]
 

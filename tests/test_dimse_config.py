@@ -18,8 +18,25 @@ def problems(site, **keys) -> str:
 
 def test_minimal_source_gets_documented_defaults(site):
     source = load_config(site(source=PACS)).sources["main"]
-    assert (source.calling_aet, source.query_model, source.retrieve) == ("DQR", "study", "c-get")
+    assert (source.calling_aet, source.query_model, source.retrieve) == ("DQR", "study", "auto")
     assert source.destination_aet == "DQR"
+    assert source.source_aets == {"ORTHANC"}  # C-STOREs only from the PACS's own AE title
+    assert source.store_host is None  # bound to the address that reaches `host`
+
+
+def test_native_transport_with_tls_is_a_clear_error(site):
+    assert "transport: native does not speak TLS" in problems(
+        site, transport="native", tls={"ca_file": "ca.pem"}
+    )
+
+
+def test_tls_without_a_transport_uses_pynetdicom(site, tmp_path):
+    source = load_config(site(source={**PACS, "tls": {}})).sources["main"]
+    assert source.effective_transport == "pynetdicom"
+
+
+def test_unknown_transport_is_refused(site):
+    assert "sources.main.transport" in problems(site, transport="dcmtk")
 
 
 def test_ae_title_longer_than_16_characters_is_refused(site):

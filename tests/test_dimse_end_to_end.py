@@ -41,19 +41,20 @@ def run_and_check_archive(dqr, site, write_csv, tmp_path, orthanc, source):
     )
 
 
-def test_run_retrieves_by_c_get(dqr, site, write_csv, tmp_path, orthanc):
-    run_and_check_archive(
-        dqr, site, write_csv, tmp_path, orthanc, dimse_source(orthanc, retrieve="c-get")
-    )
+def test_run_retrieves_by_c_get(dqr, site, write_csv, tmp_path, orthanc, dimse_transport):
+    source = dimse_source(orthanc, retrieve="c-get", transport=dimse_transport)
+    run_and_check_archive(dqr, site, write_csv, tmp_path, orthanc, source)
 
 
-def test_run_retrieves_by_c_move(dqr, site, write_csv, tmp_path, orthanc, free_loopback_port):
+def test_run_retrieves_by_c_move(
+    dqr, site, write_csv, tmp_path, orthanc, free_loopback_port, dimse_transport
+):
     orthanc.add_modality("dqre2e", "DQRE2E", "127.0.0.1", free_loopback_port)
     source = dimse_source(
         orthanc,
         retrieve="c-move",
         move_destination="DQRE2E",
         store_port=free_loopback_port,
-        store_host="127.0.0.1",
+        transport=dimse_transport,
     )
     run_and_check_archive(dqr, site, write_csv, tmp_path, orthanc, source)

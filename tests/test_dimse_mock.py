@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 
@@ -220,28 +221,36 @@ def test_association_closed_by_the_pacs_is_not_reused(mock_dimse_pacs, dimse_bac
     assert first_study(backend)
 
 
+def client_socket(assoc):
+    link = getattr(assoc, "link", None)
+    return link.transport.get_extra_info("socket") if link else assoc.dul.socket.socket
+
+
 def test_client_and_server_sockets_have_tcp_nodelay(mock_dimse_pacs, dimse_backend_factory):
     backend = dimse_backend_factory(mock_dimse_pacs.port)
     with backend.pool.lease() as (assoc, _):
-        assert has_nodelay(assoc.dul.socket.socket)
+        assert has_nodelay(client_socket(assoc))
         accepted = mock_dimse_pacs._server.active_associations
         assert accepted and all(has_nodelay(a.dul.socket.socket) for a in accepted)
 
 
 def test_move_receiver_sockets_have_tcp_nodelay(mock_dimse_pacs, dimse_backend_factory):
     from pynetdicom import AE, build_context
-    from pynetdicom.sop_class import Verification
+
+    from dqr.plugins.dimse.arrivals import Arrivals
 
     backend = dimse_backend_factory(mock_dimse_pacs.port, retrieve="c-move", store_port=0)
+    study = first_study(backend)
+    request = RetrieveRequest(study, next(backend.query_series(study)))
     receiver = backend.move_receiver()
-    ae = AE("PROBE")
-    assoc = ae.associate("127.0.0.1", receiver.port, [build_context(CT_IMAGE)], ae_title="DQR")
-    try:
-        assert assoc.is_established
-        assert all(has_nodelay(a.dul.socket.socket) for a in receiver.active_associations)
-    finally:
-        assoc.release()
-    assert Verification  # imported for symmetry with the server's contexts
+    ae = AE("MOCKPACS")  # the PACS's AE title: the only one the receiver accepts
+    with receiver.expecting(1, Arrivals(lambda instance: None, native=backend.native), request):
+        assoc = ae.associate("127.0.0.1", receiver.port, [build_context(CT_IMAGE)], ae_title="DQR")
+        try:
+            assert assoc.is_established
+            assert receiver.sockets and all(has_nodelay(sock) for sock in receiver.sockets)
+        finally:
+            assoc.release()
 
 
 # -- retrieval ------------------------------------------------------------------------
@@ -352,6 +361,7 @@ def test_store_failure_fails_the_c_store_and_is_raised(mock_dimse_pacs, dimse_ba
     assert any("could not store 3" in note for note in caught.value.__notes__)
 
 
+@pytest.mark.parametrize("dimse_transport", ["pynetdicom"])  # a pynetdicom race
 def test_a_final_response_that_never_reaches_the_query_aborts_the_association(
     mock_dimse_pacs, dimse_backend_factory, monkeypatch
 ):
@@ -373,6 +383,7 @@ def test_a_final_response_that_never_reaches_the_query_aborts_the_association(
     assert assoc.is_aborted
 
 
+@pytest.mark.parametrize("dimse_transport", ["pynetdicom"])  # a pynetdicom race
 def test_a_final_response_taken_in_time_leaves_the_association_open(
     mock_dimse_pacs, dimse_backend_factory, monkeypatch
 ):
@@ -385,3 +396,144 @@ def test_a_final_response_taken_in_time_leaves_the_association_open(
     assert mock_dimse_pacs.current_associations == 1  # the pooled association survived
     first_study(backend)
     assert mock_dimse_pacs.requests["C-FIND"] == 2
+
+
+# -- retrieve: auto -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("refusal", ["context", "role"])
+def test_auto_falls_back_to_c_move_when_c_get_is_refused_and_remembers(
+    mock_dimse_pacs, dimse_backend_factory, refusal
+):
+    mock_dimse_pacs.faults.transport.refuse_get = refusal
+    backend = dimse_backend_factory(mock_dimse_pacs.port, store_port=0)
+    mock_dimse_pacs.add_destination("DQR", "127.0.0.1", backend.move_receiver().port)
+    assert backend.retrieve_mode is None
+    _, _, report, received = retrieve_first_series(backend)
+    assert len(received) == 3 and report.completed == 3
+    assert backend.retrieve_mode == "c-move"
+    assert mock_dimse_pacs.requests["C-GET"] == 0 and mock_dimse_pacs.requests["C-MOVE"] == 1
+    retrieve_first_series(backend)
+    assert mock_dimse_pacs.requests["C-MOVE"] == 2  # not probed again
+
+
+def test_auto_falls_back_when_c_get_is_answered_unable_to_process(mock_dimse_pacs, dimse_backend_factory):
+    mock_dimse_pacs.faults.statuses = [StatusFault(service="C-GET", status=0xC000)]
+    backend = dimse_backend_factory(mock_dimse_pacs.port, store_port=0)
+    mock_dimse_pacs.add_destination("DQR", "127.0.0.1", backend.move_receiver().port)
+    _, _, report, received = retrieve_first_series(backend)
+    assert len(received) == 3 and backend.retrieve_mode == "c-move"
+
+
+def test_auto_keeps_c_get_when_the_pacs_does_it(mock_dimse_pacs, dimse_backend_factory):
+    backend = dimse_backend_factory(mock_dimse_pacs.port, store_port=0)
+    retrieve_first_series(backend)
+    assert backend.retrieve_mode == "c-get" and mock_dimse_pacs.requests["C-MOVE"] == 0
+
+
+def test_auto_without_store_port_says_c_get_was_refused_and_c_move_needs_it(
+    mock_dimse_pacs, dimse_backend_factory
+):
+    mock_dimse_pacs.faults.transport.refuse_get = "context"
+    backend = dimse_backend_factory(mock_dimse_pacs.port)
+    with pytest.raises(RemoteError, match="C-GET refused.*not possible without `store_port`") as caught:
+        retrieve_first_series(backend)
+    assert not caught.value.retriable
+
+
+def test_a_remembered_mode_is_used_without_probing(mock_dimse_pacs, dimse_backend_factory, tmp_path):
+    from dqr.backend import SourceContext
+    from dqr.config import Limits
+    from dqr.plugins.dimse import DimseSourceConfig, make_backend
+
+    config = DimseSourceConfig.model_validate(
+        {"type": "dimse", "host": "127.0.0.1", "port": mock_dimse_pacs.port, "called_aet": "MOCKPACS",
+         "store_port": 0}
+    )
+    backend = make_backend(config, SourceContext("pacs", tmp_path, Limits()), retrieve_mode="c-move")
+    try:
+        mock_dimse_pacs.add_destination("DQR", "127.0.0.1", backend.move_receiver().port)
+        retrieve_first_series(backend)
+        assert mock_dimse_pacs.requests["C-GET"] == 0 and mock_dimse_pacs.requests["C-MOVE"] == 1
+    finally:
+        backend.close()
+
+
+def test_echo_describes_what_the_pacs_accepts(mock_dimse_pacs, dimse_backend_factory):
+    mock_dimse_pacs.faults.transport.refuse_get = "context"
+    backend = dimse_backend_factory(mock_dimse_pacs.port)
+    described = backend.echo()
+    assert "OK" in described
+    assert "Study Root: C-FIND yes, C-GET no, C-MOVE yes" in described
+    assert "C-MOVE to DQR: refused" in described  # the mock does not know DQR yet
+    assert "Explicit VR Little Endian" in described
+
+
+# -- C-MOVE: only the PACS, only the instances asked for -------------------------------
+
+
+def evil_store(port, dataset, calling_aet="EVIL"):
+    """A second SCU sending one C-STORE to dqr's storage SCP; its status, or
+    None when the association was refused."""
+    from pynetdicom import AE
+
+    ae = AE(calling_aet)
+    ae.add_requested_context(CT_IMAGE)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DQR")
+    if not assoc.is_established:
+        return None
+    try:
+        return int(assoc.send_c_store(dataset).Status)
+    finally:
+        assoc.release()
+
+
+def test_c_move_refuses_c_stores_from_another_ae_and_instances_not_asked_for(
+    mock_dimse_pacs, dimse_backend_factory, mock_dimse_cohort, caplog
+):
+    from pydicom import dcmread
+    from pydicom.uid import generate_uid
+
+    backend = dimse_backend_factory(mock_dimse_pacs.port, retrieve="c-move", store_port=0)
+    port = backend.move_receiver().port
+    mock_dimse_pacs.add_destination("DQR", "127.0.0.1", port)
+    study = first_study(backend)
+    series = next(backend.query_series(study))
+    stored = next(iter(mock_dimse_cohort.instances(study.study_uid, series.series_uid)))
+    injected = dcmread(io.BytesIO(stored.read_part10()))
+    outcomes = {}
+    received = []
+    mock_dimse_pacs.faults.delay = 0.3  # keeps the move in flight while the intruders send
+
+    def intrude():  # from another thread: the store callback must not wait on the network
+        deadline = time.monotonic() + 10
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.01)
+        outcomes["evil"] = evil_store(port, injected)
+        foreign = injected.copy()
+        foreign.SOPInstanceUID = generate_uid()
+        outcomes["foreign"] = evil_store(port, foreign, calling_aet="MOCKPACS")
+
+    intruder = threading.Thread(target=intrude)
+    intruder.start()
+    backend.retrieve(RetrieveRequest(study, series), received.append)
+    intruder.join()
+    assert outcomes["evil"] in (None, 0xC001)  # association rejected, or the C-STORE refused
+    assert outcomes["foreign"] == 0xC001
+    assert len(received) == 3
+    assert "EVIL" in caplog.text and "PAT" not in caplog.text  # logged, without PHI
+
+
+def test_storage_scp_binds_the_address_that_reaches_the_pacs(mock_dimse_pacs, dimse_backend_factory):
+    backend = dimse_backend_factory(mock_dimse_pacs.port, retrieve="c-move", store_port=0)
+    assert backend.move_receiver().host == "127.0.0.1"
+
+
+def test_an_idle_association_is_closed_after_network_timeout(mock_dimse_pacs, dimse_backend_factory):
+    backend = dimse_backend_factory(mock_dimse_pacs.port, network_timeout=0.5)
+    first_study(backend)
+    assert mock_dimse_pacs.current_associations == 1  # pooled
+    deadline = time.monotonic() + 5
+    while mock_dimse_pacs.current_associations and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert mock_dimse_pacs.current_associations == 0

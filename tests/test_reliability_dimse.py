@@ -64,7 +64,7 @@ def dimse_source(server, **keys) -> dict:
 
 
 @pytest.fixture
-def dimse_job(site, write_csv, mock_dimse_pacs):
+def dimse_job(site, write_csv, mock_dimse_pacs, dimse_transport):
     """``dimse_job(accessions, server=mock_dimse_pacs, limits={}, **site_keys)``:
     a site config on the mock DIMSE PACS with a CSV of accession numbers
     (one row each, labelled ``S<n>``/``S<n>_A``)."""
@@ -73,7 +73,7 @@ def dimse_job(site, write_csv, mock_dimse_pacs):
         rows = "".join(f"{a},S{i},S{i}_A\n" for i, a in enumerate(accessions, start=1))
         csv_path = write_csv("Accession Number,Subject,Session\n" + rows)
         return site(
-            source=dimse_source(server or mock_dimse_pacs),
+            source=dimse_source(server or mock_dimse_pacs, transport=dimse_transport),
             limits={**FAST, **(limits or {})},
             csv=str(csv_path),
             **overrides,

@@ -31,7 +31,7 @@ SLOW = 0.05
 
 
 @pytest.fixture
-def kill_job(site, write_csv, mock_dimse_pacs) -> Path:
+def kill_job(site, write_csv, mock_dimse_pacs, dimse_transport) -> Path:
     rows = "".join(f"{a},{s},{t}\n" for a, (s, t) in LABELS.items())
     return site(
         source={
@@ -42,6 +42,7 @@ def kill_job(site, write_csv, mock_dimse_pacs) -> Path:
             "calling_aet": "DQR",
             "dimse_timeout": 10,
             "acse_timeout": 10,
+            "transport": dimse_transport,
         },
         limits={"backoff_initial": 0.01, "backoff_max": 0.05, "retries": 2, "max_retrievals": 2},
         csv=str(write_csv("Accession Number,Subject,Session\n" + rows)),

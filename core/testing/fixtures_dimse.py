@@ -11,6 +11,10 @@
 - ``free_loopback_port`` / ``closed_loopback_port``: a 127.0.0.1 port that
   was free a moment ago (for a storage SCP the PACS must be told about
   first), and one where nothing listens (connection refused).
+- ``dimse_transport``: ``"native"`` and ``"pynetdicom"``: every test using it
+  (or ``dimse_backend_factory``, which passes it as the source's
+  ``transport``) runs once per DIMSE stack. A test for one stack only
+  parametrizes it directly: ``@pytest.mark.parametrize("dimse_transport", ["pynetdicom"])``.
 - ``dimse_backend_factory``: ``dimse_backend_factory(port, called_aet=...,
   limits={...}, **source_keys)`` builds a ``dimse`` backend (a
   :class:`DimseBackend`) with ``calling_aet: DQR``; closed after.
@@ -35,8 +39,11 @@ __all__ = [
     "mock_dimse_pacs",
     "mock_dimse_pacs_session",
     "closed_loopback_port",
+    "dimse_transport",
     "free_loopback_port",
 ]
+
+DIMSE_TRANSPORTS = ("native", "pynetdicom")
 
 DEFAULT_COHORT = CohortSpec(patients=4, studies_per_patient=2, instances_per_series=3)
 
@@ -97,8 +104,13 @@ def closed_loopback_port() -> int:
     return _unused_port()
 
 
+@pytest.fixture(params=DIMSE_TRANSPORTS)
+def dimse_transport(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest.fixture
-def dimse_backend_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+def dimse_backend_factory(tmp_path: Path, dimse_transport: str) -> Iterator[Callable[..., Any]]:
     from dqr.backend import SourceContext
     from dqr.config import Limits
     from dqr.plugins.dimse import DimseSourceConfig, make_backend
@@ -115,7 +127,7 @@ def dimse_backend_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
                 "port": port,
                 "called_aet": called_aet,
                 "calling_aet": "DQR",
-                "store_host": "127.0.0.1",
+                "transport": dimse_transport,
                 "dimse_timeout": 10,
                 "acse_timeout": 10,
                 **keys,

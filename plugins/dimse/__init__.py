@@ -44,6 +44,9 @@ def validate_ae_title(value: str) -> str:
 
 AETitle = Annotated[str, AfterValidator(validate_ae_title)]
 
+#: The DIMSE stack used when a source names none (and has no tls).
+DEFAULT_TRANSPORT = "native"
+
 
 class TlsOptions(Strict):
     """DICOM over TLS. Paths are relative to the site config's directory."""
@@ -72,14 +75,28 @@ class DimseSourceConfig(SourceConfig):
     query_model: Literal["study", "patient"] = Field(
         "study", description="Study Root or Patient Root C-FIND/C-GET/C-MOVE"
     )
-    retrieve: Literal["c-get", "c-move"] = "c-get"
+    retrieve: Literal["auto", "c-get", "c-move"] = Field(
+        "auto",
+        description="auto: C-GET, falling back to C-MOVE (needs store_port) when the PACS refuses C-GET",
+    )
+    transport: Literal["native", "pynetdicom"] | None = Field(
+        None,
+        description="DIMSE stack: native (dqr's event loop; default) or pynetdicom (default with tls)",
+    )
     move_destination: AETitle | None = Field(
         None, description="c-move: AE title the PACS sends to (default: calling_aet)"
     )
     store_port: int | None = Field(
         None, ge=0, le=65535, description="c-move: port of dqr's storage SCP (0 = any free port)"
     )
-    store_host: str = Field("0.0.0.0", description="c-move: address dqr's storage SCP binds to")
+    store_host: str | None = Field(
+        None,
+        description="c-move: address dqr's storage SCP binds to (default: the local address that reaches `host`)",
+    )
+    move_source_aets: list[AETitle] | None = Field(
+        None,
+        description="c-move: calling AE titles allowed to send C-STOREs to dqr (default: called_aet)",
+    )
     tls: TlsOptions | None = None
     connect_timeout: float = Field(10.0, gt=0, description="TCP connect, seconds")
     acse_timeout: float = Field(
@@ -102,15 +119,36 @@ class DimseSourceConfig(SourceConfig):
             )
         return self
 
+    @model_validator(mode="after")
+    def _native_has_no_tls(self) -> DimseSourceConfig:
+        if self.transport == "native" and self.tls is not None:
+            raise ValueError(
+                "transport: native does not speak TLS yet: use `transport: pynetdicom` with `tls:` "
+                "(or leave `transport` out: it then defaults to pynetdicom when tls is set)"
+            )
+        return self
+
     @property
     def destination_aet(self) -> str:
         return self.move_destination or self.calling_aet
 
+    @property
+    def effective_transport(self) -> str:
+        if self.transport is not None:
+            return self.transport
+        return "pynetdicom" if self.tls is not None else DEFAULT_TRANSPORT
 
-def make_backend(config: DimseSourceConfig, context: SourceContext):
+    @property
+    def source_aets(self) -> frozenset[str]:
+        return frozenset(self.move_source_aets or [self.called_aet])
+
+
+def make_backend(config: DimseSourceConfig, context: SourceContext, retrieve_mode: str | None = None):
+    """``retrieve_mode``: what ``retrieve: auto`` found on an earlier run
+    (``DimseBackend.retrieve_mode``), so that it is not probed again."""
     from dqr.plugins.dimse.backend import DimseBackend
 
-    return DimseBackend(config, context)
+    return DimseBackend(config, context, retrieve_mode=retrieve_mode)
 
 
 @dqr.hookimpl

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
+import socket
 import ssl
 import threading
 import time
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import StoragePresentationContexts, build_context, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (
@@ -37,10 +39,10 @@ from pynetdicom.sop_class import (
 from dqr.backend import SourceContext, StoreCallback
 from dqr.errors import IncompleteRetrieveError, RemoteError
 from dqr.model import Instance, RetrieveReport, RetrieveRequest, Series, Study, StudyQuery
-from dqr.plugins.dimse import DimseSourceConfig
+from dqr.plugins.dimse import DimseSourceConfig, native
 from dqr.plugins.dimse import queries as q
-from dqr.plugins.dimse.arrivals import Arrivals, MoveReceiver
-from dqr.plugins.dimse.network import Peer, tls_client_context
+from dqr.plugins.dimse.arrivals import Arrivals, MoveReceiver, NativeMoveReceiver
+from dqr.plugins.dimse.network import Peer, accepted_transfer_syntaxes, tls_client_context
 from dqr.plugins.dimse.pool import AssociationPool
 from dqr.plugins.dimse.status import (
     MOVE_DESTINATION_UNKNOWN,
@@ -48,6 +50,8 @@ from dqr.plugins.dimse.status import (
     SUBOPERATION_WARNINGS,
     SUCCESS,
     DimseStatusError,
+    NoAcceptedContexts,
+    describe_status,
     is_refused_query,
     lost_response_error,
     move_destination_error,
@@ -66,6 +70,7 @@ MODELS = {
         PatientRootQueryRetrieveInformationModelMove,
     ),
 }
+log = logging.getLogger(__name__)
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 #: One association carries at most 128 presentation contexts (PS3.8 9.3.2.2);
 #: a C-GET needs one of them for the Get model itself.
@@ -75,9 +80,21 @@ MAX_STORAGE_CONTEXTS = 127
 class DimseBackend:
     """A PACS spoken to over DIMSE; thread-safe."""
 
-    def __init__(self, config: DimseSourceConfig, context: SourceContext) -> None:
+    def __init__(
+        self, config: DimseSourceConfig, context: SourceContext, retrieve_mode: str | None = None
+    ) -> None:
         self.config = config
         self.limits = context.limits
+        self.native = config.effective_transport == "native"
+        self.timeouts = native.Timeouts(
+            config.connect_timeout, config.acse_timeout, config.dimse_timeout, config.network_timeout
+        )
+        #: c-get or c-move; with ``retrieve: auto``, ``None`` until the first
+        #: retrieval found out (an earlier run's answer may be passed back).
+        self.retrieve_mode: str | None = (
+            config.retrieve if config.retrieve != "auto" else _checked_mode(retrieve_mode)
+        )
+        self._probe_lock = threading.Lock()
         self.peer = Peer(
             config.host,
             config.port,
@@ -99,16 +116,31 @@ class DimseBackend:
             max_idle=min(20.0, config.network_timeout),
         )
         self._retrievals = threading.BoundedSemaphore(context.limits.max_retrievals)
-        self._receiver: MoveReceiver | None = None
+        self._receiver: MoveReceiver | NativeMoveReceiver | None = None
         self._receiver_lock = threading.Lock()
         self._message_ids = itertools.cycle(range(1, 65536))
         self._message_id_lock = threading.Lock()
 
     # -- associations ----------------------------------------------------------
 
+    def _associate(
+        self,
+        contexts: list[Any],
+        roles: list[Any] = (),  # type: ignore[assignment]
+        evt_handlers: list[Any] = (),  # type: ignore[assignment]
+        inbox: Any = None,
+    ) -> Any:
+        """An association on the configured transport (both raise classified
+        :class:`RemoteError`\\ s)."""
+        if self.native:
+            return native.associate(
+                self.config.host, self.config.port, self.config.calling_aet, self.config.called_aet,
+                self.peer.where, contexts, self.timeouts, list(roles), inbox,
+            )
+        return self.peer.associate(self.ae, contexts, ext_neg=roles, evt_handlers=evt_handlers)
+
     def _open_query_association(self) -> Association:
-        return self.peer.associate(
-            self.ae,
+        return self._associate(
             [build_context(self.find_model), build_context(Verification)],
             evt_handlers=[(evt.EVT_DIMSE_RECV, _count_find_response)],
         )
@@ -120,8 +152,11 @@ class DimseBackend:
     # -- echo ------------------------------------------------------------------
 
     def echo(self) -> str:
+        """C-ECHO, then what the PACS accepts: which query/retrieve models,
+        C-GET (with dqr as storage SCP), C-MOVE to dqr's AE title, and which
+        transfer syntaxes for images."""
         started = time.monotonic()
-        assoc = self.peer.associate(self.ae, [build_context(Verification)])
+        assoc = self._associate([build_context(Verification)])
         try:
             status = assoc.send_c_echo()
         finally:
@@ -131,7 +166,76 @@ class DimseBackend:
         if status.Status != SUCCESS:
             raise status_error("C-ECHO", status.Status, self.peer.where)
         elapsed = (time.monotonic() - started) * 1000
-        return f"C-ECHO {self.peer.where} as {self.config.calling_aet}: OK ({elapsed:.0f} ms)"
+        lines = [
+            f"C-ECHO {self.peer.where} as {self.config.calling_aet}: OK ({elapsed:.0f} ms), "
+            f"transport {self.config.effective_transport}"
+        ]
+        try:
+            lines += self._capabilities()
+        except RemoteError as exc:
+            lines.append(f"could not ask what the PACS accepts: {exc}")
+        return "\n".join(lines)
+
+    def _capabilities(self) -> list[str]:
+        """Propose every model and a few storage contexts in one association
+        and report what was accepted (nothing is retrieved)."""
+        from pynetdicom.sop_class import (
+            CTImageStorage,
+            MRImageStorage,
+            SecondaryCaptureImageStorage,
+        )
+
+        proposed = [build_context(uid) for key in ("study", "patient") for uid in MODELS[key]]
+        storage = [CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage]
+        proposed += [build_context(uid, accepted_transfer_syntaxes()[:64]) for uid in storage]
+        roles = [build_role(uid, scp_role=True) for uid in storage]
+        assoc = self._associate(proposed, roles)
+        try:
+            accepted = list(assoc.accepted_contexts)
+        finally:
+            _release(assoc)
+        names = {str(cx.abstract_syntax) for cx in accepted}
+        lines = []
+        for key, label in (("study", "Study Root"), ("patient", "Patient Root")):
+            find, get, move = MODELS[key]
+            lines.append(
+                f"{label}: C-FIND {_yes(find in names)}, C-GET {_yes(get in names)}, "
+                f"C-MOVE {_yes(move in names)}"
+            )
+        scp = sorted(UID(str(cx.abstract_syntax)).name for cx in accepted if cx.abstract_syntax in storage and cx.as_scp)
+        lines.append(
+            "C-GET can deliver to dqr: " + (", ".join(scp) if scp else "no (no storage context with dqr as SCP)")
+        )
+        syntaxes = sorted({UID(str(cx.transfer_syntax[0])).name for cx in accepted if cx.abstract_syntax in storage})
+        lines.append("image transfer syntaxes accepted: " + (", ".join(syntaxes) or "none"))
+        get_model, move_model = self.get_model, self.move_model
+        if move_model in names:
+            lines.append(self._probe_move())
+        lines.append(
+            "retrieve: auto would use "
+            + ("C-GET" if get_model in names and scp else "C-MOVE" if self.config.store_port is not None else "nothing (C-GET refused, no store_port for C-MOVE)")
+        )
+        return lines
+
+    def _probe_move(self) -> str:
+        """C-MOVE of an empty UID to dqr's AE title: a PACS that does not
+        know the destination says so (0xA801) before matching anything."""
+        assoc = self._associate([build_context(self.move_model)])
+        try:
+            identifier = q.identifier("STUDY", {"StudyInstanceUID": "1.2.3.4.5.6.7.8.9.0.1"})
+            final = self._final_status(
+                "C-MOVE",
+                assoc.send_c_move(identifier, self.config.destination_aet, self.move_model, msg_id=self._next_message_id()),
+                assoc,
+            )
+        except RemoteError as exc:
+            return f"C-MOVE to {self.config.destination_aet}: could not tell ({exc})"
+        finally:
+            _release(assoc)
+        code = int(final.Status)
+        if code == MOVE_DESTINATION_UNKNOWN:
+            return f"C-MOVE to {self.config.destination_aet}: refused, the PACS does not know this destination (0xA801)"
+        return f"C-MOVE to {self.config.destination_aet}: destination known (status {describe_status(code)} for a study that does not exist)"
 
     # -- queries ---------------------------------------------------------------
 
@@ -160,7 +264,7 @@ class DimseBackend:
             if not status or "Status" not in status:
                 break
             seen += 1
-            if status.Status not in PENDING:
+            if status.Status not in PENDING and not self.native:
                 _final_taken(assoc, msg_id)
             if status.Status in PENDING:
                 if answer is not None:
@@ -168,7 +272,8 @@ class DimseBackend:
                 started = time.monotonic()
                 continue
             if status.Status == SUCCESS:
-                self._check_no_response_lost(assoc, msg_id, seen)
+                if not self.native:
+                    self._check_no_response_lost(assoc, msg_id, seen)
                 return answers
             raise status_error(
                 f"C-FIND ({request.QueryRetrieveLevel} level)",
@@ -254,22 +359,50 @@ class DimseBackend:
     # -- retrieval -------------------------------------------------------------
 
     def retrieve(self, request: RetrieveRequest, store: StoreCallback) -> RetrieveReport:
-        arrivals = Arrivals(store)
         with self._retrievals:
-            try:
-                if self.config.retrieve == "c-get":
-                    report = self._get(request, arrivals)
-                else:
-                    report = self._move(request, arrivals)
-            except RemoteError as exc:
-                if exc.slow_down:
-                    # "too many associations": dqr's own idle query
-                    # associations may be what fills the PACS's limit
-                    self.pool.drop_idle()
-                arrivals.raise_store_failure()  # our failed C-STOREs explain the PACS's status
-                raise
+            mode = self.retrieve_mode
+            if mode is None:
+                with self._probe_lock:  # the first retrieval finds out; the others wait for it
+                    if self.retrieve_mode is None:
+                        return self._probe(request, store)
+                    mode = self.retrieve_mode
+            return self._retrieve(mode, request, store)
+
+    def _probe(self, request: RetrieveRequest, store: StoreCallback) -> RetrieveReport:
+        """``retrieve: auto``: C-GET, and C-MOVE if the PACS refuses C-GET."""
+        try:
+            report = self._retrieve("c-get", request, store)
+        except GetRefused as refusal:
+            if self.config.store_port is None and (refusal.slow_down or refusal.retriable):
+                raise  # e.g. 0xA702 may be a passing shortage: the engine retries C-GET
+            if self.config.store_port is None:
+                raise RemoteError(
+                    f"{refusal} -- and C-MOVE is not possible without `store_port` (the port of dqr's "
+                    "storage SCP, registered at the PACS with move_destination): set it, or ask the "
+                    "PACS administrator to allow C-GET"
+                ) from refusal
+            log.info("retrieve: auto: %s; using C-MOVE", refusal)
+            self.retrieve_mode = "c-move"
+            return self._retrieve("c-move", request, store)
+        self.retrieve_mode = "c-get"
+        return report
+
+    def _retrieve(self, mode: str, request: RetrieveRequest, store: StoreCallback) -> RetrieveReport:
+        arrivals = Arrivals(store, native=self.native)
+        try:
+            if mode == "c-get":
+                report = self._get(request, arrivals)
+            else:
+                report = self._move(request, arrivals)
+        except RemoteError as exc:
+            if exc.slow_down:
+                # "too many associations": dqr's own idle query
+                # associations may be what fills the PACS's limit
+                self.pool.drop_idle()
+            arrivals.raise_store_failure()  # our failed C-STOREs explain the PACS's status
+            raise
         arrivals.raise_store_failure()
-        self._check_complete(request, arrivals, report)
+        self._check_complete(mode, request, arrivals, report)
         return report
 
     def _retrieve_identifiers(self, request: RetrieveRequest) -> list[Dataset]:
@@ -285,14 +418,18 @@ class DimseBackend:
 
     def _get(self, request: RetrieveRequest, arrivals: Arrivals) -> RetrieveReport:
         contexts, roles = storage_contexts(request.series)
-        assoc = self.peer.associate(
-            self.ae,
-            [build_context(self.get_model), *contexts],
-            ext_neg=roles,
-            evt_handlers=[(evt.EVT_C_STORE, arrivals.handle_store)],
-        )
+        try:
+            assoc = self._associate(
+                [build_context(self.get_model), *contexts],
+                roles,
+                evt_handlers=[(evt.EVT_C_STORE, arrivals.handle_store)],
+                inbox=arrivals.inbox,
+            )
+        except NoAcceptedContexts as exc:
+            raise GetRefused(f"C-GET refused by {self.peer.where}: {exc}") from exc
         report = RetrieveReport(completed=0, failed=0, warning=0)
         try:
+            _check_get_contexts(assoc, self.get_model, self.peer.where)
             for identifier in self._retrieve_identifiers(request):
                 responses = assoc.send_c_get(
                     identifier, self.get_model, msg_id=self._next_message_id()
@@ -307,8 +444,8 @@ class DimseBackend:
         receiver = self.move_receiver()
         move_id = self._next_message_id()
         report = RetrieveReport(completed=0, failed=0, warning=0)
-        with receiver.expecting(move_id, arrivals, request.series.series_uid):
-            assoc = self.peer.associate(self.ae, [build_context(self.move_model)])
+        with receiver.expecting(move_id, arrivals, request):
+            assoc = self._associate([build_context(self.move_model)], inbox=arrivals.inbox)
             try:
                 for identifier in self._retrieve_identifiers(request):
                     responses = assoc.send_c_move(
@@ -324,18 +461,30 @@ class DimseBackend:
             arrivals.wait_for(expected, self.config.move_timeout)
         return report
 
-    def move_receiver(self) -> MoveReceiver:
+    def move_receiver(self) -> MoveReceiver | NativeMoveReceiver:
         """dqr's storage SCP, started on the first C-MOVE, stopped in close()."""
         with self._receiver_lock:
             if self._receiver is None:
-                assert self.config.store_port is not None  # the config model insists
-                self._receiver = MoveReceiver(
+                if self.config.store_port is None:
+                    raise RemoteError("C-MOVE needs `store_port`, the port of dqr's storage SCP")
+                receiver = NativeMoveReceiver if self.native else MoveReceiver
+                self._receiver = receiver(
                     self.config.destination_aet,
-                    self.config.store_host,
+                    self.store_host,
                     self.config.store_port,
                     self.config.network_timeout,
+                    self.config.source_aets,
                 )
             return self._receiver
+
+    @property
+    def store_host(self) -> str:
+        """Where the storage SCP listens: ``store_host``, else the local
+        address that reaches the PACS (loopback for a PACS on 127.0.0.1),
+        never every interface unless configured so."""
+        if self.config.store_host:
+            return self.config.store_host
+        return local_address_towards(self.config.host, self.config.port)
 
     def _check_no_response_lost(self, assoc: Association, msg_id: int, seen: int) -> None:
         """pynetdicom's reactor thread can swallow a response meant for the
@@ -353,9 +502,9 @@ class DimseBackend:
 
     def _lost_response(self, operation: str, assoc: Association, started: float) -> RemoteError:
         # pynetdicom aborts the association on a DIMSE timeout too, so only
-        # the time waited tells a timeout from the peer's abort.
+        # the time waited tells dqr's own timeout from the peer's abort.
         waited = time.monotonic() - started
-        aborted = assoc.is_aborted or waited < self.config.dimse_timeout
+        aborted = waited < self.config.dimse_timeout * 0.9
         return lost_response_error(operation, self.peer.where, self.config.dimse_timeout, aborted)
 
     def _final_status(
@@ -395,14 +544,19 @@ class DimseBackend:
                 "the PACS may lack a storage context for one of the series' SOP classes "
                 "(it sends nothing then); an image-level query would have named them"
             )
-        raise status_error(operation, code, self.peer.where, comment)
+        error = status_error(operation, code, self.peer.where, comment)
+        if operation == "C-GET" and _is_get_refusal(code, completed, arrivals):
+            raise GetRefused(
+                str(error), code, retriable=error.retriable, slow_down=error.slow_down
+            ) from None
+        raise error
 
     def _store_address(self) -> str:
         port = self._receiver.port if self._receiver else self.config.store_port
-        return f"{self.config.store_host}:{port}"
+        return f"{self.store_host}:{port}"
 
     def _check_complete(
-        self, request: RetrieveRequest, arrivals: Arrivals, report: RetrieveReport
+        self, mode: str, request: RetrieveRequest, arrivals: Arrivals, report: RetrieveReport
     ) -> None:
         expected = max(
             _expected_count(request),
@@ -414,7 +568,7 @@ class DimseBackend:
         if missing <= 0 and not report.failed:
             return
         raise IncompleteRetrieveError(
-            f"{self.config.retrieve.upper()} of series {request.series.series_uid} from {self.peer.where} is "
+            f"{mode.upper()} of series {request.series.series_uid} from {self.peer.where} is "
             f"incomplete: {len(arrivals.received)} of {expected} instances arrived; the PACS reported "
             f"{report.completed} completed, {report.failed} failed, {report.warning} warning sub-operations",
             missing=max(missing, report.failed or 0),
@@ -484,6 +638,58 @@ _final_watch = _FinalWatch()
 
 def _final_taken(assoc: Association, msg_id: int) -> None:
     assoc.__dict__.setdefault("dqr_finals_taken", set()).add(msg_id)
+
+
+class GetRefused(DimseStatusError):
+    """The PACS will not do C-GET for dqr (``retrieve: auto`` then moves)."""
+
+    def __init__(self, message: str, status: int = 0, **flags: bool) -> None:
+        super().__init__(message, status, **flags)
+
+
+def _checked_mode(mode: str | None) -> str | None:
+    if mode not in (None, "c-get", "c-move"):
+        raise ValueError(f"retrieve_mode must be c-get, c-move or None, not {mode!r}")
+    return mode
+
+
+def _check_get_contexts(assoc: Any, get_model: str, where: str) -> None:
+    """An association for C-GET is of use only if the PACS accepted the Get
+    model and at least one storage context with dqr as SCP."""
+    accepted = list(assoc.accepted_contexts)
+    if not any(str(cx.abstract_syntax) == get_model for cx in accepted):
+        raise GetRefused(f"C-GET refused by {where}: it did not accept the presentation context for {UID(get_model).name}")
+    if not any(str(cx.abstract_syntax) != get_model and cx.as_scp for cx in accepted):
+        raise GetRefused(
+            f"C-GET refused by {where}: it accepted no storage context with dqr in the SCP role "
+            "(SCP/SCU role selection), so it could not send the instances back"
+        )
+
+
+def _is_get_refusal(code: int, completed: int, arrivals: Arrivals) -> bool:
+    """A C-GET answered with a refusal before anything was sent: 0xA702
+    (cannot perform sub-operations), 0x0122 / 0x0124 (SOP class not
+    supported / not authorised), 0xC000-0xCFFF (unable to process)."""
+    return (
+        completed == 0
+        and arrivals.count == 0
+        and (code in (0xA702, 0x0122, 0x0124) or 0xC000 <= code <= 0xCFFF)
+    )
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def local_address_towards(host: str, port: int) -> str:
+    """The local address of a socket connected to ``host`` (UDP: nothing is
+    sent), i.e. the address the PACS reaches this machine at."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, port))
+            return probe.getsockname()[0]
+    except OSError:
+        return "0.0.0.0"
 
 
 def _is_destination_refusal(code: int, completed: int, arrivals: Arrivals) -> bool:

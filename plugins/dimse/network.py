@@ -20,7 +20,7 @@ from pynetdicom.association import Association
 from pynetdicom.transport import T_CONNECT, AddressInformation, AssociationSocket
 
 from dqr.errors import RemoteError
-from dqr.plugins.dimse.status import connect_error, reject_error
+from dqr.plugins.dimse.status import NoAcceptedContexts, connect_error, reject_error
 
 
 def set_nodelay(sock: socket.socket) -> None:
@@ -208,7 +208,7 @@ class Peer:
             and getattr(answer, "result", None) == 0
             and not assoc.accepted_contexts
         ):
-            return RemoteError(
+            return NoAcceptedContexts(
                 f"{self.where} accepted the association but none of the proposed presentation "
                 "contexts (it does not support this query/retrieve model or these SOP classes)"
             )

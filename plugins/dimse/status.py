@@ -81,6 +81,10 @@ class DimseStatusError(RemoteError):
         self.status = status
 
 
+class NoAcceptedContexts(RemoteError):
+    """The PACS accepted the association but none of its presentation contexts."""
+
+
 def status_error(operation: str, status: int, where: str, comment: str = "") -> DimseStatusError:
     """The error for a failure status that ends a C-FIND/C-GET/C-MOVE/C-ECHO."""
     detail = f"{operation} failed at {where}: {describe_status(status)}"

@@ -56,7 +56,22 @@ class AbortFault(_Mutable):
     times: int | None = 1
 
 
+class TransportFaults(_Mutable):
+    """Faults of the association itself (issue 13), kept apart from the
+    content faults: how the PACS negotiates, not what it sends."""
+
+    refuse_get: Literal["context", "role"] | None = Field(
+        None,
+        description="C-GET refused at negotiation: its presentation context (context), "
+        "or dqr's SCP role for the storage contexts (role)",
+    )
+    max_pdu: int | None = Field(
+        None, ge=4096, description="largest PDU the PACS receives (A-ASSOCIATE max length)"
+    )
+
+
 class Faults(_Mutable):
+    transport: TransportFaults = Field(default_factory=TransportFaults)
     delay: float = Field(0.0, ge=0, description="seconds before each response / sub-operation")
     reject: RejectFault | None = None
     abort: AbortFault | None = None
@@ -179,6 +194,29 @@ class MockDimseServer:
         if reject is not None:
             event.assoc.acse.send_reject(*reject)
             event.assoc.kill()  # waits until the A-ASSOCIATE-RJ is sent, before the socket closes
+            return
+        self._apply_transport_faults(event.assoc)
+
+    def _apply_transport_faults(self, assoc: Any) -> None:
+        """Negotiation faults, on this association's copy of the contexts
+        (EVT_REQUESTED comes before the acceptor negotiates)."""
+        from pynetdicom.sop_class import (
+            PatientRootQueryRetrieveInformationModelGet,
+            StudyRootQueryRetrieveInformationModelGet,
+        )
+
+        faults = self.faults.transport
+        if faults.max_pdu is not None:
+            assoc.acceptor.maximum_length = faults.max_pdu
+        if faults.refuse_get == "context":
+            get_models = {StudyRootQueryRetrieveInformationModelGet, PatientRootQueryRetrieveInformationModelGet}
+            assoc.acceptor.supported_contexts = [
+                cx for cx in assoc.acceptor.supported_contexts if cx.abstract_syntax not in get_models
+            ]
+        elif faults.refuse_get == "role":
+            for cx in assoc.acceptor.supported_contexts:
+                if cx.scp_role:
+                    cx.scu_role, cx.scp_role = None, None  # no role selection: dqr stays SCU
 
     def _reject_for(self, active: int) -> tuple[int, int, int] | None:
         limit = self.faults.max_associations
