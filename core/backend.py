@@ -15,8 +15,8 @@ the engine retries it.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -53,6 +53,10 @@ class SourceContext:
     """Directory of the site config: relative paths are relative to it."""
     limits: Limits
     """Effective limits for this source (global, then source, then CLI)."""
+    learnt: Mapping[str, str] = field(default_factory=dict)
+    """What this source's backend learnt on earlier runs of the job (its
+    ``learnt()``, kept in the job state), e.g. which retrieval a PACS
+    accepts, so it is not probed again."""
 
     def resolve(self, value: str | os.PathLike[str]) -> Path:
         """A path from the source's config, relative to the site config's directory."""
@@ -97,7 +101,12 @@ class Backend(Protocol):
         """
 
     def close(self) -> None:
-        """Release connections and servers; called once at the end of a job."""
+        """Release connections and servers; called once at the end of a job.
+
+        A backend may also have ``learnt() -> dict[str, str]``: facts about
+        the source worth keeping for the next run (given back as
+        ``SourceContext.learnt``); the engine saves them before ``close``.
+        """
 
 
 @runtime_checkable

@@ -59,10 +59,14 @@ class JobOptions:
     new_job: bool = False
 
 
-def open_backend(config: LoadedConfig, source_name: str, limits: Limits) -> Backend:
-    """The backend of one configured source."""
+def open_backend(
+    config: LoadedConfig, source_name: str, limits: Limits, learnt: dict[str, str] | None = None
+) -> Backend:
+    """The backend of one configured source (``learnt``: what it learnt on
+    earlier runs of the job)."""
     source = config.sources[source_name]
-    return backend_types()[source.type].factory(source, SourceContext(source_name, config.dir, limits))
+    context = SourceContext(source_name, config.dir, limits, learnt or {})
+    return backend_types()[source.type].factory(source, context)
 
 
 def open_destination(config: LoadedConfig) -> Destination:
@@ -130,7 +134,7 @@ class JobContext:
         try:
             destination = open_destination(config)
             opened.append(destination)
-            backend = open_backend(config, source_name, limits)
+            backend = open_backend(config, source_name, limits, state.learnt(source_name))
         except BaseException:
             for resource in reversed(opened):
                 _close(resource)
@@ -156,6 +160,12 @@ class JobContext:
         )
 
     def close(self) -> None:
+        learnt = getattr(self.backend, "learnt", None)
+        if callable(learnt):
+            try:
+                self.state.remember(self.source_name, learnt())
+            except Exception as error:  # noqa: BLE001 - only a probe saved: never lose the close
+                log.warning("could not keep what the backend learnt: %s", error)
         for resource in (self.backend, self.destination, self.state):
             _close(resource)
 

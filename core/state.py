@@ -175,6 +175,19 @@ class JobState:
                 )
             )
 
+    def learnt(self, source: str) -> dict[str, str]:
+        """What the source's backend learnt on earlier runs (see :meth:`remember`)."""
+        prefix = f"learnt:{source}:"
+        return {key[len(prefix):]: value for key, value in self._query(
+            "SELECT key, value FROM meta WHERE key LIKE ? ESCAPE '\\'", _like_prefix(prefix))}
+
+    def remember(self, source: str, facts: dict[str, str]) -> None:
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [(f"learnt:{source}:{key}", str(value)) for key, value in facts.items()],
+            )
+
     # -- inputs and rows ---------------------------------------------------------
 
     def begin_input(self, kind: str, path: str, fingerprint: str, rows: Iterable[RowQuery]) -> int:
@@ -429,6 +442,10 @@ class JobState:
             failed.append({"kind": "series", "StudyInstanceUID": study_uid, "SeriesInstanceUID": uid,
                            "error": error, "attempts": attempts})
         return failed
+
+
+def _like_prefix(prefix: str) -> str:
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 def _row_from_json(data: str) -> RowQuery:

@@ -426,3 +426,22 @@ def test_expected_instances_come_from_one_image_query_per_study_not_one_per_seri
     # CT study: 2 series. C-FINDs: 1 study query + 1 series query + 1 image query.
     dqr("run", "--config", dimse_job([CT_STUDY]))
     assert mock_dimse_pacs.requests["C-FIND"] == 3
+
+
+def test_what_retrieve_auto_found_is_kept_in_the_job_state_for_the_next_run(
+    site, write_csv, mock_dimse_pacs, dimse_transport, free_loopback_port, dqr, tmp_path
+):
+    import sqlite3
+
+    mock_dimse_pacs.faults.transport.refuse_get = "context"
+    mock_dimse_pacs.add_destination("DQR", "127.0.0.1", free_loopback_port)
+    source = dimse_source(mock_dimse_pacs, transport=dimse_transport, store_port=free_loopback_port, store_host="127.0.0.1")
+    config = site(source=source, limits=FAST, csv=str(write_csv(f"Accession Number\n{CT_STUDY}\n")))
+    assert dqr("run", "--config", config).exit_code == 0
+    with sqlite3.connect(tmp_path / "archive-job.sqlite") as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'learnt:main:retrieve_mode'").fetchone() == ("c-move",)
+
+    mock_dimse_pacs.reset()  # C-GET would work now: the next run does not probe it
+    mock_dimse_pacs.add_destination("DQR", "127.0.0.1", free_loopback_port)
+    assert dqr("run", "--config", config, "--csv", write_csv(f"Accession Number\n{PET_STUDY}\n", "next.csv")).exit_code == 0
+    assert mock_dimse_pacs.requests["C-MOVE"] >= 1 and mock_dimse_pacs.requests["C-GET"] == 0

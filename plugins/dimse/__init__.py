@@ -145,7 +145,10 @@ class DimseSourceConfig(SourceConfig):
 
 def make_backend(config: DimseSourceConfig, context: SourceContext, retrieve_mode: str | None = None):
     """``retrieve_mode``: what ``retrieve: auto`` found on an earlier run
-    (``DimseBackend.retrieve_mode``), so that it is not probed again."""
+    (``DimseBackend.retrieve_mode``, kept in the job state through
+    ``learnt()`` and given back in ``context.learnt``), so that it is not
+    probed again."""
+    retrieve_mode = retrieve_mode or context.learnt.get("retrieve_mode")
     from dqr.plugins.dimse.backend import DimseBackend
 
     return DimseBackend(config, context, retrieve_mode=retrieve_mode)

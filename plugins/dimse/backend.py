@@ -574,6 +574,10 @@ class DimseBackend:
             missing=max(missing, report.failed or 0),
         )
 
+    def learnt(self) -> dict[str, str]:
+        """What ``retrieve: auto`` found, kept in the job state for the next run."""
+        return {"retrieve_mode": self.retrieve_mode} if self.config.retrieve == "auto" and self.retrieve_mode else {}
+
     def close(self) -> None:
         self.pool.close()
         with self._receiver_lock:
