@@ -445,3 +445,21 @@ def test_what_retrieve_auto_found_is_kept_in_the_job_state_for_the_next_run(
     mock_dimse_pacs.add_destination("DQR", "127.0.0.1", free_loopback_port)
     assert dqr("run", "--config", config, "--csv", write_csv(f"Accession Number\n{PET_STUDY}\n", "next.csv")).exit_code == 0
     assert mock_dimse_pacs.requests["C-MOVE"] >= 1 and mock_dimse_pacs.requests["C-GET"] == 0
+
+
+@pytest.mark.slow
+def test_a_pacs_that_slows_down_mid_series_fails_the_attempt_after_retrieve_timeout(dimse_job, mock_dimse_pacs, dqr):
+    config = dimse_job([CT_STUDY], limits={"retries": 0, "retrieve_timeout": 1.0})
+    mock_dimse_pacs.faults.delay = 0.6  # before each sub-operation: a 3-instance series takes ~2 s
+    result = dqr("run", "--config", config, "--json")
+    assert result.exit_code == 1
+    reasons = [f["reason"] for f in json_summary(result)["failures"]]
+    assert reasons and all("limits.retrieve_timeout (1 s)" in reason for reason in reasons)
+
+
+def test_a_slow_c_find_fails_after_query_timeout(dimse_job, mock_dimse_pacs, dqr):
+    config = dimse_job([CT_STUDY], limits={"retries": 0, "query_timeout": 0.5})
+    mock_dimse_pacs.faults.delay = 2.0
+    result = dqr("run", "--config", config)
+    assert result.exit_code == 1
+    assert "limits.query_timeout (0.5 s)" in result.stderr

@@ -9,7 +9,6 @@ closed the idle association just before.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
 import socket
@@ -57,6 +56,8 @@ from dqr.plugins.dimse.status import (
     move_destination_error,
     status_error,
 )
+from dqr.plugins.dimse.watchdog import bounded, watchdog
+from dqr.throttle import Deadline
 
 MODELS = {
     "study": (
@@ -255,6 +256,11 @@ class DimseBackend:
             return self._find_on(assoc, request)
 
     def _find_on(self, assoc: Association, request: Dataset) -> list[Dataset]:
+        what = f"C-FIND ({request.QueryRetrieveLevel} level) to {self.peer.where}"
+        with bounded(assoc, Deadline(self.limits.query_timeout, "query_timeout"), what):
+            return self._find_answers(assoc, request)
+
+    def _find_answers(self, assoc: Association, request: Dataset) -> list[Dataset]:
         answers: list[Dataset] = []
         started = time.monotonic()
         msg_id = self._next_message_id()
@@ -389,11 +395,12 @@ class DimseBackend:
 
     def _retrieve(self, mode: str, request: RetrieveRequest, store: StoreCallback) -> RetrieveReport:
         arrivals = Arrivals(store, native=self.native)
+        deadline = Deadline(self.limits.retrieve_timeout, "retrieve_timeout")
         try:
             if mode == "c-get":
-                report = self._get(request, arrivals)
+                report = self._get(request, arrivals, deadline)
             else:
-                report = self._move(request, arrivals)
+                report = self._move(request, arrivals, deadline)
         except RemoteError as exc:
             if exc.slow_down:
                 # "too many associations": dqr's own idle query
@@ -416,7 +423,7 @@ class DimseBackend:
             return [q.identifier("IMAGE", {**keys, "SOPInstanceUID": "\\".join(uids)})]
         return [q.identifier("IMAGE", {**keys, "SOPInstanceUID": uid}) for uid in uids]
 
-    def _get(self, request: RetrieveRequest, arrivals: Arrivals) -> RetrieveReport:
+    def _get(self, request: RetrieveRequest, arrivals: Arrivals, deadline: Deadline) -> RetrieveReport:
         contexts, roles = storage_contexts(request.series)
         try:
             assoc = self._associate(
@@ -428,37 +435,41 @@ class DimseBackend:
         except NoAcceptedContexts as exc:
             raise GetRefused(f"C-GET refused by {self.peer.where}: {exc}") from exc
         report = RetrieveReport(completed=0, failed=0, warning=0)
+        what = f"C-GET of series {request.series.series_uid} from {self.peer.where}"
         try:
             _check_get_contexts(assoc, self.get_model, self.peer.where)
-            for identifier in self._retrieve_identifiers(request):
-                responses = assoc.send_c_get(
-                    identifier, self.get_model, msg_id=self._next_message_id()
-                )
-                final = self._final_status("C-GET", responses, assoc)
-                self._judge_final("C-GET", final, report, arrivals)
+            with bounded(assoc, deadline, what):
+                for identifier in self._retrieve_identifiers(request):
+                    responses = assoc.send_c_get(
+                        identifier, self.get_model, msg_id=self._next_message_id()
+                    )
+                    final = self._final_status("C-GET", responses, assoc)
+                    self._judge_final("C-GET", final, report, arrivals)
         finally:
             _release(assoc)
         return report
 
-    def _move(self, request: RetrieveRequest, arrivals: Arrivals) -> RetrieveReport:
+    def _move(self, request: RetrieveRequest, arrivals: Arrivals, deadline: Deadline) -> RetrieveReport:
         receiver = self.move_receiver()
         move_id = self._next_message_id()
         report = RetrieveReport(completed=0, failed=0, warning=0)
         with receiver.expecting(move_id, arrivals, request):
             assoc = self._associate([build_context(self.move_model)], inbox=arrivals.inbox)
+            what = f"C-MOVE of series {request.series.series_uid} from {self.peer.where}"
             try:
-                for identifier in self._retrieve_identifiers(request):
-                    responses = assoc.send_c_move(
-                        identifier, self.config.destination_aet, self.move_model, msg_id=move_id
-                    )
-                    final = self._final_status("C-MOVE", responses, assoc)
-                    self._judge_final("C-MOVE", final, report, arrivals)
+                with bounded(assoc, deadline, what):
+                    for identifier in self._retrieve_identifiers(request):
+                        responses = assoc.send_c_move(
+                            identifier, self.config.destination_aet, self.move_model, msg_id=move_id
+                        )
+                        final = self._final_status("C-MOVE", responses, assoc)
+                        self._judge_final("C-MOVE", final, report, arrivals)
             finally:
                 _release(assoc)
             expected = max(
                 _expected_count(request), (report.completed or 0) + (report.warning or 0)
             )
-            arrivals.wait_for(expected, self.config.move_timeout)
+            arrivals.wait_for(expected, max(0.0, min(self.config.move_timeout, deadline.remaining())))
         return report
 
     def move_receiver(self) -> MoveReceiver | NativeMoveReceiver:
@@ -603,41 +614,15 @@ def _count_find_response(event: Any) -> None:
     msg_id = int(message.command_set.MessageIDBeingRespondedTo)
     assoc.__dict__.setdefault("dqr_find_responses", Counter())[msg_id] += 1
     if int(message.command_set.Status) not in PENDING:
-        _final_watch.expect(assoc, msg_id, LOST_FINAL_GRACE)
+        watchdog.after(LOST_FINAL_GRACE, lambda: _check_final_taken(assoc, msg_id))
 
 
-class _FinalWatch:
-    """One thread checking, for every final C-FIND response received, that
-    its query took it in time (a thread per response would be thousands)."""
-
-    def __init__(self) -> None:
-        self._due: list[tuple[float, int, Association, int]] = []
-        self._order = itertools.count()
-        self._condition = threading.Condition()
-        self._thread: threading.Thread | None = None
-
-    def expect(self, assoc: Association, msg_id: int, grace: float) -> None:
-        with self._condition:
-            heapq.heappush(self._due, (time.monotonic() + grace, next(self._order), assoc, msg_id))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="dqr-final-watch", daemon=True)
-                self._thread.start()
-            self._condition.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._condition:
-                while not self._due or self._due[0][0] > time.monotonic():
-                    self._condition.wait(timeout=self._due[0][0] - time.monotonic() if self._due else None)
-                _, _, assoc, msg_id = heapq.heappop(self._due)
-            taken = assoc.__dict__.get("dqr_finals_taken", set())
-            if msg_id in taken:
-                taken.discard(msg_id)  # message IDs are reused: forget it once checked
-            elif assoc.is_established:
-                assoc.abort()  # the waiting query then fails as retriable, on a fresh association
-
-
-_final_watch = _FinalWatch()
+def _check_final_taken(assoc: Association, msg_id: int) -> None:
+    taken = assoc.__dict__.get("dqr_finals_taken", set())
+    if msg_id in taken:
+        taken.discard(msg_id)  # message IDs are reused: forget it once checked
+    elif assoc.is_established:
+        assoc.abort()  # the waiting query then fails as retriable, on a fresh association
 
 
 def _final_taken(assoc: Association, msg_id: int) -> None:
