@@ -148,7 +148,8 @@ def run_measured(argv: list[str], *, cwd: Path, env: dict[str, str], logs: Path,
 
 
 def count_files(folder: Path) -> int:
-    """Instances written under ``folder`` (dqr's manifest files aside)."""
+    """Instances written under ``folder`` (dqr's manifest files and its
+    hidden lock and temp files aside)."""
     if not folder.is_dir():
         return 0
-    return sum(1 for p in folder.rglob("*") if p.is_file() and p.name != "manifest.jsonl")
+    return sum(1 for p in folder.rglob("*") if p.is_file() and p.name != "manifest.jsonl" and not p.name.startswith("."))
