@@ -23,7 +23,7 @@ from typing import Any
 
 from dqr.backend import Backend, DestinationContext, SeriesWriter, SourceContext
 from dqr.config import LoadedConfig, SeriesFilter
-from dqr.errors import IncompleteRetrieveError, RemoteError
+from dqr.errors import DestinationRefusedError, IncompleteRetrieveError, RemoteError
 from dqr.labels import safe_label
 from dqr.matching import matches
 from dqr.model import (
@@ -206,13 +206,17 @@ class Job:
     def destination(self):
         if self._destination is None:
             section = self.config.destination
-            context = DestinationContext(self.config.site.archive, self.config.site.project)
+            context = DestinationContext(
+                self.config.site.archive, self.config.site.project, self.config.state_path, self.config.dir
+            )
             self._destination = destination_types()[section.type].factory(section, context)
         return self._destination
 
     def close(self) -> None:
         if self._backend is not None:
             self._backend.close()
+        if self._destination is not None:
+            self._destination.close()
         if self._state is not None:
             self._state.close()
 
@@ -492,9 +496,10 @@ class Job:
             try:
                 report = self.backend.retrieve(request, store)
             finally:
-                state.mark_stored(series.series_uid, writer.commit())
+                self._commit(series, writer)
             if store_errors:
-                raise RemoteError(f"could not store an instance: {store_errors[0]}")
+                more = f" (and {len(store_errors) - 1} more)" if len(store_errors) > 1 else ""
+                raise RemoteError(f"could not store an instance: {store_errors[0]}{more}")
             now = state.stored_instances(series.series_uid)
             if expected is not None:
                 still = [uid for uid in expected if uid not in now]
@@ -514,6 +519,15 @@ class Job:
         state.set_series_status(series.series_uid, "stored")
         with self._lock:
             self._summary.series_stored += 1
+
+    def _commit(self, series: Series, writer: SeriesWriter) -> None:
+        """Record what the destination acknowledged -- also when it refused
+        the rest (those it acknowledged in the same exchange are stored)."""
+        try:
+            self.state.mark_stored(series.series_uid, writer.commit())
+        except DestinationRefusedError as error:
+            self.state.mark_stored(series.series_uid, error.stored)
+            raise
 
     def _expected_instances(self, study: Study, series: Series) -> list[str] | None:
         expected = self.state.expected_instances(series.series_uid)
@@ -540,10 +554,17 @@ class Job:
                 decoded = decode(received)
                 if raw_text(decoded, SERIES_INSTANCE_UID) != series.series_uid:
                     raise ValueError(f"instance {received.sop_instance_uid} is not of series {series.series_uid}")
-                context = RelabelContext(decoded.dataset, labels, study, series)
+                context = RelabelContext(decoded.dataset, labels, study, series, destination=self.destination)
                 self.hooks.dqr_relabel(context=context)
                 part10 = encode_part10(decoded, received)
                 writer.write(received.sop_instance_uid, part10, context.replaced)
+            except DestinationRefusedError as error:
+                if error.retriable:
+                    errors.append(str(error))
+                    raise
+                # Refused for good: the others of the series are still sent.
+                errors.append(str(error))
+                return
             except Exception as error:
                 errors.append(str(error))
                 raise

@@ -12,26 +12,20 @@ instance with the original values relabeling replaced.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Literal
 
 import dqr
+from dqr.backend import VerifyMode
 from dqr.config import DestinationConfig
+from dqr.errors import RemoteError
+from dqr.manifest import MANIFEST, append_records
+from dqr.manifest import now as manifest_now
 from dqr.model import Series, Study
 
 TEMP_SUFFIX = ".dqr-tmp"
-MANIFEST = "manifest.jsonl"
-_manifest_locks: dict[Path, threading.Lock] = {}
-_manifest_locks_guard = threading.Lock()
-
-
-def _manifest_lock(path: Path) -> threading.Lock:
-    with _manifest_locks_guard:
-        return _manifest_locks.setdefault(path, threading.Lock())
 
 
 def _load_syncfs():
@@ -158,7 +152,7 @@ class SeriesDirectory:
         return list(pending)
 
     def _append_manifest(self, pending: dict[str, dict]) -> None:
-        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        now = manifest_now()
         lines = []
         for sop_instance_uid, info in pending.items():
             if info["replaced"] is None:
@@ -172,18 +166,15 @@ class SeriesDirectory:
                 "replaced": info["replaced"],
                 "stored": now,
             }
-            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-        if not lines:
-            return
-        manifest = self.session_dir / MANIFEST
-        with _manifest_lock(manifest), open(manifest, "a", encoding="utf-8") as handle:
-            handle.write("".join(lines))
-            handle.flush()
-            os.fsync(handle.fileno())
+            lines.append(record)
+        append_records(self.session_dir / MANIFEST, lines)
 
 
 class Archive:
     """A :class:`dqr.backend.Destination` writing a directory tree."""
+
+    #: verify() lists the series folder: files a commit made durable.
+    verify_mode = VerifyMode.QUERY
 
     def __init__(self, root: Path, project: str) -> None:
         self.root = root
@@ -191,6 +182,20 @@ class Archive:
 
     def describe(self) -> str:
         return f"archive {self.root / self.project}"
+
+    def echo(self) -> str:
+        folder = next((p for p in [self.root, *self.root.parents] if p.exists()), self.root)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise RemoteError(f"{self.describe()}: {folder} is not writable")
+        return f"{self.describe()} (writable)"
+
+    def verify(self, study: Study, series: Series, sop_instance_uids: list[str]) -> list[str]:
+        # The labels are not known here: look for the series folder under the project.
+        held = {p.stem for p in (self.root / self.project).glob(f"*/*/{series.series_uid}/*.dcm")}
+        return [uid for uid in sop_instance_uids if uid not in held]
+
+    def close(self) -> None:
+        pass
 
     def session_dir(self, subject: str, session: str) -> Path:
         return self.root / self.project / subject / session
