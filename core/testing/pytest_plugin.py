@@ -5,10 +5,12 @@ plugin's test suite).
 - :mod:`dqr.testing.fixtures_orthanc`: a private Orthanc, seeded.
 - :mod:`dqr.testing.fixtures_dimse`: the in-memory PACS over DIMSE.
 - :mod:`dqr.testing.fixtures_dicomweb`: the in-memory PACS over HTTP.
+- :mod:`dqr.testing.fixtures_destinations`: a Storage SCP and a STOW-RS server to send to.
 """
 
 from __future__ import annotations
 
+from dqr.testing.fixtures_destinations import *  # noqa: F403
 from dqr.testing.fixtures_dicomweb import *  # noqa: F403
 from dqr.testing.fixtures_dimse import *  # noqa: F403
 from dqr.testing.fixtures_orthanc import *  # noqa: F403
