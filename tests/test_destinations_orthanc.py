@@ -140,3 +140,31 @@ def _part10(dataset) -> bytes:
     buffer = BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def test_storage_commitment_from_orthanc_confirms_what_was_sent(orthanc_factory, tmp_path, free_loopback_port):
+    from dqr.backend import DestinationContext, VerifyMode
+    from dqr.model import Series, Study
+    from dqr.plugins.destinations import DimseDestinationConfig
+    from dqr.plugins.destinations.dimse_store import DimseDestination
+
+    server = orthanc_factory(aet="DEST", dicomweb=False, modalities={"dqr": ("DQR", "127.0.0.1", free_loopback_port)})
+    originals = originals_of(PET_STUDY)
+    first = originals[sorted(originals)[0]]
+    series_uids = sorted(uid for uid, d in originals.items() if d.SeriesInstanceUID == first.SeriesInstanceUID)
+    config = DimseDestinationConfig.model_validate(
+        dimse_destination(server, verify="commitment", commitment_port=free_loopback_port, commitment_timeout=10)
+    )
+    context = DestinationContext(tmp_path / "archive", "Test", tmp_path / "job.sqlite", tmp_path)
+    destination = DimseDestination(config, context)
+    study = Study(study_uid=first.StudyInstanceUID)
+    series = Series(study_uid=first.StudyInstanceUID, series_uid=first.SeriesInstanceUID)
+    try:
+        assert destination.verify_mode is VerifyMode.COMMITMENT
+        writer = destination.open_series(study, series, "S", "E")
+        for uid in series_uids[:2]:
+            writer.write(uid, _part10(originals[uid]), {})
+        assert sorted(writer.commit()) == series_uids[:2]
+        assert destination.verify(study, series, series_uids) == series_uids[2:]
+    finally:
+        destination.close()

@@ -92,12 +92,12 @@ class AssociationPool:
     """At most ``size`` associations to one peer, opened on demand with the
     pairs seen so far, kept open between series."""
 
-    def __init__(self, peer: DestinationPeer, size: int) -> None:
+    def __init__(self, peer: DestinationPeer, size: int, service_classes: list[str] = ()) -> None:
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 
         self.peer = peer
         self.size = size
-        self._service_classes = [str(Verification), str(StudyRootQueryRetrieveInformationModelFind)]
+        self._service_classes = [str(Verification), str(StudyRootQueryRetrieveInformationModelFind), *service_classes]
         self._known: dict[tuple[str, str], None] = {}
         self._idle: list[_Connection] = []
         self._open = 0
@@ -223,7 +223,10 @@ class DimseDestination:
             "network": config.network_timeout,
         }
         self.peer = DestinationPeer(config.host, config.port, config.called_aet, config.calling_aet, timeouts, tls)
-        self.pool = AssociationPool(self.peer, config.limits.max_associations)
+        from dqr.plugins.destinations.commitment import STORAGE_COMMITMENT_PUSH
+
+        commitment = [STORAGE_COMMITMENT_PUSH] if self.verify_mode is VerifyMode.COMMITMENT else []
+        self.pool = AssociationPool(self.peer, config.limits.max_associations, commitment)
         self.retry_limits = config.limits.retry_limits()
         self.limit = AdaptiveLimit(config.limits.max_associations, f"{self.peer.where} C-STOREs")
         self.breaker = CircuitBreaker(
@@ -233,6 +236,8 @@ class DimseDestination:
         self._refused_pairs: dict[tuple[str, str], str] = {}
         self._series_manifest: dict[str, Path] = {}
         self._commitment: Any = None
+        self._sop_classes: dict[str, str] = {}
+        self._lock = threading.Lock()
 
     # -- the Destination protocol ----------------------------------------------------
 
@@ -283,12 +288,27 @@ class DimseDestination:
         if self._commitment is not None:
             self._commitment.stop()
 
+    def commitment_receiver(self):
+        """dqr's N-EVENT-REPORT receiver, started on first use."""
+        from dqr.plugins.destinations.commitment import CommitmentReceiver
+
+        with self._lock:
+            if self._commitment is None:
+                self._commitment = CommitmentReceiver(
+                    self.config.calling_aet, self.config.commitment_host, self.config.commitment_port
+                )
+            return self._commitment
+
+    def sop_class_of(self, sop_instance_uid: str) -> str | None:
+        return self._sop_classes.get(sop_instance_uid)
+
     # -- sending -----------------------------------------------------------------------
 
     def store(self, data: bytes) -> str | None:
         """C-STORE one Part-10 file; its warning, if any. Retries what may
         pass later; raises :class:`DestinationRefusedError` on a refusal."""
         part = parse_part10(data)
+        self._sop_classes[part.sop_instance_uid] = part.sop_class_uid
         return self._call(lambda: self._store_once(part, data))
 
     def _call(self, action):
