@@ -204,6 +204,10 @@ class Job:
 
     @property
     def destination(self):
+        with self._lock:  # series steps run on several threads: build it once
+            return self._make_destination()
+
+    def _make_destination(self):
         if self._destination is None:
             section = self.config.destination
             context = DestinationContext(
@@ -544,6 +548,7 @@ class Job:
         self, study: Study, series: Series, labels: Labels, writer: SeriesWriter
     ) -> tuple[Callable[[ReceivedInstance], None], list[str]]:
         errors: list[str] = []
+        destination = self.destination
 
         def store(received: ReceivedInstance) -> None:
             if self.stop.is_set():
@@ -554,7 +559,7 @@ class Job:
                 decoded = decode(received)
                 if raw_text(decoded, SERIES_INSTANCE_UID) != series.series_uid:
                     raise ValueError(f"instance {received.sop_instance_uid} is not of series {series.series_uid}")
-                context = RelabelContext(decoded.dataset, labels, study, series, destination=self.destination)
+                context = RelabelContext(decoded.dataset, labels, study, series, destination=destination)
                 self.hooks.dqr_relabel(context=context)
                 part10 = encode_part10(decoded, received)
                 writer.write(received.sop_instance_uid, part10, context.replaced)

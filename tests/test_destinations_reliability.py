@@ -180,3 +180,15 @@ def test_stow_never_has_more_than_max_requests_in_flight(site, write_csv, dqr, m
     assert dqr("run", "--config", config).exit_code == 0
     assert len(server.received) == len(list(generate_cohort(CohortSpec(patients=4))))
     assert server.max_concurrent_requests == 2
+
+
+def test_a_run_leaves_no_association_open_at_the_destination(ct_config, dqr, mock_store_scp_factory):
+    """Series sent in parallel share one destination (and its pool), closed at the end."""
+    import time
+
+    server = mock_store_scp_factory()
+    assert dqr("run", "--config", ct_config(dimse_to(server))).exit_code == 0
+    deadline = time.monotonic() + 5
+    while server.current_associations and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.current_associations == 0
