@@ -192,3 +192,49 @@ def test_a_run_leaves_no_association_open_at_the_destination(ct_config, dqr, moc
     while server.current_associations and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.current_associations == 0
+
+
+@pytest.mark.parametrize("kind", ["dimse", "dicomweb"])
+def test_verify_names_what_the_destination_lost_and_the_next_writer_sends_it_again(
+    kind, mock_store_scp_factory, mock_stow_factory, tmp_path
+):
+    from io import BytesIO
+
+    from dqr.backend import DestinationContext
+    from dqr.model import Series, Study
+    from dqr.pluginmanager import destination_types
+
+    server = mock_store_scp_factory() if kind == "dimse" else mock_stow_factory()
+    section = dimse_to(server) if kind == "dimse" else stow_to(server)
+    registered = destination_types()[kind]
+    context = DestinationContext(tmp_path / "archive", "Test", tmp_path / "job.sqlite", tmp_path)
+    destination = registered.factory(registered.config_model.model_validate(section), context)
+    datasets = [d for d in generate_cohort(CohortSpec(patients=4)) if d.AccessionNumber == CT_STUDY][:3]
+    study = Study(study_uid=datasets[0].StudyInstanceUID)
+    series = Series(study_uid=study.study_uid, series_uid=datasets[0].SeriesInstanceUID)
+    uids = [d.SOPInstanceUID for d in datasets]
+    try:
+        writer = destination.open_series(study, series, "S", "E")
+        for dataset in datasets:
+            buffer = BytesIO()
+            dataset.save_as(buffer, enforce_file_format=True)
+            writer.write(dataset.SOPInstanceUID, buffer.getvalue(), {})
+        assert sorted(writer.commit()) == sorted(uids)
+        assert destination.verify(study, series, uids) == []
+        server.forget([uids[1]])
+        assert destination.verify(study, series, uids) == [uids[1]]
+        again = destination.open_series(study, series, "S", "E")
+        assert [again.exists(uid) for uid in uids] == [True, False, True]
+    finally:
+        destination.close()
+
+
+@pytest.mark.parametrize(("batch_bytes", "requests"), [(None, 2), (1, 6)])
+def test_stow_sends_one_request_per_series_within_the_size_bound(
+    batch_bytes, requests, ct_config, dqr, mock_stow_factory
+):
+    server = mock_stow_factory()
+    keys = {"verify": False} | ({"batch_bytes": batch_bytes} if batch_bytes else {})
+    assert dqr("run", "--config", ct_config(stow_to(server, **keys))).exit_code == 0
+    assert server.requests["stow"] == requests
+    assert sorted(server.received) == ct_instances()
