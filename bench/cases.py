@@ -26,7 +26,10 @@ from bench.setup import (
     write_local_cohort,
 )
 
-CASES = ("query", "dimse", "dicomweb", "relabel", "growth", "validate", "throttle", "cstore", "stow")
+#: Run when no --cases are given.
+DEFAULT_CASES = ("query", "dimse", "dicomweb", "relabel", "growth", "validate", "throttle")
+#: Forwarding to a second Orthanc (issue 11): on request, `--cases cstore stow` (a few minutes).
+CASES = (*DEFAULT_CASES, "cstore", "stow")
 
 
 @dataclass
