@@ -238,3 +238,47 @@ def test_stow_sends_one_request_per_series_within_the_size_bound(
     assert dqr("run", "--config", ct_config(stow_to(server, **keys))).exit_code == 0
     assert server.requests["stow"] == requests
     assert sorted(server.received) == ct_instances()
+
+
+@pytest.mark.slow
+def test_kill_9_mid_send_then_rerun_loses_nothing_and_resends_only_what_was_in_flight(
+    site, write_csv, dqr, mock_store_scp_factory, tmp_path
+):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    server = mock_store_scp_factory()
+    server.faults.delay = 0.05
+    csv = write_csv("Patient ID\nPAT00000\nPAT00001\n")
+    spec = {"patients": 2, "instances_per_series": 20}  # long series: many acknowledged mid-series at the kill
+    config = site(
+        source={"type": "memory", "synthetic": spec},
+        destination=dimse_to(server, limits={"max_associations": 2}),
+        csv=str(csv),
+    )
+    expected = {d.SOPInstanceUID for d in generate_cohort(CohortSpec(**spec))}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dqr", "run", "--config", str(config)],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while len(server.received) < 30 and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.01)
+        assert process.poll() is None, "dqr finished before it could be killed"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert 30 <= len(server.received) < len(expected)
+    server.faults.delay = 0.0
+    assert dqr("run", "--config", config).exit_code == 0
+    assert set(server.received) == expected
+    # Only a C-STORE in flight at the kill (at most one per association) can be sent twice:
+    # everything acknowledged before it was in the local manifest.
+    assert sum(server.stores.values()) - len(expected) <= 2
