@@ -7,6 +7,7 @@ and dqr installed: ``bash scripts/test.sh`` sets all of that up)::
     python -m bench                    # everything, 5 repetitions (~20 min on 2 cores)
     python -m bench --quick            # tiny sizes, 1 repetition (the smoke test)
     python -m bench --cases query dimse --repeat 3
+    python -m bench --cases cstore stow --repeat 3   # forwarding: C-STORE / STOW-RS to a 2nd Orthanc
     python -m bench --shm              # write files to /dev/shm instead of disk
 """
 
@@ -27,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny sizes and 1 repetition (smoke test)")
     parser.add_argument("--repeat", type=int, metavar="N", help="repetitions of every variant (default 5; quick 1)")
     parser.add_argument("--cases", nargs="+", choices=CASES, metavar="CASE",
-                        help=f"cases to run (default all): {' '.join(CASES)}")
+                        help=f"cases to run: {' '.join(CASES)} (default all but cstore stow)")
     parser.add_argument("--out", default="bench/results", help="results folder (default bench/results)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--shm", action="store_true", help="work (Orthanc storage, archives) in /dev/shm (tmpfs)")

@@ -26,7 +26,10 @@ from bench.setup import (
     write_local_cohort,
 )
 
-CASES = ("query", "dimse", "dimse-large", "dicomweb", "relabel", "growth", "validate", "throttle")
+#: Run when no --cases are given.
+DEFAULT_CASES = ("query", "dimse", "dimse-large", "dicomweb", "relabel", "growth", "validate", "throttle")
+#: Forwarding to a second Orthanc (issue 11): on request, `--cases cstore stow` (a few minutes).
+CASES = (*DEFAULT_CASES, "cstore", "stow")
 
 
 @dataclass
@@ -378,6 +381,101 @@ def throttle_case(world: World) -> list[Variant]:
     ]
 
 
+# -- 7. forwarding: memory -> C-STORE / STOW-RS --------------------------------------------
+
+DESTINATION_AET = "DEST"
+_destination = {}
+
+
+def destination_orthanc(world: World):
+    """A second Orthanc, the destination of the forwarding cases (stopped at exit)."""
+    from dqr.testing.orthanc import OrthancServer
+
+    if "server" not in _destination:
+        _destination["server"] = OrthancServer.start(world.root / "destination-orthanc", aet=DESTINATION_AET)
+    return _destination["server"]
+
+
+def _emptied(server) -> None:
+    """Every run starts from an empty destination (outside the measured time)."""
+    for patient in server.session.get(server.http_url + "/patients", timeout=60).json():
+        server.session.delete(f"{server.http_url}/patients/{patient}", timeout=60).raise_for_status()
+
+
+def _holds(server, expected: int) -> Callable[[str], str | None]:
+    def check(stdout: str) -> str | None:
+        count = server.session.get(server.http_url + "/statistics", timeout=60).json()["CountInstances"]
+        return None if count == expected else f"the destination holds {count} instances, expected {expected}"
+
+    return check
+
+
+def _forwarding(world: World, case: str, name: str, destination: dict, description: str) -> Variant:
+    n = world.sizes.retrieve_studies
+    folder = write_local_cohort(world)
+    csv = labelled_csv(world.inputs / f"retrieve-{n}.csv", world.first(n))
+    server = destination_orthanc(world)
+
+    def command(run: Path) -> list[str]:
+        _emptied(server)
+        config = site_yaml(run, {"type": "memory", "path": str(folder)}, destination=destination)
+        return [world.dqr, "run", "--config", str(config), "--csv", str(csv)]
+
+    return Variant(case, name, command, description, check=_holds(server, world.instances(n)), units=n)
+
+
+def cstore_case(world: World) -> list[Variant]:
+    import shutil
+
+    server = destination_orthanc(world)
+    n = world.sizes.retrieve_studies
+    folder = write_local_cohort(world)
+    target = {"type": "dimse", "host": "127.0.0.1", "port": server.dicom_port, "called_aet": DESTINATION_AET}
+    storescu = shutil.which("storescu")
+    script = world.inputs / "storescu.sh"
+    script.write_text(
+        "#!/bin/bash\n# dcmtk storescu: every file of the folder, one association (TCP_NODELAY=1)\n"
+        "export TCP_NODELAY=1\n"
+        f"{storescu} -aet {CALLING_AET} -aec {DESTINATION_AET} +sd +r 127.0.0.1 {server.dicom_port} {folder} >/dev/null 2>&1\n"
+    )
+
+    def storescu_command(run: Path) -> list[str]:
+        _emptied(server)
+        return ["bash", str(script)]
+
+    return [
+        _forwarding(world, "cstore", "dqr run memory->C-STORE", {**target, "verify": False},
+                    "dqr run: memory source, relabel, C-STORE to a second Orthanc (max_associations 2), no verify"),
+        _forwarding(world, "cstore", "dqr run memory->C-STORE verified", target,
+                    "the same, verified by C-FIND at IMAGE level after each series"),
+        Variant("cstore", "storescu +sd", storescu_command,
+                "dcmtk storescu +sd +r on the same files (not relabeled), one association (TCP_NODELAY=1)",
+                role="reference", check=_holds(server, world.instances(n)), units=n,
+                skipped=None if storescu else "dcmtk storescu not installed"),
+    ]
+
+
+def stow_case(world: World) -> list[Variant]:
+    server = destination_orthanc(world)
+    n = world.sizes.retrieve_studies
+    folder = write_local_cohort(world)
+    target = {"type": "dicomweb", "url": server.dicomweb_url}
+
+    def raw_command(run: Path) -> list[str]:
+        _emptied(server)
+        return floor(world, "stow-raw", "--url", server.dicomweb_url, "--source", str(folder))
+
+    return [
+        _forwarding(world, "stow", "dqr run memory->STOW", {**target, "verify": False},
+                    "dqr run: memory source, relabel, STOW-RS per series to a second Orthanc (max_requests 2), no verify"),
+        _forwarding(world, "stow", "dqr run memory->STOW verified", target,
+                    "the same, verified by QIDO-RS after each series"),
+        Variant("stow", "raw STOW loop", raw_command,
+                "requests, one STOW-RS POST per series folder, the same files (not relabeled), in sequence",
+                role="floor", check=_holds(server, world.instances(n)), units=n),
+    ]
+
+
 BUILDERS = {
     "query": query_case,
     "dimse": dimse_case,
@@ -387,4 +485,6 @@ BUILDERS = {
     "growth": growth_case,
     "validate": validate_case,
     "throttle": throttle_case,
+    "cstore": cstore_case,
+    "stow": stow_case,
 }

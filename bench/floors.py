@@ -255,6 +255,32 @@ def dqr_store(args: argparse.Namespace) -> dict:
     return {"written": written}
 
 
+def stow_raw(args: argparse.Namespace) -> dict:
+    """requests, one STOW-RS POST per series folder, the files as they are."""
+    import uuid
+    from itertools import groupby
+
+    import requests
+
+    session = requests.Session()
+    sent = 0
+    for _series_dir, paths in groupby(_files(args.source), key=lambda p: p.parent):
+        boundary = uuid.uuid4().hex
+        parts = []
+        for path in paths:
+            parts += [f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode(), path.read_bytes(), b"\r\n"]
+            sent += 1
+        parts.append(f"--{boundary}--\r\n".encode())
+        response = session.post(
+            args.url + "/studies", data=b"".join(parts),
+            headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+                     "Accept": "application/dicom+json"},
+            timeout=300,
+        )
+        response.raise_for_status()
+    return {"sent": sent}
+
+
 COMMANDS = {
     "find": find,
     "cget": cget,
@@ -262,6 +288,7 @@ COMMANDS = {
     "wado-raw": wado_raw,
     "pydicom-relabel": pydicom_relabel,
     "dqr-store": dqr_store,
+    "stow-raw": stow_raw,
 }
 
 

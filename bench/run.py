@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.cases import BUILDERS, CASES, Variant
+from bench.cases import BUILDERS, DEFAULT_CASES, Variant
 from bench.measure import count_files, kill_current, run_measured
 from bench.report import write_markdown, write_plot
 from bench.setup import FULL, QUICK, REPO, World, start_world
@@ -201,7 +201,7 @@ def main(args) -> int:
     sizes = QUICK if args.quick else FULL
     if args.repeat:
         sizes = type(sizes)(**{**asdict(sizes), "repeat": args.repeat})
-    cases = args.cases or list(CASES)
+    cases = args.cases or list(DEFAULT_CASES)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tmp_base = Path(args.tmp) if args.tmp else Path("/dev/shm" if args.shm else tempfile.gettempdir())

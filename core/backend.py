@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -134,22 +135,58 @@ class SeriesWriter(Protocol):
     """Stores the instances of one series for a destination."""
 
     def exists(self, sop_instance_uid: str) -> bool:
-        """Whether this instance is already durably stored."""
+        """Whether this instance is already durably stored (a network
+        destination answers from its local manifest of acknowledged
+        instances: what a run killed after the acknowledgement but before
+        the job state recorded it already sent)."""
 
     def write(self, sop_instance_uid: str, part10: bytes, replaced: dict[str, str]) -> None:
         """Store one relabeled instance (a complete DICOM Part-10 file).
 
         ``replaced`` maps each keyword relabeling changed to its original
         value (kept as provenance). Thread-safe for one series.
+
+        A network destination sends now (C-STORE) or adds the instance to
+        the series' batch (STOW-RS, sent when the batch is full). A refusal
+        raises :class:`dqr.errors.DestinationRefusedError` (``.failed``
+        names the refused instances; those it acknowledged meanwhile are
+        still returned by the next :meth:`commit`).
         """
 
     def commit(self) -> list[str]:
         """Make everything written so far durable; return the SOP Instance
-        UIDs made durable since the last commit. Only then are they stored."""
+        UIDs made durable since the last commit. Only then are they stored.
+
+        Only acknowledged instances are ever returned. A refusal raises
+        :class:`dqr.errors.DestinationRefusedError` whose ``.stored`` holds
+        the UIDs acknowledged since the last commit (the engine must record
+        them) and ``.failed`` the refused ones with their reasons."""
+
+
+class VerifyMode(StrEnum):
+    """How a destination confirms it holds a series after it was sent."""
+
+    QUERY = "query"
+    """Ask it what it holds (C-FIND at IMAGE level, QIDO-RS, a folder listing)."""
+    COMMITMENT = "commitment"
+    """DICOM Storage Commitment: it accepts responsibility for the instances."""
+    OFF = "off"
+    """Not verified (``verify: false``): the summary says "unverified"."""
+    LOCAL = "local"
+    """A local folder: every file is checked and made durable at commit
+    (the archive), so there is nothing to ask afterwards."""
 
 
 class Destination(Protocol):
-    """Where relabeled instances end up."""
+    """Where relabeled instances end up.
+
+    A destination owns its connections, its limits (simultaneous
+    associations or requests, shared by every writer), its retries and
+    circuit breaker: the engine only calls these methods.
+    """
+
+    #: How :meth:`verify` checks; the engine skips it for ``VerifyMode.OFF``.
+    verify_mode: VerifyMode
 
     def open_series(
         self, study: Study, series: Series, subject: str, session: str, labels: Labels | None = None
@@ -159,7 +196,22 @@ class Destination(Protocol):
         relabeled otherwise from one already stored as asked)."""
 
     def describe(self) -> str:
-        """Short human description, e.g. the archive path."""
+        """Short human description naming where it is (path, address, AE
+        title): used in failure messages."""
+
+    def echo(self) -> str:
+        """Check the destination answers; return a short description.
+
+        Raises :class:`dqr.errors.RemoteError` saying why it does not.
+        """
+
+    def verify(self, study: Study, series: Series, sop_instance_uids: list[str]) -> list[str]:
+        """The SOP Instance UIDs of ``sop_instance_uids`` the destination
+        does NOT hold (empty: all verified). Raises
+        :class:`dqr.errors.RemoteError` when it cannot be asked."""
+
+    def close(self) -> None:
+        """Release connections; called once at the end of a job."""
 
 
 @dataclass(frozen=True)
@@ -170,6 +222,12 @@ class DestinationContext:
     """The ``archive:`` directory of the site config (absolute)."""
     project: str
     """The project label: the archive's first level."""
+    state_path: Path | None = None
+    """The job state file: a network destination keeps its manifests in
+    ``<state dir>/<state stem>-manifest/`` (``None``: beside the archive)."""
+    config_dir: Path | None = None
+    """Directory of the site config: relative paths (secret files, TLS
+    files) are relative to it (``None``: the archive's parent)."""
 
 
 #: ``factory(config, context) -> Destination``
@@ -186,5 +244,6 @@ __all__ = [
     "SeriesWriter",
     "SourceContext",
     "StoreCallback",
+    "VerifyMode",
     "WholeStudyBackend",
 ]

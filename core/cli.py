@@ -507,6 +507,12 @@ def _finish(loaded, summary, table, csv_path: Path | None, json_summary: bool) -
             "instance counts to check them against",
             highlight=False,
         )
+    if summary.studies_unverified_at_destination:
+        err.print(
+            f"  {summary.studies_unverified_at_destination} stored studies were not verified at the destination "
+            "(verify: false): it acknowledged each instance, but was not asked afterwards what it holds",
+            highlight=False,
+        )
     not_done = table.rows_with(RowOutcome.QUERY_FAILED) + table.rows_with(RowOutcome.NOT_QUERIED)
     if not_done:
         err.print(f"[red]{len(not_done)} rows could not be queried[/] (see the failures file)")
@@ -641,21 +647,29 @@ def validate(
 @app.command()
 @handle_errors
 def echo(config: ConfigOption, source: SourceOption = None) -> None:
-    """Check that the source answers (C-ECHO for DIMSE, a QIDO request for DICOMweb).
+    """Check that the source and the destination answer (C-ECHO for DIMSE, a QIDO request for DICOMweb).
 
     Example: [bold]dqr echo --config site.yaml[/bold]
     """
     from dqr.config import load_config
-    from dqr.context import open_backend
+    from dqr.context import open_backend, open_destination
+    from dqr.errors import RemoteError
 
     loaded = load_config(config)
     name = loaded.source_name(source)
-    backend = open_backend(loaded, name, loaded.limits_for(name))
-    try:
-        description = backend.echo()
-    finally:
-        backend.close()
-    err.print(f"[green]ok[/]: {name}: {description}", highlight=False)
+    failed = False
+    for what, opener in ((f"source {name}", lambda: open_backend(loaded, name, loaded.limits_for(name))),
+                         (f"destination ({loaded.destination.type})", lambda: open_destination(loaded))):
+        remote = opener()
+        try:
+            err.print(f"[green]ok[/]: {what}: {remote.echo()}", highlight=False)
+        except RemoteError as error:
+            err.print(f"[bold red]error[/]: {what}: {error}", highlight=False)
+            failed = True
+        finally:
+            remote.close()
+    if failed:
+        raise typer.Exit(EXIT_FAILURES)
 
 
 @app.command()

@@ -71,7 +71,7 @@ def open_backend(
 
 def open_destination(config: LoadedConfig) -> Destination:
     """The configured destination."""
-    context = DestinationContext(config.site.archive, config.site.project)
+    context = DestinationContext(config.site.archive, config.site.project, config.state_path, config.dir)
     return destination_types()[config.destination.type].factory(config.destination, context)
 
 

@@ -21,6 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from dqr.backend import VerifyMode
 from dqr.config import LoadedConfig
 from dqr.context import JobContext
 from dqr.model import Labels, RowOutcome, RowQuery, SeriesStatus, Study, StudyStatus
@@ -67,6 +68,8 @@ class RunSummary:
     studies_already_stored: int = 0
     studies_nothing_selected: int = 0
     studies_unverified: int = 0
+    #: stored studies the destination was not asked to confirm (``verify: false``)
+    studies_unverified_at_destination: int = 0
     series_stored: int = 0
     series_excluded: int = 0
     instances_stored: int = 0
@@ -293,6 +296,8 @@ def _finish(ctx: JobContext, summary: RunSummary, to_do: list[tuple[ResultLine, 
         for _, series_status in state.known_series(study.study_uid):
             summary.series_stored += series_status == SeriesStatus.STORED
             summary.series_excluded += series_status == SeriesStatus.EXCLUDED
+    if getattr(ctx.destination, "verify_mode", None) == VerifyMode.OFF:
+        summary.studies_unverified_at_destination = summary.studies_stored
     summary.instances_stored, summary.bytes_stored = state.stored_by_run(ctx.run_id)
     summary.seconds = time.monotonic() - started
     summary.interrupted = ctx.interrupted

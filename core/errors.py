@@ -87,6 +87,32 @@ class RemoteError(DqrError):
         self.unreachable = unreachable
 
 
+class DestinationRefusedError(RemoteError):
+    """The destination refused some instances (or the whole request).
+
+    ``stored`` lists the SOP Instance UIDs it acknowledged in the same
+    exchange (they *are* stored), ``failed`` maps each refused one to the
+    destination's reason (status in hex and its meaning, or FailureReason).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        stored: list[str] | None = None,
+        failed: dict[str, str] | None = None,
+        retriable: bool = False,
+        slow_down: bool = False,
+        retry_after: float | None = None,
+        unreachable: bool = False,
+    ) -> None:
+        super().__init__(
+            message, retriable=retriable, slow_down=slow_down, retry_after=retry_after, unreachable=unreachable
+        )
+        self.stored = list(stored or [])
+        self.failed = dict(failed or {})
+
+
 class IncompleteRetrieveError(RemoteError):
     """Fewer instances arrived than the PACS said it had (retriable)."""
 

@@ -20,6 +20,12 @@ with the files.
 
 Older manifests (lines without ``sha256`` or ``labels``) are read as they
 are: such a line is provenance, but not proof of content.
+
+A network destination, which cannot hold the manifest, keeps one per
+session beside the job state, written as each acknowledgement arrives
+(:func:`append_records`); it also appends a ``"missing"`` line when
+verification finds an acknowledged instance gone: the last line about an
+instance says whether it counts as held (:func:`held_instances`).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,3 +206,65 @@ class Manifests:
             if manifest is None:
                 manifest = self._open[path] = Manifest(path, present)
             return manifest
+
+
+# -- the lines a network destination keeps ------------------------------------------
+
+_append_locks: dict[Path, threading.Lock] = {}
+_append_locks_guard = threading.Lock()
+
+
+def now() -> str:
+    """The manifest's timestamp format (local time with offset)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def append_records(manifest: Path, records: Iterable[dict[str, Any]], fsync: bool = True) -> None:
+    """Append ``records`` as JSON lines (creating the folders); thread-safe
+    for one file within the process. ``fsync=False`` only hands them to the
+    OS (they survive the process being killed, not a power cut): for a
+    caller that fsyncs once later, before reporting anything stored."""
+    lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in records]
+    if not lines:
+        return
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    with _append_locks_guard:
+        lock = _append_locks.setdefault(manifest, threading.Lock())
+    with lock, open(manifest, "a", encoding="utf-8") as handle:
+        handle.write("".join(lines))
+        handle.flush()
+        if fsync:
+            os.fsync(handle.fileno())
+
+
+def _raw_lines(manifest: Path) -> Iterator[dict[str, Any]]:
+    """Every complete line as a mapping (a torn last line, left by a crash
+    mid-append, is skipped: it was never reported stored)."""
+    try:
+        text = manifest.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            yield record
+
+
+def held_instances(manifest: Path, series_uid: str) -> set[str]:
+    """SOP Instance UIDs of ``series_uid`` whose last line says stored (not
+    later found missing)."""
+    held: set[str] = set()
+    for record in _raw_lines(manifest):
+        if record.get("SeriesInstanceUID") != series_uid:
+            continue
+        uid = record.get("SOPInstanceUID")
+        if not isinstance(uid, str):
+            continue
+        if record.get("missing"):
+            held.discard(uid)
+        else:
+            held.add(uid)
+    return held

@@ -28,6 +28,7 @@ BUILTIN_PLUGINS = (
     "dqr.plugins.dimse",
     "dqr.plugins.dicomweb",
     "dqr.plugins.archive",
+    "dqr.plugins.destinations",
     "dqr.plugins.xnat_relabel",
     "dqr.plugins.series_filter",
     "dqr.plugins.mockpacs",

@@ -46,6 +46,10 @@ class RelabelContext:
     study: Study
     series: Series
     replaced: dict[str, str] = field(default_factory=dict)
+    #: The job's :class:`dqr.backend.Destination` (``None`` when the caller
+    #: does not say): hooks whose change depends on where the instance goes
+    #: (XNAT routing) read it.
+    destination: Any = None
 
     def set(self, keyword: str, value: Any) -> None:
         """Set ``keyword`` to ``value``, remembering what it was."""

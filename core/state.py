@@ -324,6 +324,10 @@ class JobState:
         rows = self._query("SELECT data, status FROM series WHERE study_uid = ? ORDER BY rowid", study_uid)
         return [(_series_from_json(data), SeriesStatus(status)) for data, status in rows]
 
+    def series_status(self, series_uid: str) -> SeriesStatus | None:
+        found = self._query("SELECT status FROM series WHERE series_uid = ?", series_uid)
+        return SeriesStatus(found[0][0]) if found else None
+
     def series_error(self, series_uid: str) -> str | None:
         found = self._query("SELECT error FROM series WHERE series_uid = ?", series_uid)
         return found[0][0] if found else None
@@ -388,6 +392,16 @@ class JobState:
                 "WHERE instances.stored = 0",
                 [(uid, series_uid, sizes.get(uid), run) for uid in sop_uids],
             )
+            db.execute(
+                "UPDATE series SET stored = (SELECT COUNT(*) FROM instances WHERE series_uid = ? AND stored = 1) "
+                "WHERE series_uid = ?",
+                (series_uid, series_uid),
+            )
+
+    def unmark_stored(self, series_uid: str, sop_uids: list[str]) -> None:
+        """The destination turned out not to hold these after all (verification)."""
+        with self.transaction() as db:
+            db.executemany("UPDATE instances SET stored = 0 WHERE sop_uid = ?", [(uid,) for uid in sop_uids])
             db.execute(
                 "UPDATE series SET stored = (SELECT COUNT(*) FROM instances WHERE series_uid = ? AND stored = 1) "
                 "WHERE series_uid = ?",

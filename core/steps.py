@@ -31,9 +31,15 @@ from enum import StrEnum
 from typing import Any
 
 from dqr.acceptance import accept_arrival
-from dqr.backend import SeriesWriter, WholeStudyBackend
+from dqr.backend import SeriesWriter, VerifyMode, WholeStudyBackend
 from dqr.context import JobContext
-from dqr.errors import IncompleteRetrieveError, Interrupted, RemoteError, SourceDownError
+from dqr.errors import (
+    DestinationRefusedError,
+    IncompleteRetrieveError,
+    Interrupted,
+    RemoteError,
+    SourceDownError,
+)
 from dqr.matching import matches
 from dqr.model import (
     Instance,
@@ -198,7 +204,7 @@ def retrieve_series(ctx: JobContext, study: Study, series: Series, labels: Label
     if expected is not None:
         stored = _adopt_found(ctx, series, writer, expected)
         if all(uid in stored for uid in expected):
-            state.set_series_status(series.series_uid, SeriesStatus.STORED)
+            _stored(ctx, study, series, expected)
             return
     state.set_series_status(series.series_uid, SeriesStatus.RETRIEVING)
 
@@ -210,11 +216,19 @@ def retrieve_series(ctx: JobContext, study: Study, series: Series, labels: Label
         request = RetrieveRequest(study, series, tuple(missing) if missing is not None and now else None)
         target = StoreTarget(request, labels, writer, expected)
         try:
-            report = ctx.backend.retrieve(request, lambda received: store_instance(ctx, received, target))
-        finally:
-            _commit(ctx, series, writer, target.sizes)
+            try:
+                report = ctx.backend.retrieve(request, lambda received: store_instance(ctx, received, target))
+            finally:
+                _commit(ctx, series, writer, target.sizes)
+        except SourceDownError:
+            raise  # the source, or the destination, stayed unreachable: the job stops
+        except RemoteError as error:
+            if not target.errors:
+                raise
+            # A failure to store, not to reach the source: it must not feed the source's breaker.
+            raise _store_failure(target, error.retriable) from None
         if target.errors:
-            raise RemoteError(f"could not store an instance: {target.errors[0]}")
+            raise _store_failure(target, False)
         now = state.stored_instances(series.series_uid)
         if expected is not None:
             still = [uid for uid in expected if uid not in now]
@@ -231,6 +245,32 @@ def retrieve_series(ctx: JobContext, study: Study, series: Series, labels: Label
             )
 
     ctx.guard.retrieve(attempt)
+    _stored(ctx, study, series, expected)
+
+
+def _store_failure(target: StoreTarget, retriable: bool) -> RemoteError:
+    more = f" (and {len(target.errors) - 1} more)" if len(target.errors) > 1 else ""
+    return RemoteError(f"could not store an instance: {target.errors[0]}{more}", retriable=retriable)
+
+
+def _stored(ctx: JobContext, study: Study, series: Series, expected: list[str] | None) -> None:
+    """The series is in the destination: confirmed there first, when it was
+    sent by this step (a series already stored was confirmed then). A
+    mismatch fails the series naming what is missing, and those instances
+    are to be sent again."""
+    state = ctx.state
+    if state.series_status(series.series_uid) != SeriesStatus.STORED and expected:
+        mode = getattr(ctx.destination, "verify_mode", VerifyMode.LOCAL)
+        if mode not in (VerifyMode.LOCAL, VerifyMode.OFF):
+            missing = ctx.destination.verify(study, series, expected)
+            if missing:
+                state.unmark_stored(series.series_uid, missing)
+                shown = ", ".join(missing[:5]) + (f" … (+{len(missing) - 5})" if len(missing) > 5 else "")
+                raise RemoteError(
+                    f"{len(missing)} of {len(expected)} instances are not held by {ctx.destination.describe()} "
+                    f"after they were sent ({mode} verification): {shown}",
+                    retriable=True,
+                )
     state.set_series_status(series.series_uid, SeriesStatus.STORED)
 
 
@@ -248,10 +288,17 @@ def _adopt_found(ctx: JobContext, series: Series, writer: SeriesWriter, expected
 
 
 def _commit(ctx: JobContext, series: Series, writer: SeriesWriter, sizes: dict[str, int] | None) -> None:
-    """What the destination made durable is stored -- only that. ``sizes``
-    are of what this run stored; ``None`` for files found from an earlier
-    run (not counted as this run's)."""
-    ctx.state.mark_stored(series.series_uid, writer.commit(), None if sizes is None else ctx.run_id, sizes)
+    """What the destination made durable (and, when remote, acknowledged) is
+    stored -- only that, also when it refused the rest. ``sizes`` are of what
+    this run stored; ``None`` for files found from an earlier run (not
+    counted as this run's)."""
+    run = None if sizes is None else ctx.run_id
+    try:
+        committed = writer.commit()
+    except DestinationRefusedError as error:
+        ctx.state.mark_stored(series.series_uid, error.stored, run, sizes)
+        raise
+    ctx.state.mark_stored(series.series_uid, committed, run, sizes)
 
 
 def _expected_instances(ctx: JobContext, study: Study, series: Series) -> list[str] | None:
@@ -315,10 +362,18 @@ def _store(ctx: Any, received: ReceivedInstance, target_of: Callable[[Any], Stor
         # instance already stored is not skipped here: the destination
         # compares it, so a twin with other content is a conflict.)
         accept_arrival(decoded, received, target.request, target.expected)
-        context = RelabelContext(decoded.dataset, target.labels, target.request.study, target.request.series)
+        context = RelabelContext(
+            decoded.dataset, target.labels, target.request.study, target.request.series,
+            destination=getattr(ctx, "destination", None),
+        )
         ctx.hooks.dqr_relabel(context=context)
         part10 = encode_part10(decoded, received)
         target.writer.write(received.sop_instance_uid, part10, context.replaced)
+    except DestinationRefusedError as error:
+        target.errors.append(str(error))
+        if error.retriable:
+            raise
+        return 0  # refused for good: the source goes on with the others (the series fails after)
     except Exception as error:
         if target is not None:
             target.errors.append(str(error))

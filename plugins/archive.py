@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Literal
 
 import dqr
+from dqr.backend import VerifyMode
 from dqr.config import DestinationConfig
+from dqr.errors import RemoteError
 from dqr.manifest import MANIFEST, ManifestRecord, Manifests, digest, file_digest, labels_record
 from dqr.model import Labels, Series, Study
 from dqr.uids import check_uid, quoted
@@ -281,6 +283,10 @@ class SeriesDirectory:
 class Archive:
     """A :class:`dqr.backend.Destination` writing a directory tree."""
 
+    #: verify() lists the series folder: files a commit made durable.
+    #: its files are proven (digest) and fsync'd at commit: nothing to ask afterwards
+    verify_mode = VerifyMode.LOCAL
+
     def __init__(self, root: Path, project: str) -> None:
         self.root = root
         self.project = project
@@ -288,6 +294,20 @@ class Archive:
 
     def describe(self) -> str:
         return f"archive {self.root / self.project}"
+
+    def echo(self) -> str:
+        folder = next((p for p in [self.root, *self.root.parents] if p.exists()), self.root)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise RemoteError(f"{self.describe()}: {folder} is not writable")
+        return f"{self.describe()} (writable)"
+
+    def verify(self, study: Study, series: Series, sop_instance_uids: list[str]) -> list[str]:
+        # The labels are not known here: look for the series folder under the project.
+        held = {p.stem for p in (self.root / self.project).glob(f"*/*/{series.series_uid}/*.dcm")}
+        return [uid for uid in sop_instance_uids if uid not in held]
+
+    def close(self) -> None:
+        pass
 
     def session_dir(self, subject: str, session: str) -> Path:
         return self.root / self.project / subject / session

@@ -83,9 +83,10 @@ class SecretBearerAuth(requests.auth.AuthBase):
         return f"SecretBearerAuth(token={self._token!r})"
 
 
-def make_auth(auth: AuthConfig, source: str, base: Path) -> requests.auth.AuthBase | None:
-    """The requests auth for a source's ``auth:`` section (``None`` for none)."""
-    prefix = f"sources.{source}.auth"
+def make_auth(auth: AuthConfig, source: str, base: Path, section: str = "") -> requests.auth.AuthBase | None:
+    """The requests auth for a source's ``auth:`` section (``None`` for none);
+    ``section`` replaces ``sources.<source>`` in messages (``destination``)."""
+    prefix = f"{section or f'sources.{source}'}.auth"
     if isinstance(auth, BasicAuth):
         password = read_secret(auth.password_env, auth.password_file, f"{prefix}.password", base)
         return SecretBasicAuth(auth.username, password)
@@ -94,9 +95,9 @@ def make_auth(auth: AuthConfig, source: str, base: Path) -> requests.auth.AuthBa
     return None
 
 
-def credential_keys(auth: AuthConfig, source: str) -> str:
+def credential_keys(auth: AuthConfig, source: str, section: str = "") -> str:
     """The config keys a user should check after a 401/403 (names, never values)."""
-    prefix = f"sources.{source}.auth"
+    prefix = f"{section or f'sources.{source}'}.auth"
     if isinstance(auth, BasicAuth):
         origin = (
             f"{prefix}.password_env (environment variable {auth.password_env})"

@@ -37,6 +37,13 @@ class Operation:
     where: str
     source: str
     credentials: str
+    #: The config section named in hints (default ``sources.<source>``; a
+    #: destination passes ``destination``).
+    section: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.section or f"sources.{self.source}"
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
@@ -74,7 +81,7 @@ def error_for_status(response: requests.Response, op: Operation) -> RemoteError:
         return RemoteError(f"{prefix}: server error", retriable=True)
     if code == 404:
         return RemoteError(
-            f"{prefix}: not found (if every request fails like this, check sources.{op.source}.url "
+            f"{prefix}: not found (if every request fails like this, check {op.key}.url "
             "and the qido_prefix/wado_prefix keys)"
         )
     if code == 400:
@@ -91,7 +98,7 @@ def error_for_exception(exc: requests.RequestException, op: Operation) -> Remote
     prefix = f"{op.what}: {op.where}"
     if isinstance(exc, requests.exceptions.SSLError):
         return RemoteError(
-            f"{prefix}: TLS failed ({_tls_reason(exc)}); check sources.{op.source}.ca_bundle "
+            f"{prefix}: TLS failed ({_tls_reason(exc)}); check {op.key}.ca_bundle "
             f"(a CA that signed the server's certificate) or the URL's host name"
         )
     if isinstance(exc, requests.exceptions.ConnectTimeout):
@@ -106,7 +113,7 @@ def error_for_exception(exc: requests.RequestException, op: Operation) -> Remote
         if _never_connected(exc):
             return RemoteError(
                 f"{prefix}: cannot connect ({_connect_reason(exc)}); is the server running and "
-                f"sources.{op.source}.url right?",
+                f"{op.key}.url right?",
                 retriable=True,
                 unreachable=True,
             )

@@ -10,6 +10,10 @@ The config is YAML::
       aet: MOCKPACS
     dicomweb:               # optional: see dqr.plugins.mockpacs.http_server
       port: 8042
+    store:                  # optional: a Storage SCP to send to (dqr.plugins.mockpacs.store_scp)
+      port: 11113
+    stow:                   # optional: a STOW-RS server (dqr.plugins.mockpacs.stow_server)
+      port: 8043
 
 Each server module defines its own pydantic ``Config`` (ports, AE titles,
 destinations, faults) and a server class with ``start()``/``stop()``.
@@ -27,6 +31,8 @@ import dqr
 SERVERS = {
     "dimse": "dqr.plugins.mockpacs.dimse_server",
     "dicomweb": "dqr.plugins.mockpacs.http_server",
+    "store": "dqr.plugins.mockpacs.store_scp",
+    "stow": "dqr.plugins.mockpacs.stow_server",
 }
 
 
@@ -105,7 +111,7 @@ def dqr_register_commands(app):
                 started.append(server)
                 typer.echo(f"{section}: {server.describe()}")
             if not started:
-                typer.echo("nothing to serve: add a `dimse:` or `dicomweb:` section", err=True)
+                typer.echo("nothing to serve: add a `dimse:`, `dicomweb:`, `store:` or `stow:` section", err=True)
                 raise typer.Exit(2)
             threading.Event().wait()
         except KeyboardInterrupt:

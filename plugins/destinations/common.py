@@ -1,0 +1,190 @@
+"""What both network destinations share: reading a Part-10 file's meta
+header, the local manifest of acknowledged instances, and the writer
+bookkeeping that only ever reports acknowledged instances.
+
+The manifest is the destination's memory of what it acknowledged: it is
+appended as soon as an acknowledgement arrives (flushed to the OS, so a
+``kill -9`` loses nothing; fsynced at commit), and ``exists()`` answers from
+it, so a run killed after the destination acknowledged an instance but
+before the job state recorded it never sends that instance twice.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from dqr.backend import DestinationContext
+from dqr.manifest import MANIFEST, append_records, held_instances
+from dqr.manifest import now as manifest_now
+from dqr.model import Series, Study
+
+#: Explicit-VR element headers with a 4-byte length (PS3.5 7.1.2).
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+
+
+#: C-STORE warnings (PS3.4 B.2.3): stored, with the warning kept.
+STORE_WARNINGS = {
+    0xB000: "coercion of data elements",
+    0xB007: "data set does not match SOP class",
+    0xB006: "elements discarded",
+}
+STORE_FAILURES = {
+    0x0110: "processing failure",
+    0x0117: "invalid SOP instance",
+    0x0122: "SOP class not supported",
+    0x0124: "not authorised",
+    0x0210: "duplicate invocation",
+    0x0211: "unrecognised operation",
+    0x0212: "mistyped argument",
+}
+
+
+def describe_store_status(status: int) -> str:
+    """A C-STORE status in hex and words."""
+    if status in STORE_WARNINGS:
+        return f"0x{status:04X} (warning: {STORE_WARNINGS[status]})"
+    if status in STORE_FAILURES:
+        return f"0x{status:04X} ({STORE_FAILURES[status]})"
+    if 0xA700 <= status <= 0xA7FF:
+        return f"0x{status:04X} (refused: out of resources)"
+    if 0xA900 <= status <= 0xA9FF:
+        return f"0x{status:04X} (error: data set does not match SOP class)"
+    if 0xC000 <= status <= 0xCFFF:
+        return f"0x{status:04X} (error: cannot understand)"
+    return f"0x{status:04X} (unknown status)"
+
+
+@dataclass(frozen=True)
+class Part10:
+    """A Part-10 file split into what a sender needs."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    dataset_offset: int
+    """Where the dataset (after the file meta group) starts."""
+
+
+def parse_part10(data: bytes) -> Part10:
+    """Read the file meta group of a Part-10 file (explicit VR little endian)."""
+    if data[128:132] != b"DICM":
+        raise ValueError("not a DICOM Part-10 file (no DICM prefix)")
+    offset = 132
+    meta: dict[int, bytes] = {}
+    while offset + 8 <= len(data):
+        group, element = struct.unpack_from("<HH", data, offset)
+        if group != 0x0002:
+            break
+        vr = data[offset + 4 : offset + 6]
+        if vr in _LONG_VRS:
+            (length,) = struct.unpack_from("<I", data, offset + 8)
+            start = offset + 12
+        else:
+            (length,) = struct.unpack_from("<H", data, offset + 6)
+            start = offset + 8
+        meta[element] = data[start : start + length]
+        offset = start + length
+
+    def text(element: int) -> str:
+        return meta.get(element, b"").decode("ascii", "replace").rstrip("\0 ")
+
+    return Part10(text(0x0002), text(0x0003), text(0x0010), offset)
+
+
+def manifest_root(context: DestinationContext) -> Path:
+    """``<state dir>/<state stem>-manifest``: the manifests live beside the
+    job state, since the destination cannot hold them."""
+    if context.state_path is not None:
+        state = Path(context.state_path)
+        return state.with_name(f"{state.stem}-manifest")
+    archive = Path(context.archive)
+    return archive.with_name(f"{archive.name}-manifest")
+
+
+class AcknowledgedSeries:
+    """Bookkeeping of one series' writer: what was acknowledged since the
+    last commit, the manifest lines for it, and what an earlier run had
+    already had acknowledged."""
+
+    def __init__(self, manifest: Path, destination: str, study: Study, series: Series) -> None:
+        self.manifest = manifest
+        self.destination = destination
+        self.study = study
+        self.series = series
+        self.lock = threading.Lock()
+        self._earlier = held_instances(manifest, series.series_uid)
+        self._unreported: list[str] = []
+        #: SOP Instance UID -> the destination's warning (stored nonetheless).
+        self.warnings: dict[str, str] = {}
+
+    def held_earlier(self, sop_instance_uid: str) -> bool:
+        """Acknowledged to an earlier run (per the manifest): reported at the next commit."""
+        if sop_instance_uid not in self._earlier:
+            return False
+        with self.lock:
+            if sop_instance_uid not in self._unreported:
+                self._unreported.append(sop_instance_uid)
+        return True
+
+    def acknowledged(self, items: list[tuple[str, int, dict[str, str]]], warnings: dict[str, str] | None = None) -> None:
+        """Record acknowledged instances ``(uid, size, replaced)``: manifest
+        lines now (flushed, not yet fsynced), reported at the next commit."""
+        if not items:
+            return
+        stored = manifest_now()
+        records = []
+        for uid, size, replaced in items:
+            record = {
+                "destination": self.destination,
+                "StudyInstanceUID": self.study.study_uid,
+                "SeriesInstanceUID": self.series.series_uid,
+                "SOPInstanceUID": uid,
+                "size": size,
+                "replaced": replaced,
+                "stored": stored,
+            }
+            if warnings and uid in warnings:
+                record["warning"] = warnings[uid]
+            records.append(record)
+        append_records(self.manifest, records, fsync=False)
+        with self.lock:
+            self._unreported.extend(uid for uid, _, _ in items)
+            if warnings:
+                self.warnings.update(warnings)
+
+    def take(self) -> list[str]:
+        """The acknowledged UIDs not reported yet, made durable in the manifest first."""
+        with self.lock:
+            taken, self._unreported = self._unreported, []
+        if taken and self.manifest.exists():
+            fd = os.open(self.manifest, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return taken
+
+
+def record_missing(manifest: Path, destination: str, study: Study, series: Series, missing: list[str]) -> None:
+    """Verification found acknowledged instances gone: later runs send them again."""
+    append_records(
+        manifest,
+        [
+            {
+                "destination": destination,
+                "StudyInstanceUID": study.study_uid,
+                "SeriesInstanceUID": series.series_uid,
+                "SOPInstanceUID": uid,
+                "missing": manifest_now(),
+            }
+            for uid in missing
+        ],
+    )
+
+
+def session_manifest(root: Path, project: str, subject: str, session: str) -> Path:
+    return root / project / subject / session / MANIFEST

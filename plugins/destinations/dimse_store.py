@@ -1,0 +1,421 @@
+"""``destination: {type: dimse}``: C-STORE to a Storage SCP.
+
+Every instance is sent as it arrives, on a pool of at most
+``limits.max_associations`` associations shared by all series. An
+association proposes one presentation context per (SOP class, transfer
+syntax) pair actually received, so files go out exactly as they are (no
+transcoding); a pair the SCP does not accept is a final error naming the
+SOP class. A new pair closes an idle association and opens one proposing
+every pair seen so far.
+
+The dataset bytes are sent as they are, without decoding: pynetdicom's
+``send_c_store`` only does that for a file on disk, so :func:`_send_raw`
+builds the C-STORE request itself (the same steps, on pynetdicom's
+association internals; pinned by the tests against Orthanc).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from dqr.backend import DestinationContext, VerifyMode
+from dqr.errors import DestinationRefusedError, RemoteError
+from dqr.model import Series, Study
+from dqr.plugins.destinations import DimseDestinationConfig
+from dqr.plugins.destinations.common import (
+    STORE_WARNINGS,
+    AcknowledgedSeries,
+    Part10,
+    describe_store_status,
+    manifest_root,
+    parse_part10,
+    record_missing,
+    session_manifest,
+)
+from dqr.plugins.dimse.network import Peer, tls_client_context
+from dqr.plugins.dimse.status import lost_response_error, status_error
+from dqr.throttle import AdaptiveLimit, CircuitBreaker, SourceDownError, call_with_retries
+
+log = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+#: Presentation contexts an association may carry (PS3.8: odd IDs 1..255).
+MAX_CONTEXTS = 128
+
+
+def _uid_name(uid: str) -> str:
+    from pydicom.uid import UID
+
+    name = UID(uid).name
+    return f"{name} ({uid})" if name != uid else uid
+
+
+class DestinationDownError(SourceDownError):
+    """The destination stayed unreachable through every cool-down: the job
+    stops (what it acknowledged is kept; the next run resumes)."""
+
+
+class DestinationPeer(Peer):
+    @property
+    def where(self) -> str:
+        return f"destination {self.called_aet} at {self.host}:{self.port}"
+
+
+class _Connection:
+    """One open association and the (SOP class, transfer syntax) pairs it accepted."""
+
+    def __init__(self, assoc: Any) -> None:
+        self.assoc = assoc
+        self.contexts: dict[tuple[str, str], int] = {}
+        self.abstract: dict[str, int] = {}
+        for context in assoc.accepted_contexts:
+            if context.as_scu:
+                self.contexts[(str(context.abstract_syntax), str(context.transfer_syntax[0]))] = context.context_id
+                self.abstract.setdefault(str(context.abstract_syntax), context.context_id)
+        self._message_id = 0
+
+    def next_message_id(self) -> int:
+        self._message_id = self._message_id % 65535 + 1
+        return self._message_id
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.assoc.is_established)
+
+
+class AssociationPool:
+    """At most ``size`` associations to one peer, opened on demand with the
+    pairs seen so far, kept open between series."""
+
+    def __init__(self, peer: DestinationPeer, size: int, service_classes: list[str] = ()) -> None:
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
+
+        self.peer = peer
+        self.size = size
+        self._service_classes = [str(Verification), str(StudyRootQueryRetrieveInformationModelFind), *service_classes]
+        self._known: dict[tuple[str, str], None] = {}
+        self._idle: list[_Connection] = []
+        self._open = 0
+        self._condition = threading.Condition()
+        self._ae = peer.new_ae()
+
+    def acquire(self, pair: tuple[str, str] | None) -> _Connection:
+        """An association carrying ``pair`` (any, for ``None``); waits while all are busy."""
+        victim = None
+        with self._condition:
+            if pair is not None:
+                self._known.setdefault(pair)
+            while True:
+                self._idle = [c for c in self._idle if c.alive or self._forget(c)]
+                for connection in self._idle:
+                    if pair is None or pair in connection.contexts:
+                        self._idle.remove(connection)
+                        return connection
+                if self._open < self.size:
+                    self._open += 1
+                    break
+                if self._idle:  # all open ones lack the pair: replace an idle one
+                    victim = self._idle.pop(0)
+                    break
+                self._condition.wait()
+        if victim is not None:
+            self._close(victim)
+        try:
+            return self._new_connection()
+        except BaseException:
+            with self._condition:
+                self._open -= 1
+                self._condition.notify_all()
+            raise
+
+    def _forget(self, connection: _Connection) -> bool:
+        self._open -= 1
+        return False
+
+    def _new_connection(self) -> _Connection:
+        from pynetdicom import build_context
+
+        with self._condition:
+            pairs = list(self._known)[-(MAX_CONTEXTS - len(self._service_classes)) :]
+        contexts = [build_context(uid) for uid in self._service_classes]
+        contexts += [build_context(sop_class, [syntax]) for sop_class, syntax in pairs]
+        return _Connection(self.peer.associate(self._ae, contexts))
+
+    def release(self, connection: _Connection, broken: bool = False) -> None:
+        if broken or not connection.alive:
+            if connection.alive:
+                connection.assoc.abort()
+            with self._condition:
+                self._open -= 1
+                self._condition.notify_all()
+            return
+        with self._condition:
+            self._idle.append(connection)
+            self._condition.notify_all()
+
+    def _close(self, connection: _Connection) -> None:
+        try:
+            connection.assoc.release()
+        except Exception:  # noqa: BLE001 - closing a connection the peer already dropped
+            connection.assoc.abort()
+
+    def close(self) -> None:
+        with self._condition:
+            idle, self._idle = self._idle, []
+            self._open -= len(idle)
+        for connection in idle:
+            self._close(connection)
+
+
+def _send_raw(connection: _Connection, context_id: int, part: Part10, data: bytes, where: str, timeout: float) -> Any:
+    """One C-STORE of a dataset's encoded bytes; the response's status Dataset."""
+    from pynetdicom.dimse_primitives import C_STORE
+
+    request = C_STORE()
+    request.MessageID = connection.next_message_id()
+    request.AffectedSOPClassUID = part.sop_class_uid
+    request.AffectedSOPInstanceUID = part.sop_instance_uid
+    request.Priority = 2  # low: a bulk transfer
+    request.DataSet = BytesIO(data[part.dataset_offset :])
+    assoc = connection.assoc
+    # As send_c_store: pause the reactor so that it cannot take the response.
+    assoc._reactor_checkpoint.clear()
+    try:
+        while not assoc._is_paused:
+            if not assoc.is_established:
+                raise lost_response_error("C-STORE", where, timeout, aborted=True)
+            time.sleep(0.0001)
+        assoc.dimse.send_msg(request, context_id)
+        _, response = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
+    if response is None:
+        assoc._handle_no_response()
+        raise lost_response_error("C-STORE", where, timeout, aborted=assoc.is_aborted)
+    return assoc._check_received_status(response)
+
+
+class DimseDestination:
+    """A :class:`dqr.backend.Destination` sending by C-STORE."""
+
+    def __init__(self, config: DimseDestinationConfig, context: DestinationContext) -> None:
+        self.config = config
+        self.project = context.project
+        self.xnat_routing = config.xnat_routing
+        self.verify_mode = (
+            VerifyMode.COMMITMENT if config.verify == "commitment" else VerifyMode.QUERY if config.verify else VerifyMode.OFF
+        )
+        base = Path(context.config_dir or Path(context.archive).parent)
+        tls = None
+        if config.tls is not None:
+            tls = tls_client_context(
+                *(base / p if p else None for p in (config.tls.ca_file, config.tls.cert_file, config.tls.key_file))
+            )
+        timeouts = {
+            "connect": config.connect_timeout,
+            "acse": config.acse_timeout,
+            "dimse": config.dimse_timeout,
+            "network": config.network_timeout,
+        }
+        self.peer = DestinationPeer(config.host, config.port, config.called_aet, config.calling_aet, timeouts, tls)
+        from dqr.plugins.destinations.commitment import STORAGE_COMMITMENT_PUSH
+
+        commitment = [STORAGE_COMMITMENT_PUSH] if self.verify_mode is VerifyMode.COMMITMENT else []
+        self.pool = AssociationPool(self.peer, config.limits.max_associations, commitment)
+        self.retry_limits = config.limits.retry_limits()
+        self.limit = AdaptiveLimit(config.limits.max_associations, f"{self.peer.where} C-STOREs")
+        self.breaker = CircuitBreaker(
+            self.retry_limits.breaker_failures, self.retry_limits.breaker_cooldown, self.retry_limits.breaker_max_cooldowns
+        )
+        self.manifests = manifest_root(context)
+        self._refused_pairs: dict[tuple[str, str], str] = {}
+        self._series_manifest: dict[str, Path] = {}
+        self._commitment: Any = None
+        self._sop_classes: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    # -- the Destination protocol ----------------------------------------------------
+
+    def describe(self) -> str:
+        return f"{self.peer.where} (C-STORE)"
+
+    def open_series(self, study: Study, series: Series, subject: str, session: str) -> DimseSeriesWriter:
+        manifest = session_manifest(self.manifests, self.project, subject, session)
+        self._series_manifest[series.series_uid] = manifest
+        return DimseSeriesWriter(self, AcknowledgedSeries(manifest, self.describe(), study, series))
+
+    def echo(self) -> str:
+        def once() -> str:
+            connection = self.pool.acquire(None)
+            broken = False
+            try:
+                if "1.2.840.10008.1.1" not in connection.abstract:
+                    raise RemoteError(f"{self.peer.where} does not accept C-ECHO (Verification)")
+                status = connection.assoc.send_c_echo()
+                if not connection.alive or "Status" not in status:
+                    broken = True
+                    raise lost_response_error("C-ECHO", self.peer.where, self.config.dimse_timeout, aborted=True)
+                if status.Status != SUCCESS:
+                    raise status_error("C-ECHO", int(status.Status), self.peer.where)
+            finally:
+                self.pool.release(connection, broken)
+            return f"{self.describe()}: C-ECHO answered"
+
+        return self._call(once)
+
+    def verify(self, study: Study, series: Series, sop_instance_uids: list[str]) -> list[str]:
+        if self.verify_mode is VerifyMode.OFF or not sop_instance_uids:
+            return []
+        if self.verify_mode is VerifyMode.COMMITMENT:
+            from dqr.plugins.destinations.commitment import request_commitment
+
+            missing = self._call(lambda: request_commitment(self, sop_instance_uids, study, series))
+        else:
+            held = self._call(lambda: self._find_instances(study, series))
+            missing = [uid for uid in sop_instance_uids if uid not in held]
+        manifest = self._series_manifest.get(series.series_uid)
+        if missing and manifest is not None:
+            record_missing(manifest, self.describe(), study, series, missing)
+        return missing
+
+    def close(self) -> None:
+        self.pool.close()
+        if self._commitment is not None:
+            self._commitment.stop()
+
+    def commitment_receiver(self):
+        """dqr's N-EVENT-REPORT receiver, started on first use."""
+        from dqr.plugins.destinations.commitment import CommitmentReceiver
+
+        with self._lock:
+            if self._commitment is None:
+                self._commitment = CommitmentReceiver(
+                    self.config.calling_aet, self.config.commitment_host, self.config.commitment_port
+                )
+            return self._commitment
+
+    def sop_class_of(self, sop_instance_uid: str) -> str | None:
+        return self._sop_classes.get(sop_instance_uid)
+
+    # -- sending -----------------------------------------------------------------------
+
+    def store(self, data: bytes) -> str | None:
+        """C-STORE one Part-10 file; its warning, if any. Retries what may
+        pass later; raises :class:`DestinationRefusedError` on a refusal."""
+        part = parse_part10(data)
+        self._sop_classes[part.sop_instance_uid] = part.sop_class_uid
+        return self._call(lambda: self._store_once(part, data))
+
+    def _call(self, action):
+        try:
+            return call_with_retries(action, self.retry_limits, self.limit, breaker=self.breaker)
+        except SourceDownError as error:
+            raise DestinationDownError(
+                f"{self.describe()} could not be reached: {error.__str__().replace('the source', 'it', 1)}",
+                unreachable=True,
+            ) from error
+
+    def _store_once(self, part: Part10, data: bytes) -> str | None:
+        pair = (part.sop_class_uid, part.transfer_syntax)
+        if pair in self._refused_pairs:
+            raise self._refusal(part, self._refused_pairs[pair])
+        connection = self.pool.acquire(pair)
+        broken = False
+        try:
+            context_id = connection.contexts.get(pair)
+            if context_id is None:
+                reason = (
+                    f"{self.peer.where} does not accept {_uid_name(part.sop_class_uid)} in "
+                    f"{_uid_name(part.transfer_syntax)} (presentation context not accepted); "
+                    "its administrator must allow that SOP class and transfer syntax"
+                )
+                self._refused_pairs[pair] = reason
+                raise self._refusal(part, reason)
+            try:
+                status = _send_raw(connection, context_id, part, data, self.peer.where, self.config.dimse_timeout)
+            except RemoteError:
+                broken = True
+                raise
+        finally:
+            self.pool.release(connection, broken)
+        code = int(status.Status) if "Status" in status else None
+        if code is None:
+            raise lost_response_error("C-STORE", self.peer.where, self.config.dimse_timeout, aborted=True)
+        comment = str(status.get("ErrorComment", "") or "")
+        if code == SUCCESS:
+            return None
+        if code in STORE_WARNINGS:
+            return f"{describe_store_status(code)}" + (f": {comment}" if comment else "")
+        reason = f"{self.peer.where} refused the instance: C-STORE status {describe_store_status(code)}"
+        if comment:
+            reason += f" -- {comment}"
+        if 0xA700 <= code <= 0xA7FF:
+            raise DestinationRefusedError(reason, failed={part.sop_instance_uid: reason}, slow_down=True)
+        raise self._refusal(part, reason)
+
+    def _refusal(self, part: Part10, reason: str) -> DestinationRefusedError:
+        return DestinationRefusedError(reason, failed={part.sop_instance_uid: reason})
+
+    def _find_instances(self, study: Study, series: Series) -> set[str]:
+        from pydicom.dataset import Dataset
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "IMAGE"
+        identifier.StudyInstanceUID = study.study_uid
+        identifier.SeriesInstanceUID = series.series_uid
+        identifier.SOPInstanceUID = ""
+        connection = self.pool.acquire(None)
+        broken = False
+        held: set[str] = set()
+        try:
+            if str(StudyRootQueryRetrieveInformationModelFind) not in connection.abstract:
+                raise RemoteError(
+                    f"{self.peer.where} does not answer C-FIND (Study Root) to verify what it holds: "
+                    "set `verify: false` (or `verify: commitment` if it supports Storage Commitment)"
+                )
+            for status, answer in connection.assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
+                if "Status" not in status:
+                    broken = True
+                    raise lost_response_error("C-FIND", self.peer.where, self.config.dimse_timeout, aborted=True)
+                code = int(status.Status)
+                if code in (0xFF00, 0xFF01):
+                    if answer is not None and "SOPInstanceUID" in answer:
+                        held.add(str(answer.SOPInstanceUID))
+                elif code != SUCCESS:
+                    raise status_error("C-FIND", code, self.peer.where)
+        finally:
+            self.pool.release(connection, broken)
+        return held
+
+
+class DimseSeriesWriter:
+    """Sends one series' instances as they come (a :class:`dqr.backend.SeriesWriter`)."""
+
+    def __init__(self, destination: DimseDestination, acknowledged: AcknowledgedSeries) -> None:
+        self.destination = destination
+        self.acknowledged = acknowledged
+
+    @property
+    def warnings(self) -> dict[str, str]:
+        """SOP Instance UID -> the destination's warning, for instances stored with one."""
+        return self.acknowledged.warnings
+
+    def exists(self, sop_instance_uid: str) -> bool:
+        return self.acknowledged.held_earlier(sop_instance_uid)
+
+    def write(self, sop_instance_uid: str, part10: bytes, replaced: dict[str, str]) -> None:
+        warning = self.destination.store(part10)
+        if warning:
+            log.warning("%s stored %s with a warning: %s", self.destination.describe(), sop_instance_uid, warning)
+        self.acknowledged.acknowledged(
+            [(sop_instance_uid, len(part10), replaced)], {sop_instance_uid: warning} if warning else None
+        )
+
+    def commit(self) -> list[str]:
+        return self.acknowledged.take()
