@@ -457,7 +457,12 @@ def retrieve_whole_study(ctx: JobContext, study: Study, series: list[Series], la
     finally:
         for one in series:
             target = targets[one.series_uid]
-            _commit(ctx, one, target.writer, target.sizes)
+            try:
+                _commit(ctx, one, target.writer, target.sizes)
+            except DestinationRefusedError as error:  # refused for good at commit (a STOW batch)
+                if error.retriable:
+                    raise
+                target.errors.append(str(error))
     refused = {uid: target.errors[0] for uid, target in targets.items() if target.errors}
     if failure is not None and not refused:
         raise failure

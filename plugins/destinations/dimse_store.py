@@ -25,7 +25,7 @@ from typing import Any
 
 from dqr.backend import DestinationContext, VerifyMode
 from dqr.errors import DestinationRefusedError, RemoteError
-from dqr.model import Series, Study
+from dqr.model import Labels, Series, Study
 from dqr.plugins.destinations import DimseDestinationConfig
 from dqr.plugins.destinations.common import (
     STORE_WARNINGS,
@@ -244,7 +244,9 @@ class DimseDestination:
     def describe(self) -> str:
         return f"{self.peer.where} (C-STORE)"
 
-    def open_series(self, study: Study, series: Series, subject: str, session: str) -> DimseSeriesWriter:
+    def open_series(
+        self, study: Study, series: Series, subject: str, session: str, labels: Labels | None = None
+    ) -> DimseSeriesWriter:
         manifest = session_manifest(self.manifests, self.project, subject, session)
         self._series_manifest[series.series_uid] = manifest
         return DimseSeriesWriter(self, AcknowledgedSeries(manifest, self.describe(), study, series))

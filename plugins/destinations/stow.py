@@ -23,7 +23,7 @@ from requests.adapters import HTTPAdapter
 
 from dqr.backend import DestinationContext, VerifyMode
 from dqr.errors import DestinationRefusedError, RemoteError
-from dqr.model import Series, Study
+from dqr.model import Labels, Series, Study
 from dqr.plugins.destinations import DicomwebDestinationConfig
 from dqr.plugins.destinations.common import (
     AcknowledgedSeries,
@@ -148,7 +148,9 @@ class StowDestination:
     def describe(self) -> str:
         return f"DICOMweb destination {self.url} (STOW-RS)"
 
-    def open_series(self, study: Study, series: Series, subject: str, session: str) -> StowSeriesWriter:
+    def open_series(
+        self, study: Study, series: Series, subject: str, session: str, labels: Labels | None = None
+    ) -> StowSeriesWriter:
         manifest = session_manifest(self.manifests, self.project, subject, session)
         self._series_manifest[series.series_uid] = manifest
         return StowSeriesWriter(self, AcknowledgedSeries(manifest, self.describe(), study, series))
