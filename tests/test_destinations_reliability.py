@@ -282,3 +282,26 @@ def test_kill_9_mid_send_then_rerun_loses_nothing_and_resends_only_what_was_in_f
     # Only a C-STORE in flight at the kill (at most one per association) can be sent twice:
     # everything acknowledged before it was in the local manifest.
     assert sum(server.stores.values()) - len(expected) <= 2
+
+
+def test_an_instance_acknowledged_but_not_held_fails_its_series_by_name_and_is_sent_again(
+    ct_config, dqr, mock_stow_factory
+):
+    lost = ct_instances()[1]
+    server = mock_stow_factory()
+    server.faults.lose = [lost]
+    config = ct_config(stow_to(server, limits=FAST))
+    result = dqr("run", "--config", config)
+    assert result.exit_code == 1
+    assert "not held by" in result.stderr and lost in result.stderr
+    server.faults.lose = []
+    assert dqr("run", "--config", config).exit_code == 0
+    assert sorted(server.received) == ct_instances()
+    assert {uid: n for uid, n in server.stored.items() if n > 1} == {lost: 2}
+
+
+def test_verify_false_says_the_studies_were_not_verified_at_the_destination(ct_config, dqr, mock_stow_factory):
+    server = mock_stow_factory()
+    result = dqr("run", "--config", ct_config(stow_to(server, limits=FAST, verify=False)))
+    assert result.exit_code == 0
+    assert "not verified at the destination (verify: false)" in result.stderr

@@ -48,6 +48,7 @@ class StowFaults(BaseModel):
     unavailable: int = Field(0, ge=0, description="next N requests answered 503")
     server_errors: int = Field(0, ge=0, description="next N requests answered 500")
     cut: int = Field(0, ge=0, description="next N STOW requests: connection closed, no answer")
+    lose: list[str] = Field(default_factory=list, description="SOP Instance UIDs acknowledged but not kept")
 
 
 class Config(BaseModel):
@@ -164,8 +165,9 @@ class MockStowServer:
                 continue
             dataset = dcmread(BytesIO(part), stop_before_pixels=True)
             with self._lock:
-                self.received[uid] = part
-                self._series[uid] = (str(dataset.StudyInstanceUID), str(dataset.SeriesInstanceUID))
+                if uid not in self.faults.lose:  # a server that acknowledges, then loses it
+                    self.received[uid] = part
+                    self._series[uid] = (str(dataset.StudyInstanceUID), str(dataset.SeriesInstanceUID))
             referenced.append(item)
         answer: dict[str, Any] = {}
         if referenced:
