@@ -386,7 +386,8 @@ def test_retry_failed_requeries_only_the_rows_whose_query_failed(dimse_job, dqr,
     mock_dimse_pacs.reset()
     result = dqr("retry", "--config", config, "--failed")
     assert result.exit_code == 0, result.output
-    assert mock_dimse_pacs.requests["C-GET"] == 2  # the CT study's two series, nothing of the PET study
+    # the CT study in one request (the first run found C-GET works), nothing of the PET study
+    assert mock_dimse_pacs.requests["C-GET"] == 1
     assert stored_sops(tmp_path / "archive") == expected_sops(CT_STUDY, PET_STUDY)
 
 
@@ -463,3 +464,11 @@ def test_a_slow_c_find_fails_after_query_timeout(dimse_job, mock_dimse_pacs, dqr
     result = dqr("run", "--config", config)
     assert result.exit_code == 1
     assert "limits.query_timeout (0.5 s)" in result.stderr
+
+
+def test_a_study_with_every_series_selected_is_one_c_get(dimse_job, mock_dimse_pacs, dqr, tmp_path):
+    config = dimse_job([CT_STUDY, MR_STUDY])
+    config.write_text(config.read_text().replace("type: dimse", "type: dimse\n    retrieve: c-get"))
+    assert dqr("run", "--config", config).exit_code == 0
+    assert mock_dimse_pacs.requests["C-GET"] == 2
+    assert len(archive_files(tmp_path / "archive")) == 15

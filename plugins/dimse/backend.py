@@ -37,7 +37,15 @@ from pynetdicom.sop_class import (
 
 from dqr.backend import SourceContext, StoreCallback
 from dqr.errors import IncompleteRetrieveError, RemoteError
-from dqr.model import Instance, RetrieveReport, RetrieveRequest, Series, Study, StudyQuery
+from dqr.model import (
+    Instance,
+    RetrieveReport,
+    RetrieveRequest,
+    Series,
+    Study,
+    StudyQuery,
+    StudyRetrieveRequest,
+)
 from dqr.plugins.dimse import DimseSourceConfig, native
 from dqr.plugins.dimse import queries as q
 from dqr.plugins.dimse.arrivals import Arrivals, MoveReceiver, NativeMoveReceiver
@@ -424,7 +432,14 @@ class DimseBackend:
         return [q.identifier("IMAGE", {**keys, "SOPInstanceUID": uid}) for uid in uids]
 
     def _get(self, request: RetrieveRequest, arrivals: Arrivals, deadline: Deadline) -> RetrieveReport:
-        contexts, roles = storage_contexts(request.series)
+        what = f"C-GET of series {request.series.series_uid} from {self.peer.where}"
+        return self._c_get(self._retrieve_identifiers(request), request.series, arrivals, deadline, what)
+
+    def _c_get(
+        self, identifiers: list[Dataset], series: Series, arrivals: Arrivals, deadline: Deadline, what: str
+    ) -> RetrieveReport:
+        """C-GETs on one association proposing storage contexts for ``series``'s SOP classes."""
+        contexts, roles = storage_contexts(series)
         try:
             assoc = self._associate(
                 [build_context(self.get_model), *contexts],
@@ -435,11 +450,10 @@ class DimseBackend:
         except NoAcceptedContexts as exc:
             raise GetRefused(f"C-GET refused by {self.peer.where}: {exc}") from exc
         report = RetrieveReport(completed=0, failed=0, warning=0)
-        what = f"C-GET of series {request.series.series_uid} from {self.peer.where}"
         try:
             _check_get_contexts(assoc, self.get_model, self.peer.where)
             with bounded(assoc, deadline, what):
-                for identifier in self._retrieve_identifiers(request):
+                for identifier in identifiers:
                     responses = assoc.send_c_get(
                         identifier, self.get_model, msg_id=self._next_message_id()
                     )
@@ -447,6 +461,32 @@ class DimseBackend:
                     self._judge_final("C-GET", final, report, arrivals)
         finally:
             _release(assoc)
+        return report
+
+    def retrieve_study(self, request: StudyRetrieveRequest, store: StoreCallback) -> RetrieveReport:
+        """A whole study in one C-GET (the engine judges each series' completeness
+        and asks series by series for what is missing). Only once C-GET is known
+        to work: a probe, or C-MOVE (one association back per request), goes
+        series by series."""
+        if self.retrieve_mode != "c-get":
+            raise NotImplementedError("a whole study is fetched in one request by C-GET only")
+        union = Series(
+            study_uid=request.study.study_uid,
+            series_uid="",
+            sop_class_uids=frozenset().union(*(s.sop_class_uids for s in request.series)),
+            transfer_syntaxes=frozenset().union(*(s.transfer_syntaxes for s in request.series)),
+        )
+        identifier = q.identifier("STUDY", self._study_keys(request.study))
+        what = f"C-GET of study {request.study.study_uid} from {self.peer.where}"
+        with self._retrievals:
+            arrivals = Arrivals(store, native=self.native)
+            deadline = Deadline(self.limits.retrieve_timeout, "retrieve_timeout")
+            try:
+                report = self._c_get([identifier], union, arrivals, deadline, what)
+            except RemoteError:
+                arrivals.raise_store_failure()
+                raise
+        arrivals.raise_store_failure()
         return report
 
     def _move(self, request: RetrieveRequest, arrivals: Arrivals, deadline: Deadline) -> RetrieveReport:
