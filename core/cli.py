@@ -26,6 +26,8 @@ import dqr
 from dqr.errors import DqrError, InputError, PluginError
 
 EXIT_OK, EXIT_FAILURES, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: How a run ended (dqr.engine.JobOutcome's values) -> exit code.
+EXIT_CODES = {"done": EXIT_OK, "failures": EXIT_FAILURES, "gave up": EXIT_FAILURES, "interrupted": EXIT_INTERRUPTED}
 
 app = typer.Typer(
     name="dqr",
@@ -209,9 +211,10 @@ def run(
 
     Example: [bold]dqr run --config site.yaml --csv studies.csv[/bold]
     """
+    from dqr import engine
     from dqr.config import load_config
+    from dqr.context import JobOptions
     from dqr.csvquery import read_csv_queries
-    from dqr.engine import JobOptions
     from dqr.results import write_table
 
     loaded = load_config(config)
@@ -219,12 +222,12 @@ def run(
     rows = read_csv_queries(csv_path)
     limits = _limits(max_queries, max_retrievals, requests_per_second, retries)
     options = JobOptions(source, limits, select == Selection.all, include, exclude, new_job)
-    with _job(loaded, options) as (job, reporter):
-        plan = job.query(rows, str(csv_path))
-        write_table(plan.lines, loaded.beside_archive("results.csv"))
-        _print_plan(plan, loaded.beside_archive("results.csv"))
-        summary = job.retrieve(plan.lines)
-    _finish(loaded, summary, plan, csv_path, json_summary)
+    with _job(loaded, options) as ctx:
+        table = engine.results_table(ctx, engine.query_rows(ctx, rows, str(csv_path)))
+        write_table(table.lines, loaded.beside_archive("results.csv"))
+        _print_plan(table, loaded.beside_archive("results.csv"))
+        summary = engine.retrieve(ctx, table.lines)
+    _finish(loaded, summary, table, csv_path, json_summary)
 
 
 @app.command()
@@ -247,28 +250,29 @@ def query(
 
     Example: [bold]dqr query --config site.yaml --csv studies.csv -o results.csv[/bold]
     """
+    from dqr import engine
     from dqr.config import load_config
+    from dqr.context import JobOptions
     from dqr.csvquery import read_csv_queries
-    from dqr.engine import JobOptions
     from dqr.results import to_csv, to_json, write_table
 
     loaded = load_config(config)
     csv_path = _csv_path(loaded, csv)
     rows = read_csv_queries(csv_path)
     options = JobOptions(source, _limits(max_queries, None, requests_per_second), select == Selection.all)
-    with _job(loaded, options) as (job, _):
-        plan = job.query(rows, str(csv_path))
-        listing = _list_series(job, plan) if series else None
+    with _job(loaded, options) as ctx:
+        table = engine.results_table(ctx, engine.query_rows(ctx, rows, str(csv_path)))
+        listing = engine.series_listing(ctx, table) if series else None
     if output is not None:
-        write_table(plan.lines, output, "json" if format == OutputFormat.json else "csv")
+        write_table(table.lines, output, "json" if format == OutputFormat.json else "csv")
         err.print(f"results table written to {output}", highlight=False)
     elif format == OutputFormat.csv:
-        sys.stdout.write(to_csv(plan.lines))
+        sys.stdout.write(to_csv(table.lines))
     elif format == OutputFormat.json:
-        sys.stdout.write(to_json(plan.lines))
+        sys.stdout.write(to_json(table.lines))
     if format == OutputFormat.table or output is not None:
-        _print_table(plan.lines)
-        _print_plan(plan, output)
+        _print_table(table.lines, output)
+        _print_plan(table, output)
     if listing is not None:
         _print_series(listing, format)
 
@@ -291,26 +295,20 @@ def retrieve(
 
     Example: [bold]dqr retrieve --config site.yaml --results results.csv[/bold]
     """
+    from dqr import engine
     from dqr.config import load_config
+    from dqr.context import JobOptions
     from dqr.results import read_table
 
     loaded = load_config(config)
     lines = read_table(results)
-    from dqr.engine import JobOptions
-
     options = JobOptions(source, _limits(None, max_retrievals), False, include, exclude, new_job)
-    with _job(loaded, options) as (job, _):
-        job.state.begin_input("results", str(results), _table_fingerprint(results), [])
-        plan = job.make_plan(lines)
-        _print_plan(plan, None)
-        summary = job.retrieve(plan.lines)
-    _finish(loaded, summary, plan, None, json_summary, results_lines=plan.lines)
-
-
-def _table_fingerprint(path: Path) -> str:
-    import hashlib
-
-    return "results:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    with _job(loaded, options) as ctx:
+        engine.begin_table_input(ctx, results)
+        table = engine.table_of(ctx, lines)
+        _print_plan(table, None)
+        summary = engine.retrieve(ctx, table.lines)
+    _finish(loaded, summary, table, None, json_summary)
 
 
 def _exit_now(signum: int, frame: Any) -> None:
@@ -318,7 +316,7 @@ def _exit_now(signum: int, frame: Any) -> None:
 
 
 class _job:  # noqa: N801 - used as a context manager
-    """A job with a progress reporter, both closed on exit.
+    """A job context with a progress reporter, both closed on exit.
 
     The first Ctrl-C (or SIGTERM) stops the job cleanly: no new step starts,
     running retrievals stop at their next instance, the summary is printed.
@@ -327,36 +325,39 @@ class _job:  # noqa: N801 - used as a context manager
     """
 
     def __init__(self, loaded, options) -> None:
-        from dqr.engine import Job
+        from dqr.context import JobContext
         from dqr.progress import make_reporter
 
         self.reporter = make_reporter(err)
-        self.job = Job(loaded, options, self.reporter)
+        try:
+            self.ctx = JobContext.open(loaded, options, self.reporter)
+        except BaseException:
+            self.reporter.close()
+            raise
         self._previous: dict[int, Any] = {}
         self._signalled = False
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.job.stopped:
+        if self.ctx.stop.is_set():
             err.print("stopping now")
             os._exit(EXIT_INTERRUPTED)
         self._signalled = True
-        self.job.interrupt()
+        self.ctx.interrupt()
         err.print("[yellow]stopping[/] after the current steps (Ctrl-C again to stop at once)…")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._on_signal)
-        return self.job, self.reporter
+        return self.ctx
 
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
             # Once stopping, another Ctrl-C still means "now", also while the
             # summary is printed: keep a handler that exits at once.
             signal.signal(signum, _exit_now if self._signalled else handler)
-        if self.reporter is not None:
-            self.reporter.close()
-        self.job.close()
+        self.reporter.close()
+        self.ctx.close()
 
 
 # -- rendering -------------------------------------------------------------------
@@ -364,73 +365,97 @@ class _job:  # noqa: N801 - used as a context manager
 
 #: Lines of the results table shown on the terminal; the files have them all.
 TERMINAL_TABLE_LINES = 100
+#: The terminal table's columns, most important first: on a narrow terminal
+#: the last ones are left out (record key, header, widest it is shown).
+TERMINAL_COLUMNS = (
+    ("row", "row", 6),
+    ("selected", "sel", 3),
+    ("subject", "subject", 16),
+    ("session", "session", 16),
+    ("warning", "warning", 24),
+    ("AccessionNumber", "Accession", 16),
+    ("StudyDate", "StudyDate", 9),
+    ("ModalitiesInStudy", "Mod", 8),
+    ("NumberOfStudyRelatedSeries", "Ser", 4),
+    ("NumberOfStudyRelatedInstances", "Inst", 5),
+    ("PatientID", "PatientID", 16),
+    ("StudyDescription", "Description", 24),
+)
+GAP = 2
 
 
-def _print_table(lines) -> None:
-    # Patient names and birth dates stay in the files, off the terminal.
+def _fit(text: str, width: int) -> str:
+    return text.ljust(width) if len(text) <= width else text[: width - 1] + "…"
+
+
+def _print_table(lines, full_table: Path | None = None) -> None:
+    """One line per study, whatever the terminal's width: columns that do
+    not fit are left out from the end of :data:`TERMINAL_COLUMNS`, long cells
+    end in "…", and the warning column takes the room that is left. Patient
+    names and birth dates stay in the files, off the terminal."""
     hidden = max(0, len(lines) - TERMINAL_TABLE_LINES)
     lines = lines[:TERMINAL_TABLE_LINES]
-    table = Table(show_lines=False, header_style="bold")
-    for column in ("row", "sel", "subject", "session", "PatientID", "StudyDate", "Accession", "Mod", "Description", "Ser", "Inst", "warning"):
-        table.add_column(column, overflow="fold")
-    for line in lines:
-        record = line.as_record()
-        table.add_row(
-            record["row"],
-            "✔" if line.selected else "",
-            record["subject"],
-            record["session"],
-            record["PatientID"],
-            record["StudyDate"],
-            record["AccessionNumber"],
-            record["ModalitiesInStudy"],
-            record["StudyDescription"],
-            record["NumberOfStudyRelatedSeries"],
-            record["NumberOfStudyRelatedInstances"],
-            record["warning"],
-        )
-    err.print(table)
+    records = [line.as_record() for line in lines]
+    for record, line in zip(records, lines, strict=True):
+        record["selected"] = "✔" if line.selected else ""
+    width = err.width
+    chosen: list[list] = []  # [key, header, shown width, natural width]
+    used = 0
+    for key, header, widest in TERMINAL_COLUMNS:
+        natural = max([len(header), *(len(r[key]) for r in records)])
+        shown = min(natural, widest)
+        if used + shown + (GAP if chosen else 0) > width:
+            continue
+        chosen.append([key, header, shown, natural])
+        used += shown + (GAP if len(chosen) > 1 else 0)
+    for column in chosen:  # room left over widens the warning first
+        if column[0] == "warning":
+            column[2] += min(column[3] - column[2], max(0, width - used))
+    def render(cells: list[str]) -> str:
+        return (" " * GAP).join(_fit(cell, column[2]) for cell, column in zip(cells, chosen, strict=True)).rstrip()
+
+    err.print(render([c[1] for c in chosen]), markup=False, highlight=False, style="bold")
+    for record in records:
+        err.print(render([record[c[0]] for c in chosen]), markup=False, highlight=False)
+    dropped = [header for key, header, _ in TERMINAL_COLUMNS if key not in {c[0] for c in chosen}]
+    where = f"in {full_table}" if full_table else "written by -o FILE"
+    if dropped:
+        err.print(f"(left out to fit: {', '.join(dropped)}; the full table is {where})", highlight=False)
     if hidden:
-        err.print(f"… and {hidden} more lines (write them with -o FILE or --format csv)")
+        err.print(f"… and {hidden} more lines (the full table is {where})", highlight=False)
 
 
-def _print_plan(plan, table_path: Path | None) -> None:
+def _print_plan(table, table_path: Path | None) -> None:
+    from dqr.model import RowOutcome
+
     def rows(lines: list[int]) -> str:
         shown = ", ".join(map(str, lines[:20]))
         return shown + (f" … (+{len(lines) - 20})" if len(lines) > 20 else "")
 
-    series = "?" if plan.series is None else str(plan.series)
-    instances = "?" if plan.instances is None else str(plan.instances)
+    series = "?" if table.expected_series is None else str(table.expected_series)
+    instances = "?" if table.expected_instances is None else str(table.expected_instances)
     err.print(
-        f"[bold]{plan.rows}[/] rows → [bold]{plan.studies}[/] studies selected "
+        f"[bold]{table.rows}[/] rows → [bold]{len(table.selected)}[/] studies selected "
         f"({series} series, {instances} instances expected)",
         highlight=False,
     )
-    if plan.rows_without_match:
-        err.print(f"  [yellow]rows with no match[/] ({len(plan.rows_without_match)}): {rows(plan.rows_without_match)}")
-    if plan.rows_not_queried:
-        err.print(f"  [red]rows not queried[/] ({len(plan.rows_not_queried)}): {rows(plan.rows_not_queried)}")
-    if plan.rows_ambiguous:
+    without = table.rows_with(RowOutcome.NO_MATCH)
+    not_queried = table.rows_with(RowOutcome.NOT_QUERIED)
+    ambiguous = table.rows_with(RowOutcome.AMBIGUOUS)
+    collisions = table.rows_with(RowOutcome.LABEL_COLLISION)
+    if without:
+        err.print(f"  [yellow]rows with no match[/] ({len(without)}): {rows(without)}")
+    if not_queried:
+        err.print(f"  [red]rows not queried[/] ({len(not_queried)}): {rows(not_queried)}")
+    if ambiguous:
         err.print(
-            f"  [yellow]ambiguous rows[/] ({len(plan.rows_ambiguous)}; several studies for one Subject/Session, "
-            f"not selected): {rows(plan.rows_ambiguous)}"
+            f"  [yellow]ambiguous rows[/] ({len(ambiguous)}; several studies for one Subject/Session, "
+            f"not selected): {rows(ambiguous)}"
         )
-    if plan.label_collisions:
-        err.print(f"  [yellow]label collisions[/] (not selected): rows {rows(plan.label_collisions)}")
+    if collisions:
+        err.print(f"  [yellow]label collisions[/] (not selected): rows {rows(collisions)}")
     if table_path is not None:
         err.print(f"  results table: {table_path}", highlight=False)
-
-
-def _list_series(job, plan) -> list[tuple[Any, list[Any]]]:
-    from dqr.throttle import call_with_retries
-
-    listing = []
-    for line in plan.lines:
-        if line.study is None:
-            continue
-        series = call_with_retries(lambda s=line.study: list(job.backend.query_series(s)), job.limits)
-        listing.append((line, series))
-    return listing
 
 
 def _print_series(listing, format: OutputFormat) -> None:
@@ -458,60 +483,44 @@ def _print_series(listing, format: OutputFormat) -> None:
         err.print(table)
 
 
-def _finish(loaded, summary, plan, csv_path: Path | None, json_summary: bool, results_lines=None) -> None:
-    from dqr.engine import write_failures_csv
-    from dqr.results import write_table
+def _finish(loaded, summary, table, csv_path: Path | None, json_summary: bool) -> None:
+    from dqr import engine
+    from dqr.model import RowOutcome
 
-    failed_rows: dict[int, str] = {}
-    for line in plan.lines:
-        if line.warning.startswith(("query failed", "not queried yet")):
-            failed_rows[line.row] = line.warning
-    for failure in summary.failures:
-        if failure.row is not None:
-            failed_rows.setdefault(failure.row, failure.reason)
-    failures_path = loaded.beside_archive("failures.csv")
-    if failed_rows and csv_path is not None:
-        write_failures_csv(csv_path, failed_rows, failures_path)
-    elif failed_rows and results_lines is not None:
-        write_table([line for line in results_lines if line.row in failed_rows], failures_path)
-    elif failures_path.exists():
-        failures_path.unlink()
-
+    failures_path = engine.write_failure_report(loaded, table, summary, csv_path)
+    failed_rows = engine.failed_rows(table, summary)
     err.print(
         f"[bold]{summary.studies_stored}[/] studies stored ({summary.instances_stored} instances, "
         f"{summary.bytes_stored / 1e6:.1f} MB) in {summary.seconds:.1f} s"
-        + (f"; {summary.studies_already_stored} already stored" if summary.studies_already_stored else ""),
+        + (f"; {summary.studies_already_stored} already stored" if summary.studies_already_stored else "")
+        + (f"; {summary.studies_nothing_selected} with no series selected" if summary.studies_nothing_selected else ""),
         highlight=False,
     )
-    query_failures = [row for row, reason in failed_rows.items() if reason.startswith(("query failed", "not queried"))]
-    if query_failures:
-        err.print(f"[red]{len(query_failures)} rows could not be queried[/] (see the failures file)")
+    if summary.studies_unverified:
+        err.print(
+            f"  {summary.studies_unverified} stored studies are unverified: the PACS announced no series or "
+            "instance counts to check them against",
+            highlight=False,
+        )
+    not_done = table.rows_with(RowOutcome.QUERY_FAILED) + table.rows_with(RowOutcome.NOT_QUERIED)
+    if not_done:
+        err.print(f"[red]{len(not_done)} rows could not be queried[/] (see the failures file)")
     for failure in summary.failures:
         where = f"row {failure.row}: " if failure.row is not None else ""
         what = failure.series_uid or failure.study_uid
         err.print(f"  [red]failed[/] {where}{failure.kind} {what}: {failure.reason}", highlight=False)
-    if failed_rows:
+    if failed_rows and failures_path is not None:
         err.print(f"  failed rows written to {failures_path} (fix them and run that file)", highlight=False)
+    outcome = engine.outcome_of(table, summary)
     if summary.gave_up:
         err.print(f"[bold red]gave up[/]: {summary.gave_up}", highlight=False)
     elif summary.interrupted:
         err.print("[yellow]interrupted[/]: finished work is kept; run the same command again to resume")
     if json_summary:
         data = summary.as_dict()
-        data.update(
-            rows=plan.rows,
-            rows_without_match=plan.rows_without_match,
-            rows_not_queried=plan.rows_not_queried,
-            rows_ambiguous=plan.rows_ambiguous,
-            label_collisions=plan.label_collisions,
-            rows_failed=sorted(query_failures),
-            archive=str(loaded.site.archive),
-        )
+        data.update(rows=table.rows, **table.counts(), archive=str(loaded.site.archive))
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
-    if summary.interrupted and not summary.gave_up:
-        raise typer.Exit(EXIT_INTERRUPTED)
-    if failed_rows or summary.gave_up:
-        raise typer.Exit(EXIT_FAILURES)
+    raise typer.Exit(EXIT_CODES[outcome])
 
 
 @app.command()
@@ -569,44 +578,21 @@ def retry(
 
     Example: [bold]dqr retry --config site.yaml --failed[/bold]
     """
+    from dqr import engine
     from dqr.config import load_config
-    from dqr.csvquery import read_csv_queries
+    from dqr.context import JobOptions
     from dqr.errors import ConfigError
-    from dqr.results import read_table
-    from dqr.state import JobState
 
     if not failed:
         raise ConfigError("say what to retry: --failed")
     loaded = load_config(config)
     if not loaded.state_path.exists():
         raise ConfigError(f"no job to retry: {loaded.state_path} does not exist", file=str(config))
-    state = JobState(loaded.state_path)
-    try:
-        latest = state.latest_input()
-        failures = state.failures()
-    finally:
-        state.close()
-    if latest is None:
-        raise ConfigError("the job state has no input yet: nothing to retry", file=str(loaded.state_path))
-    _, kind, input_path = latest
-    failed_rows = {f["row"] for f in failures if f["kind"] == "row"}
-    failed_studies = {f["StudyInstanceUID"] for f in failures if f["kind"] in ("study", "series")}
-    from dqr.engine import JobOptions
-
-    options = JobOptions(source, _limits(max_queries, max_retrievals))
-    with _job(loaded, options) as (job, _):
-        if kind == "csv":
-            plan = job.query(read_csv_queries(Path(input_path)), input_path)
-        else:
-            plan = job.make_plan(read_table(Path(input_path)))
-        chosen = [
-            line for line in plan.lines
-            if line.row in failed_rows or (line.study is not None and line.study.study_uid in failed_studies)
-        ]
-        err.print(f"retrying {len(failed_rows)} rows and {len(failed_studies)} studies", highlight=False)
-        summary = job.retrieve(chosen)
-    _finish(loaded, summary, plan, Path(input_path) if kind == "csv" else None, json_summary,
-            results_lines=None if kind == "csv" else plan.lines)
+    with _job(loaded, JobOptions(source, _limits(max_queries, max_retrievals))) as ctx:
+        plan = engine.plan_retry(ctx)
+        err.print(f"retrying {plan.rows} rows and {plan.studies} studies", highlight=False)
+        summary = engine.retrieve(ctx, plan.lines)
+    _finish(loaded, summary, plan.table, plan.csv_path, json_summary)
 
 
 # -- checks and information ------------------------------------------------------
@@ -655,15 +641,16 @@ def echo(config: ConfigOption, source: SourceOption = None) -> None:
     Example: [bold]dqr echo --config site.yaml[/bold]
     """
     from dqr.config import load_config
-    from dqr.engine import Job, JobOptions
+    from dqr.context import open_backend
 
     loaded = load_config(config)
-    job = Job(loaded, JobOptions(source=source))
+    name = loaded.source_name(source)
+    backend = open_backend(loaded, name, loaded.limits_for(name))
     try:
-        description = job.backend.echo()
+        description = backend.echo()
     finally:
-        job.close()
-    err.print(f"[green]ok[/]: {job.source_name}: {description}", highlight=False)
+        backend.close()
+    err.print(f"[green]ok[/]: {name}: {description}", highlight=False)
 
 
 @app.command()

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dqr.errors import ConfigError, Problem
 from dqr.labels import validate_label
+from dqr.yamlsafe import load_yaml_file
 
 #: Keys that would put a secret into the YAML itself: refused outright.
 SECRET_KEYS = frozenset({"password", "token", "secret", "api_key", "apikey", "bearer"})
@@ -198,27 +200,6 @@ class LoadedConfig:
 # -- loading -------------------------------------------------------------------
 
 
-def _key_lines(text: str) -> dict[tuple[Any, ...], int]:
-    """Map each mapping key's path to its 1-based line in the YAML text."""
-    lines: dict[tuple[Any, ...], int] = {}
-
-    def walk(node: yaml.Node, path: tuple[Any, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                key = key_node.value
-                lines[path + (key,)] = key_node.start_mark.line + 1
-                walk(value_node, path + (key,))
-        elif isinstance(node, yaml.SequenceNode):
-            for index, item in enumerate(node.value):
-                lines[path + (index,)] = item.start_mark.line + 1
-                walk(item, path + (index,))
-
-    root = yaml.compose(text, Loader=yaml.SafeLoader)
-    if root is not None:
-        walk(root, ())
-    return lines
-
-
 def _line_for(lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int | None:
     while loc:
         if loc in lines:
@@ -232,20 +213,38 @@ def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] |
     for part in loc:
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-        else:
+        # `Fault | None`: the model inside the optional
+        candidates = [annotation, *typing.get_args(annotation)]
+        models = [a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not models:
             return None
+        model = models[0]
     return model
 
 
-def _problems_from(
+def unknown_key_problem(
+    key: str, valid: list[str], file: str, line: int | None, where: tuple[Any, ...] = ()
+) -> Problem:
+    """``unknown key 'x'; did you mean 'y'?`` (or the valid keys)."""
+    message = f"unknown key {'.'.join(str(p) for p in (*where, key))!r}"
+    close = difflib.get_close_matches(str(key), valid, n=1)
+    if close:
+        message += f"; did you mean {close[0]!r}?"
+    elif valid:
+        message += f"; valid keys here: {', '.join(valid)}"
+    return Problem(file, message, line)
+
+
+def validation_problems(
     error: ValidationError,
     model: type[BaseModel],
     file: str,
     lines: dict[tuple[Any, ...], int],
     prefix: tuple[Any, ...] = (),
 ) -> list[Problem]:
+    """A pydantic error of ``model`` (validating the mapping at ``prefix``)
+    as problems with their YAML lines, unknown keys with the nearest valid
+    key and wrong values with what was found."""
     problems = []
     for item in error.errors():
         loc = tuple(item["loc"])
@@ -253,18 +252,38 @@ def _problems_from(
         if item["type"] == "extra_forbidden":
             owner = _model_at(model, loc[:-1])
             valid = sorted(owner.model_fields) if owner else []
-            message = f"unknown key {key!r}"
-            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-            if close:
-                message += f"; did you mean {close[0]!r}?"
-            elif valid:
-                message += f"; valid keys here: {', '.join(valid)}"
-        elif item["type"] == "missing":
+            problems.append(unknown_key_problem(str(loc[-1]), valid, file, _line_for(lines, prefix + loc), prefix + loc[:-1]))
+            continue
+        if item["type"] == "missing":
             message = f"missing key {key!r}"
         else:
-            message = f"{key}: {item['msg']}"
+            message = f"{key}: {_found(item, str(loc[-1]) if loc else '')}"
         problems.append(Problem(file=file, line=_line_for(lines, prefix + loc), message=message))
     return problems
+
+
+def _found(item: Any, key: str) -> str:
+    """A pydantic error with the value that was found and, for a choice,
+    the nearest valid one: "Input should be 'a' or 'b'; got 'c'"."""
+    message = str(item["msg"]).removeprefix("Value error, ")
+    value = item.get("input")
+    if key.lower() in SECRET_KEYS or key.lower().removesuffix("_env").removesuffix("_file") in SECRET_KEYS:
+        return message  # never echo what may be a secret
+    if isinstance(value, dict):
+        return f"{message}; got a mapping"
+    if isinstance(value, list):
+        return f"{message}; got a list"
+    shown = repr(value if not isinstance(value, str) or len(value) <= 60 else value[:60] + "…")
+    if shown not in message:
+        message += f"; got {shown}"
+    expected = (item.get("ctx") or {}).get("expected")
+    if isinstance(expected, str) and value is not None:
+        close = difflib.get_close_matches(str(value), re.findall(r"'([^']*)'", expected), n=1, cutoff=0.6)
+        if not close:  # `studyid` for `StudyID`: the same word in another case
+            close = [c for c in re.findall(r"'([^']*)'", expected) if c.lower() == str(value).lower()][:1]
+        if close:
+            message += f"; did you mean {close[0]!r}?"
+    return message
 
 
 def _secret_problems(data: Any, file: str, lines: dict, path: tuple = ()) -> list[Problem]:
@@ -317,7 +336,7 @@ def _typed_section(
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        problems += _problems_from(exc, model, file, lines, prefix=where)
+        problems += validation_problems(exc, model, file, lines, prefix=where)
         return None
 
 
@@ -338,29 +357,19 @@ def load_config(path: str | os.PathLike[str]) -> LoadedConfig:
 
     path = Path(path)
     file = str(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        raise ConfigError(f"cannot read the config: {exc.strerror}", file=file) from exc
-    try:
-        data = yaml.safe_load(text)
-        lines = _key_lines(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise ConfigError(
-            Problem(file, f"not valid YAML: {getattr(exc, 'problem', exc)}", mark.line + 1 if mark else None)
-        ) from exc
+    document = load_yaml_file(path)
+    data, lines = document.data, document.lines
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(Problem(file, "the config must be a mapping of keys to values", 1))
 
-    problems = _secret_problems(data, file, lines)
+    problems = [*document.problems, *_secret_problems(data, file, lines)]
     site: SiteConfig | None = None
     try:
         site = SiteConfig.model_validate(data)
     except ValidationError as exc:
-        problems += _problems_from(exc, SiteConfig, file, lines)
+        problems += validation_problems(exc, SiteConfig, file, lines)
 
     sources: dict[str, SourceConfig] = {}
     raw_sources = data.get("sources") if isinstance(data.get("sources"), dict) else {}

@@ -7,14 +7,17 @@ non-blank data row, carrying its CSV line number.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import difflib
 import io
+import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import date
 from pathlib import Path
 
+from dqr.cells import restore
 from dqr.errors import InputError, Problem
 from dqr.labels import validate_label
 from dqr.model import NAME_PART_HEADERS, REMAP_HEADERS, SEARCH_HEADERS, RowQuery
@@ -32,6 +35,15 @@ _CS = re.compile(r"[A-Z0-9_ ]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LOOKS_LIKE_DATE = re.compile(r"\d{1,4}[-/.]\d{1,2}[-/.]\d{1,4}")
 
+#: Most alternatives in one ``\\`` list, and most queries one row may fan out
+#: into (the product of its lists' lengths): beyond, split the row.
+MAX_ALTERNATIVES = 1000
+MAX_QUERIES_PER_ROW = 1000
+#: Python's csv module refuses longer fields (``csv.field_size_limit()``).
+MAX_FIELD = 128 * 1024
+#: Separators a spreadsheet may have used instead of commas, by name.
+OTHER_SEPARATORS = {";": "semicolon", "\t": "tab"}
+
 #: Longest value the DICOM VR of each search attribute allows.
 MAX_LENGTH = {"AccessionNumber": 16, "PatientID": 64, "PatientName": 64 * 5, "ModalitiesInStudy": 16, "StudyInstanceUID": 64}
 
@@ -47,6 +59,10 @@ def suggest_header(header: str) -> str | None:
         return by_normal[_normal(header)]
     close = difflib.get_close_matches(_normal(header), list(by_normal), n=1, cutoff=0.6)
     return by_normal[close[0]] if close else None
+
+
+#: Every header a dqr CSV may have, normalised (see :func:`_normal`).
+_KNOWN_NORMAL = frozenset(_normal(h) for h in (*KNOWN_HEADERS, *IGNORED_HEADERS, "row", "selected", "subject", "session"))
 
 
 def _spreadsheet_problem(value: str) -> str | None:
@@ -104,13 +120,31 @@ def _guess(value: str) -> str:
 
 def _check_list(value: str, check_one: Callable[[str], str | None]) -> str | None:
     items = value.split("\\")
+    if len(items) > MAX_ALTERNATIVES:
+        return (
+            f"a list of {len(items)} values; at most {MAX_ALTERNATIVES} are allowed in one row "
+            "(split it over several rows)"
+        )
     if any(not item.strip() for item in items):
         return f"{value!r} has an empty value in its \\-separated list"
     for item in items:
-        problem = check_one(item.strip())
+        item = item.strip()
+        problem = _formula_problem(item) if item[:1] in _FORMULA_STARTS else check_one(item)
         if problem:
             return problem
     return None
+
+
+#: A value starting so is run as a formula by a spreadsheet (tab and CR are
+#: control characters, refused anyway). Not checked in dates: ``-YYYYMMDD``.
+_FORMULA_STARTS = frozenset("=+-@")
+
+
+def _formula_problem(value: str) -> str:
+    return (
+        f"{value!r} starts with {value[0]!r}: a spreadsheet would run it as a formula, "
+        "and no DICOM value of this kind starts so"
+    )
 
 
 def _check_id(keyword: str) -> Callable[[str], str | None]:
@@ -183,13 +217,15 @@ class CsvQueryFile:
         self.problems.append(Problem(self.file, message, line, column))
 
     def parse(self) -> list[RowQuery]:
-        # skipinitialspace: `a, "b"` is a quoted field after a space, as users mean it
-        reader = csv.reader(io.StringIO(self.text, newline=""), skipinitialspace=True)
-        records = list(_records(reader))
+        records = read_records(self.text, self.file, self.problems)
         if not records:
-            self.problem("the file is empty; expected a header row such as 'Accession Number,Subject'", 1)
+            if not self.problems:
+                self.problem("the file is empty; expected a header row such as 'Accession Number,Subject'", 1)
             raise InputError(self.problems)
         header_line, header = records[0]
+        separator = other_separator(header, self.file, header_line)
+        if separator:
+            raise InputError(separator)
         columns = self._check_header(header, header_line)
         rows = [row for line, cells in records[1:] if (row := self._parse_row(line, cells, header, columns))]
         if not rows and not self.problems:
@@ -245,6 +281,9 @@ class CsvQueryFile:
             if extra:
                 self.problem(f"{len(cells)} values but the header has {len(header)} columns (extra: {extra!r})", line)
         values = {name: cells[i].strip() if i < len(cells) else "" for i, name in columns.items()}
+        for name, value in values.items():
+            if value[:1] == "'":  # a cell dqr neutralised (see dqr.cells)
+                values[name] = restore(value)
         filters: dict[str, str] = {}
         ok = True
         for name, value in values.items():
@@ -268,7 +307,7 @@ class CsvQueryFile:
         for name in REMAP_HEADERS:
             value = values.get(name, "")
             if value:
-                problem = validate_label(value)
+                problem = validate_label(value, name)
                 if problem:
                     self.problem(f"label {problem}", line, name)
                     ok = False
@@ -278,6 +317,15 @@ class CsvQueryFile:
                 self.problem("no search value in this row; each row needs at least one (values are AND-ed)", line)
             return None
         if not ok:
+            return None
+        lists = [value for value in filters.values() if "\\" in value]
+        queries = math.prod(len(set(value.split("\\"))) for value in lists) if lists else 1
+        if queries > MAX_QUERIES_PER_ROW:
+            self.problem(
+                f"the lists in this row combine into {queries} queries (every value of each list with every "
+                f"value of the others); at most {MAX_QUERIES_PER_ROW} are allowed: split the row",
+                line,
+            )
             return None
         return RowQuery(line=line, filters=filters, subject=labels.get("Subject"), session=labels.get("Session"))
 
@@ -289,12 +337,101 @@ def _combined_name(last: str, first: str) -> str:
     return f"{last or '*'}^{first or '*'}"
 
 
-def _records(reader: Iterable[list[str]]) -> Iterable[tuple[int, list[str]]]:
-    """Rows with the line they *start* on (a quoted field may span lines)."""
+def _records(reader: Iterator[list[str]]) -> Iterable[tuple[int, int, list[str]]]:
+    """Rows with the lines they start and end on (a quoted field may span lines)."""
     line = 1
     for cells in reader:
-        yield line, cells
-        line = reader.line_num + 1  # type: ignore[attr-defined]
+        end = reader.line_num  # type: ignore[attr-defined]
+        yield line, end, cells
+        line = end + 1
+
+
+def read_records(
+    text: str, file: str, problems: list[Problem], line_breaks: bool = False
+) -> list[tuple[int, list[str]]]:
+    """The CSV's records with the line each starts on. A record that cannot
+    be right becomes a problem instead: a quote never closed, a value
+    holding a line break (unless ``line_breaks``: the results table's free
+    text may), a field the csv module refuses (reading stops there)."""
+    # skipinitialspace: `a, "b"` is a quoted field after a space, as users mean it
+    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True)
+    records: list[tuple[int, list[str]]] = []
+    next_line = 1
+    total_lines = text.count("\n") + (not text.endswith("\n"))
+    try:
+        for line, end, cells in _records(reader):
+            next_line = end + 1
+            if end > line and any("\n" in cell or "\r" in cell for cell in cells):
+                unclosed = end >= total_lines and _quote_never_closed(text, line)
+                if unclosed or not line_breaks:
+                    if unclosed:
+                        where = "it is never closed, so the rest of the file became one value"
+                    else:
+                        where = f"the quoted value runs to line {end} (a value cannot hold a line break)"
+                    problems.append(Problem(file, f"unbalanced quote starting on line {line}: {where}", line))
+                    if not records:  # the header: nothing after it can be read by column
+                        return []
+                    continue
+            records.append((line, cells))
+    except csv.Error as exc:
+        if "field larger than field limit" in str(exc):
+            message = (
+                f"a value starting on line {next_line} is longer than {MAX_FIELD // 1024} KiB: split a long \\ list "
+                "over several rows, or look for an unbalanced quote"
+            )
+        else:
+            message = f"cannot read this line as CSV: {exc}"
+        problems.append(Problem(file, message, next_line))
+    return records
+
+
+def _quote_never_closed(text: str, line: int) -> bool:
+    """Whether the record starting on ``line`` (the last one) ends inside a quote."""
+    tail = text.split("\n", line - 1)[-1] if line > 1 else text
+    try:
+        for _ in csv.reader(io.StringIO(tail, newline=""), skipinitialspace=True, strict=True):
+            pass
+    except csv.Error as exc:
+        return "unexpected end of data" in str(exc)
+    return False
+
+
+def other_separator(header: list[str], file: str, line: int) -> Problem | None:
+    """A header row that was saved with ``;`` or tabs instead of commas."""
+    for separator, name in OTHER_SEPARATORS.items():
+        parts = [part.strip() for cell in header for part in cell.split(separator)]
+        if len(parts) > len(header) and any(_normal(part) in _KNOWN_NORMAL for part in parts):
+            return Problem(
+                file,
+                f"this looks like a {name}-separated file; save as comma-separated (\"CSV UTF-8\")",
+                line,
+            )
+    return None
+
+
+#: Byte-order marks of encodings a spreadsheet may save as (UTF-32 first:
+#: its little-endian mark starts with UTF-16's).
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16"),
+)
+
+
+def _wrong_encoding(data: bytes, file: str) -> Problem | None:
+    """UTF-16/32 (with or without a byte-order mark) or NUL bytes."""
+    for bom, name in _BOMS:
+        if data.startswith(bom):
+            return Problem(file, f"the file is {name} (it starts with a {name} byte-order mark); save it as 'CSV UTF-8'", 1)
+    nul = data.find(b"\0")
+    if nul < 0:
+        return None
+    sample = data[:512]
+    if sample[1::2].count(0) > len(sample) // 4 or sample[0::2].count(0) > len(sample) // 4:
+        return Problem(file, "the file is UTF-16 (every other byte is NUL); save it as 'CSV UTF-8'", 1)
+    line = data[:nul].count(b"\n") + 1
+    return Problem(file, "contains a NUL byte: not a text CSV; save it as 'CSV UTF-8'", line)
 
 
 def read_text(path: Path) -> str:
@@ -303,6 +440,9 @@ def read_text(path: Path) -> str:
         data = path.read_bytes()
     except OSError as exc:
         raise InputError(f"cannot read the file: {exc.strerror}", file=str(path)) from exc
+    wrong = _wrong_encoding(data, str(path))
+    if wrong:
+        raise InputError(wrong)
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -93,3 +93,12 @@ class IncompleteRetrieveError(RemoteError):
     def __init__(self, message: str, missing: int) -> None:
         super().__init__(message, retriable=True)
         self.missing = missing
+
+
+class SourceDownError(RemoteError):
+    """The source stayed unreachable through every cool-down: the job stops
+    (finished work is kept; the next run resumes)."""
+
+
+class Interrupted(RemoteError):
+    """The job is stopping; the instance was not stored."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 #: CSV search header -> DICOM keyword queried at study level (the reference's table).
 SEARCH_HEADERS: Mapping[str, str] = {
@@ -30,6 +31,50 @@ REMAP_HEADERS = ("Subject", "Session")
 DATE_KEYWORDS = frozenset({"StudyDate", "PatientBirthDate"})
 #: Keywords whose values are UIDs (list matching is standard for these).
 UID_KEYWORDS = frozenset({"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"})
+
+
+class RowOutcome(StrEnum):
+    """What querying one CSV row gave, per results-table line. The summary
+    and ``--json`` count rows by this, never by the ``warning`` text."""
+
+    MATCHED = "matched"
+    NO_MATCH = "no match"
+    AMBIGUOUS = "ambiguous"
+    LABEL_COLLISION = "label collision"
+    QUERY_FAILED = "query failed"
+    NOT_QUERIED = "not queried"
+
+
+class RowStatus(StrEnum):
+    """A CSV row in the job state: ``pending`` -> ``queried`` | ``failed``."""
+
+    PENDING = "pending"
+    QUERIED = "queried"
+    FAILED = "failed"
+
+
+class StudyStatus(StrEnum):
+    """A study in the job state: ``found`` (by a query) -> ``selected`` ->
+    ``retrieving`` -> ``stored`` | ``failed`` | ``nothing selected`` (every
+    series excluded: not stored, a wider filter fetches it later)."""
+
+    FOUND = "found"
+    SELECTED = "selected"
+    RETRIEVING = "retrieving"
+    STORED = "stored"
+    FAILED = "failed"
+    NOTHING_SELECTED = "nothing selected"
+
+
+class SeriesStatus(StrEnum):
+    """A series in the job state: ``pending`` -> ``retrieving`` -> ``stored``
+    | ``failed``; ``excluded`` by the series filter."""
+
+    PENDING = "pending"
+    RETRIEVING = "retrieving"
+    STORED = "stored"
+    FAILED = "failed"
+    EXCLUDED = "excluded"
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import sys
 import threading
 import time
 
-from dqr.engine import Reporter
+from dqr.context import Reporter
 
 log = logging.getLogger("dqr")
 

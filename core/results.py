@@ -11,34 +11,75 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from dqr.cells import neutralise, restore
 from dqr.errors import InputError, Problem
 from dqr.labels import validate_label
-from dqr.model import STUDY_KEYWORDS, Study
+from dqr.model import STUDY_KEYWORDS, RowOutcome, Study
 
 #: The results table's columns, a public contract (tests pin the exact header):
 #: the selection and labels, then the study-level attributes every backend returns.
 COLUMNS = ("row", "selected", "subject", "session", *STUDY_KEYWORDS, "warning")
 REQUIRED_COLUMNS = ("row", "selected", "subject", "session", "StudyInstanceUID")
+#: Longest cell accepted in an edited table: far beyond any value dqr writes.
+MAX_CELL = 10_000
+#: Control characters refused in any cell (tab, LF and CR may be in free text:
+#: a PACS description can hold them, and the CSV quotes them).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+#: A line number or a count: ASCII digits only (``str.isdigit()`` accepts
+#: ``²`` and ``٣``, which ``int()`` refuses), at most 9 of them.
+_NUMBER = re.compile(r"[0-9]{1,9}")
+COUNT_COLUMNS = ("NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances")
 TRUE_WORDS = frozenset({"true", "yes", "y", "1", "x"})
 FALSE_WORDS = frozenset({"false", "no", "n", "0", ""})
+
+
+#: How each outcome opens the ``warning`` column (a matched line says nothing).
+OUTCOME_TEXT = {
+    RowOutcome.MATCHED: "",
+    RowOutcome.NO_MATCH: "no study matched",
+    RowOutcome.AMBIGUOUS: "ambiguous",
+    RowOutcome.LABEL_COLLISION: "label collision",
+    RowOutcome.QUERY_FAILED: "query failed",
+    RowOutcome.NOT_QUERIED: "not queried yet",
+}
 
 
 @dataclass(frozen=True)
 class ResultLine:
     """One line of the results table. ``subject``/``session`` are the labels
-    the user asked for (blank: derived from the study's tags)."""
+    the user asked for (blank: derived from the study's tags).
+
+    ``outcome`` says what the row's query gave (``reason`` details it, e.g.
+    the query's error); ``notes`` are everything else worth telling (a study
+    matched by another row, a backend's remark). The ``warning`` column is
+    a rendering of the three, never parsed back.
+    """
 
     row: int
     selected: bool
     subject: str
     session: str
     study: Study | None
-    warning: str = ""
+    outcome: RowOutcome = RowOutcome.MATCHED
+    reason: str = ""
+    notes: tuple[str, ...] = ()
+
+    @property
+    def warning(self) -> str:
+        head = OUTCOME_TEXT[self.outcome]
+        if head and self.reason:
+            head = f"{head}: {self.reason}"
+        return "; ".join(part for part in (head, *self.notes) if part)
+
+    def noted(self, *notes: str) -> ResultLine:
+        """This line with more notes (repeats dropped)."""
+        return replace(self, notes=tuple(dict.fromkeys((*self.notes, *(n for n in notes if n)))))
 
     def as_record(self) -> dict[str, str]:
         study = self.study or Study(study_uid="")
@@ -63,57 +104,69 @@ class ResultLine:
         }
 
 
-def _add_warning(line: ResultLine, warning: str) -> ResultLine:
-    joined = f"{line.warning}; {warning}" if line.warning else warning
-    return replace(line, warning=joined)
+@dataclass(frozen=True)
+class RowAnswer:
+    """What the job state knows of one CSV row: its query, whether it was
+    queried (``status``), why not or what the backend remarked
+    (``reason``/``notes``), and the studies it matched in answer order."""
+
+    line: int
+    subject: str | None
+    session: str | None
+    studies: list[Study]
+    outcome: RowOutcome = RowOutcome.MATCHED
+    reason: str = ""
+    notes: tuple[str, ...] = ()
 
 
-def build_table(
-    matches: Iterable[tuple[int, str | None, str | None, list[Study]]], select_all: bool = False
-) -> list[ResultLine]:
+def build_table(answers: Iterable[RowAnswer], select_all: bool = False) -> list[ResultLine]:
     """Lines for each row's matches, with the selection rules applied.
 
-    ``matches`` gives, per CSV row: its line, Subject, Session and studies.
-    - a row matching nothing gets one unselected line saying so;
+    - a row matching nothing gets one unselected line saying so (likewise a
+      row whose query failed or was not sent yet);
     - a row with labels matching several studies is *ambiguous*: relabeling
       would give them all the same labels, so none is selected unless
       ``select_all``;
     - a study matched by several rows is selected once: for the first row
       that labels it (the user said what to call it), else the first row.
     """
-    rows = list(matches)
+    rows = list(answers)
     owner = _owning_rows(rows, select_all)
     lines: list[ResultLine] = []
-    for line, subject, session, studies in rows:
-        if not studies:
-            lines.append(ResultLine(line, False, subject or "", session or "", None, "no study matched"))
+    for answer in rows:
+        subject, session = answer.subject or "", answer.session or ""
+        if not answer.studies:
+            outcome = RowOutcome.NO_MATCH if answer.outcome == RowOutcome.MATCHED else answer.outcome
+            lines.append(ResultLine(answer.line, False, subject, session, None, outcome, answer.reason, answer.notes))
             continue
-        ambiguous = len(studies) > 1 and bool(subject or session)
-        for study in studies:
-            entry = ResultLine(line, not ambiguous or select_all, subject or "", session or "", study)
+        ambiguous = len(answer.studies) > 1 and bool(subject or session)
+        for study in answer.studies:
+            entry = ResultLine(answer.line, not ambiguous or select_all, subject, session, study, notes=answer.notes)
             if ambiguous:
-                entry = _add_warning(
+                entry = replace(
                     entry,
-                    f"ambiguous: row matched {len(studies)} studies and relabels them all alike"
+                    outcome=RowOutcome.AMBIGUOUS,
+                    reason=f"row matched {len(answer.studies)} studies and relabels them all alike"
                     + ("" if select_all else "; not selected (choose one, or use --select all)"),
                 )
             first = owner.get(study.study_uid)
-            if first is not None and first != line:
-                entry = _add_warning(replace(entry, selected=False), f"also matched by row {first}; retrieved once, for row {first}")
+            if first is not None and first != answer.line:
+                entry = replace(entry, selected=False).noted(f"also matched by row {first}; retrieved once, for row {first}")
             lines.append(entry)
     return lines
 
 
-def _owning_rows(rows: list[tuple[int, str | None, str | None, list[Study]]], select_all: bool) -> dict[str, int]:
+def _owning_rows(rows: list[RowAnswer], select_all: bool) -> dict[str, int]:
     """For each study, the row it is retrieved for."""
     owner: dict[str, int] = {}
     labelled: dict[str, int] = {}
-    for line, subject, session, studies in rows:
-        selectable = len(studies) == 1 or not (subject or session) or select_all
-        for study in studies:
-            owner.setdefault(study.study_uid, line)
-            if (subject or session) and selectable:
-                labelled.setdefault(study.study_uid, line)
+    for answer in rows:
+        has_labels = bool(answer.subject or answer.session)
+        selectable = len(answer.studies) == 1 or not has_labels or select_all
+        for study in answer.studies:
+            owner.setdefault(study.study_uid, answer.line)
+            if has_labels and selectable:
+                labelled.setdefault(study.study_uid, answer.line)
     owner.update(labelled)
     return owner
 
@@ -121,7 +174,7 @@ def _owning_rows(rows: list[tuple[int, str | None, str | None, list[Study]]], se
 def flag_label_collisions(lines: Sequence[ResultLine], labels_of) -> list[ResultLine]:
     """Deselect selected studies that would be stored under the same
     subject/session as a different study (``labels_of(line) -> (subject,
-    session)``), with a warning naming the other rows."""
+    session)``), naming the other rows."""
     by_label: dict[tuple[str, str], list[int]] = defaultdict(list)
     for index, line in enumerate(lines):
         if line.selected and line.study:
@@ -132,11 +185,52 @@ def flag_label_collisions(lines: Sequence[ResultLine], labels_of) -> list[Result
             continue
         rows = ", ".join(str(lines[i].row) for i in indexes)
         for i in indexes:
-            result[i] = _add_warning(
-                replace(result[i], selected=False),
-                f"label collision: rows {rows} would all be stored as {subject}/{session}; not selected",
+            result[i] = replace(
+                result[i],
+                selected=False,
+                outcome=RowOutcome.LABEL_COLLISION,
+                reason=f"rows {rows} would all be stored as {subject}/{session}; not selected",
             )
     return result
+
+
+@dataclass(frozen=True)
+class ResultsTable:
+    """The results table with what the summary before a retrieval shows:
+    the rows of each outcome and what the selection expects."""
+
+    lines: list[ResultLine]
+
+    def rows_with(self, outcome: RowOutcome) -> list[int]:
+        return sorted({line.row for line in self.lines if line.outcome == outcome})
+
+    @property
+    def rows(self) -> int:
+        return len({line.row for line in self.lines})
+
+    @property
+    def selected(self) -> list[ResultLine]:
+        return [line for line in self.lines if line.selected and line.study]
+
+    @property
+    def expected_series(self) -> int | None:
+        counts = [line.study.n_series for line in self.selected]  # type: ignore[union-attr]
+        return None if None in counts else sum(counts)  # type: ignore[arg-type]
+
+    @property
+    def expected_instances(self) -> int | None:
+        counts = [line.study.n_instances for line in self.selected]  # type: ignore[union-attr]
+        return None if None in counts else sum(counts)  # type: ignore[arg-type]
+
+    def counts(self) -> dict[str, list[int]]:
+        """Rows by outcome, under the ``--json`` summary's names."""
+        return {
+            "rows_without_match": self.rows_with(RowOutcome.NO_MATCH),
+            "rows_not_queried": self.rows_with(RowOutcome.NOT_QUERIED),
+            "rows_ambiguous": self.rows_with(RowOutcome.AMBIGUOUS),
+            "label_collisions": self.rows_with(RowOutcome.LABEL_COLLISION),
+            "rows_failed": self.rows_with(RowOutcome.QUERY_FAILED),
+        }
 
 
 # -- writing -------------------------------------------------------------------
@@ -147,7 +241,8 @@ def to_csv(lines: Iterable[ResultLine]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     for line in lines:
-        writer.writerow(line.as_record())
+        # PACS values go into a file users open in a spreadsheet: see dqr.cells
+        writer.writerow({column: neutralise(value) for column, value in line.as_record().items()})
     return buffer.getvalue()
 
 
@@ -160,8 +255,11 @@ def write_table(lines: Sequence[ResultLine], path: Path, format: str = "csv") ->
     text = to_json(lines) if format == "json" else to_csv(lines)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(text, encoding="utf-8")
-    temp.replace(path)
+    try:
+        temp.write_text(text, encoding="utf-8")
+        temp.replace(path)
+    finally:  # a full disk must not leave a half-written temp file behind
+        temp.unlink(missing_ok=True)
 
 
 # -- reading an edited table -----------------------------------------------------
@@ -177,26 +275,35 @@ def parse_selected(value: str) -> bool | None:
 
 
 def _int_or_none(value: str) -> int | None:
-    return int(value) if value.strip().isdigit() else None
+    return int(value) if _NUMBER.fullmatch(value.strip()) else None
 
 
 def read_table(path: Path) -> list[ResultLine]:
     """Read a results table (CSV as written by dqr, possibly edited in a
     spreadsheet); every problem is reported at once."""
-    from dqr.csvquery import check_uid, read_text
+    from dqr.csvquery import check_uid, other_separator, read_records, read_text
 
     file = str(path)
-    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
-    header = [h.strip() for h in reader.fieldnames or []]
+    problems: list[Problem] = []
+    records = read_records(read_text(path), file, problems, line_breaks=True)
+    if not records:
+        raise InputError(problems or [Problem(file, "not a dqr results table: the file is empty", 1)])
+    header_line, cells = records[0]
+    separator = other_separator(cells, file, header_line)
+    if separator:
+        raise InputError(separator)
+    header: dict[str, int] = {}
+    for index, name in enumerate(cell.strip() for cell in cells):
+        if name in header:
+            problems.append(Problem(file, f"column {name!r} appears twice (columns {header[name] + 1} and {index + 1})", header_line))
+        else:
+            header[name] = index
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
-        raise InputError(Problem(file, f"not a dqr results table: missing columns {', '.join(missing)}", 1))
-    reader.fieldnames = header
-    problems: list[Problem] = []
+        raise InputError(Problem(file, f"not a dqr results table: missing columns {', '.join(missing)}", header_line))
     lines: list[ResultLine] = []
-    for record in reader:
-        line_no = reader.line_num
-        record = {k: (v or "").strip() for k, v in record.items() if k is not None}
+    for line_no, cells in records[1:]:
+        record = {name: restore(cells[i].strip()) if i < len(cells) else "" for name, i in header.items() if name}
         if not any(record.values()):
             continue
         line = _read_line(record, line_no, file, problems, check_uid)
@@ -207,14 +314,31 @@ def read_table(path: Path) -> list[ResultLine]:
     return lines
 
 
+def _cell_problem(value: str) -> str | None:
+    """What makes any cell of an edited table unacceptable, whatever its column."""
+    if len(value) > MAX_CELL:
+        return f"is {len(value)} characters long; at most {MAX_CELL} are accepted"
+    control = _CONTROL.search(value)
+    if control:
+        # the value itself is not echoed: it may be a patient's name, or a terminal escape
+        return f"contains a control character (U+{ord(control.group()):04X}) at position {control.start() + 1}"
+    return None
+
+
 def _read_line(record: dict[str, str], line_no: int, file: str, problems: list[Problem], check_uid) -> ResultLine | None:
     bad = len(problems)
+    for column, value in record.items():
+        problem = _cell_problem(value)
+        if problem:
+            problems.append(Problem(file, problem, line_no, column))
+    if len(problems) > bad:
+        return None
     selected = parse_selected(record["selected"])
     if selected is None:
         problems.append(Problem(file, f"{record['selected']!r}: expected true/false (or yes/no, 1/0, x)", line_no, "selected"))
     for column in ("subject", "session"):
         if record[column]:
-            problem = validate_label(record[column])
+            problem = validate_label(record[column], column.capitalize())
             if problem:
                 problems.append(Problem(file, f"label {problem}", line_no, column))
     uid = record["StudyInstanceUID"]
@@ -224,7 +348,11 @@ def _read_line(record: dict[str, str], line_no: int, file: str, problems: list[P
         problems.append(Problem(file, "selected, but no StudyInstanceUID (this row matched nothing)", line_no, "selected"))
     row = _int_or_none(record["row"])
     if row is None:
-        problems.append(Problem(file, f"{record['row']!r}: expected the CSV line number", line_no, "row"))
+        problems.append(Problem(file, f"{record['row']!r}: expected the CSV line number (digits 0-9)", line_no, "row"))
+    for column in COUNT_COLUMNS:
+        value = record.get(column, "")
+        if value and not _NUMBER.fullmatch(value):
+            problems.append(Problem(file, f"{value!r}: expected a count (digits 0-9) or nothing", line_no, column))
     if len(problems) > bad:
         return None
     study = None
@@ -242,7 +370,9 @@ def _read_line(record: dict[str, str], line_no: int, file: str, problems: list[P
             n_series=_int_or_none(record.get("NumberOfStudyRelatedSeries", "")),
             n_instances=_int_or_none(record.get("NumberOfStudyRelatedInstances", "")),
         )
-    return ResultLine(row or 0, bool(selected), record["subject"], record["session"], study, record.get("warning", ""))
+    # The warning column is output only: outcomes are judged afresh.
+    outcome = RowOutcome.MATCHED if study else RowOutcome.NO_MATCH
+    return ResultLine(row or 0, bool(selected), record["subject"], record["session"], study, outcome)
 
 
 def study_to_dict(study: Study) -> dict:

@@ -8,15 +8,15 @@ one transaction. The database belongs to one site config (project, source
 and archive); studies, series and instances are keyed by their UIDs, so any
 input -- the CSV or an edited results table -- continues the same job.
 
-Statuses:
-- row: ``pending`` -> ``queried`` | ``failed``
-- study: ``selected`` -> ``retrieving`` -> ``stored`` | ``failed``
-- series: ``pending`` -> ``retrieving`` -> ``stored`` | ``failed``; ``excluded``
+Statuses are the enums of :mod:`dqr.model` (:class:`RowStatus`,
+:class:`StudyStatus`, :class:`SeriesStatus`), stored as their text.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -27,10 +27,20 @@ from pathlib import Path
 from typing import Any
 
 from dqr.errors import InputError, Problem
-from dqr.model import Instance, Labels, RowQuery, Series, Study
-from dqr.results import study_from_dict
+from dqr.model import (
+    Instance,
+    Labels,
+    RowOutcome,
+    RowQuery,
+    RowStatus,
+    Series,
+    SeriesStatus,
+    Study,
+    StudyStatus,
+)
+from dqr.results import RowAnswer, study_from_dict
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -53,14 +63,25 @@ CREATE TABLE IF NOT EXISTS series (
     status TEXT NOT NULL DEFAULT 'pending', expected INTEGER, stored INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0, error TEXT, updated REAL);
 CREATE TABLE IF NOT EXISTS instances (
-    sop_uid TEXT PRIMARY KEY, series_uid TEXT NOT NULL, stored INTEGER NOT NULL DEFAULT 0);
+    sop_uid TEXT PRIMARY KEY, series_uid TEXT NOT NULL, stored INTEGER NOT NULL DEFAULT 0,
+    size INTEGER, run INTEGER);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY, started REAL NOT NULL, pid INTEGER NOT NULL, host TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS instances_by_series ON instances (series_uid, stored);
 CREATE INDEX IF NOT EXISTS series_by_study ON series (study_uid);
 """
 
 
+#: Columns added since schema 1, added to an older database when it is opened.
+ADDED_COLUMNS = {"instances": {"size": "INTEGER", "run": "INTEGER"}}
+
+
 class StateMismatchError(InputError):
     """The state database belongs to a different project, source or archive."""
+
+
+class CorruptStateError(InputError):
+    """The job database cannot be read (corrupt, truncated, not SQLite)."""
 
 
 class JobState:
@@ -69,14 +90,41 @@ class JobState:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode survives a killed process; after a power loss the
-        # last few marks may be lost, which is safe: the destination's files
-        # were fsync'd first and a resumed run finds them on disk.
-        self._db.execute("PRAGMA synchronous=NORMAL")
         self._lock = threading.RLock()
-        self._db.executescript(SCHEMA)
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode survives a killed process; after a power loss the
+            # last few marks may be lost, which is safe: the destination's files
+            # were fsync'd first and a resumed run finds them on disk.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+            self._add_missing_columns()
+            self._db.execute("SELECT COUNT(*) FROM meta").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise CorruptStateError(
+                Problem(
+                    str(path),
+                    f"the job database cannot be read ({exc}); it may be corrupt or truncated. "
+                    "Run with --new-job to set it aside and start afresh (files already in the "
+                    "archive are found again and not fetched twice).",
+                )
+            ) from exc
+
+    def _add_missing_columns(self) -> None:
+        for table, columns in ADDED_COLUMNS.items():
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for name, kind in columns.items():
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+
+    def begin_run(self) -> int:
+        """Record that a run starts; instances it stores carry its id."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO runs (started, pid, host) VALUES (?, ?, ?)", (time.time(), os.getpid(), socket.gethostname())
+            )
+            return int(cursor.lastrowid)
 
     def close(self) -> None:
         with self._lock:
@@ -156,23 +204,28 @@ class JobState:
 
     def pending_rows(self, input_id: int) -> list[int]:
         return [line for (line,) in self._query(
-            "SELECT line FROM rows WHERE input = ? AND status != 'queried' ORDER BY line", input_id)]
+            "SELECT line FROM rows WHERE input = ? AND status != ? ORDER BY line", input_id, RowStatus.QUERIED)]
+
+    def row_query(self, input_id: int, line: int) -> RowQuery:
+        """One CSV row as registered (a step elsewhere reads its work from here)."""
+        (query,) = self._query("SELECT query FROM rows WHERE input = ? AND line = ?", input_id, line)[0]
+        return _row_from_json(query)
 
     def record_row_matches(self, input_id: int, line: int, studies: list[Study], warnings: list[str] = ()) -> None:
         with self.transaction() as db:
             for position, study in enumerate(studies):
                 db.execute(
                     "INSERT INTO studies (study_uid, data, updated) VALUES (?, ?, ?) "
-                    "ON CONFLICT (study_uid) DO UPDATE SET data = excluded.data WHERE status = 'found'",
-                    (study.study_uid, json.dumps(asdict(study)), time.time()),
+                    "ON CONFLICT (study_uid) DO UPDATE SET data = excluded.data WHERE status = ?",
+                    (study.study_uid, json.dumps(asdict(study)), time.time(), StudyStatus.FOUND),
                 )
                 db.execute(
                     "INSERT OR IGNORE INTO matches VALUES (?, ?, ?, ?)", (input_id, line, position, study.study_uid)
                 )
             db.execute(
-                "UPDATE rows SET status = 'queried', attempts = attempts + 1, error = NULL, warnings = ? "
+                "UPDATE rows SET status = ?, attempts = attempts + 1, error = NULL, warnings = ? "
                 "WHERE input = ? AND line = ?",
-                ("; ".join(dict.fromkeys(warnings)) or None, input_id, line),
+                (RowStatus.QUERIED, json.dumps(list(dict.fromkeys(warnings))) if warnings else None, input_id, line),
             )
 
     def record_row_failure(self, input_id: int, line: int, error: str, still_pending: bool = False) -> None:
@@ -181,34 +234,51 @@ class JobState:
         with self.transaction() as db:
             db.execute(
                 "UPDATE rows SET status = ?, attempts = attempts + 1, error = ? WHERE input = ? AND line = ?",
-                ("pending" if still_pending else "failed", error, input_id, line),
+                (RowStatus.PENDING if still_pending else RowStatus.FAILED, error, input_id, line),
             )
 
-    def row_results(self, input_id: int) -> list[tuple[RowQuery, str, str | None, list[Study]]]:
-        """Each row with its status, error (or warnings) and matched studies, in CSV order."""
+    def row_answers(self, input_id: int) -> list[RowAnswer]:
+        """What each row of an input gave so far, in CSV order."""
         rows = self._query(
-            "SELECT line, query, status, COALESCE(error, warnings) FROM rows WHERE input = ? ORDER BY line", input_id)
+            "SELECT line, query, status, error, warnings FROM rows WHERE input = ? ORDER BY line", input_id)
         matches: dict[int, list[Study]] = {}
         for line, data in self._query(
             "SELECT m.line, s.data FROM matches m JOIN studies s USING (study_uid) "
             "WHERE m.input = ? ORDER BY m.line, m.position", input_id):
             matches.setdefault(line, []).append(study_from_dict(json.loads(data)))
-        result = []
-        for line, query, status, error in rows:
-            row = RowQuery(**{k: v for k, v in json.loads(query).items()})
-            result.append((row, status, error, matches.get(line, [])))
-        return result
+        answers = []
+        for line, query, status, error, warnings in rows:
+            row = _row_from_json(query)
+            if status == RowStatus.QUERIED:
+                outcome, reason = RowOutcome.MATCHED, ""
+            elif status == RowStatus.FAILED:
+                outcome, reason = RowOutcome.QUERY_FAILED, error or ""
+            else:
+                outcome, reason = RowOutcome.NOT_QUERIED, error or "interrupted"
+            notes = tuple(_warnings_from(warnings)) if status == RowStatus.QUERIED else ()
+            answers.append(
+                RowAnswer(line, row.subject, row.session, matches.get(line, []) if status == RowStatus.QUERIED else [],
+                          outcome, reason, notes)
+            )
+        return answers
 
     # -- studies -------------------------------------------------------------------
 
-    def study_labels(self, study_uid: str) -> tuple[Labels | None, str]:
+    def study_labels(self, study_uid: str) -> tuple[Labels | None, StudyStatus]:
         found = self._query(
             "SELECT subject, session, relabel_subject, relabel_session, status FROM studies WHERE study_uid = ?",
             study_uid)
         if not found or found[0][0] is None:
-            return None, found[0][4] if found else "found"
+            return None, StudyStatus(found[0][4]) if found else StudyStatus.FOUND
         subject, session, rs, rss, status = found[0]
-        return Labels(subject, session, bool(rs), bool(rss)), status
+        return Labels(subject, session, bool(rs), bool(rss)), StudyStatus(status)
+
+    def selected_study(self, study_uid: str) -> tuple[Study, Labels, int]:
+        """A selected study, its labels and the CSV line it is retrieved for."""
+        data, subject, session, rs, rss, line = self._query(
+            "SELECT data, subject, session, relabel_subject, relabel_session, line FROM studies WHERE study_uid = ?",
+            study_uid)[0]
+        return study_from_dict(json.loads(data)), Labels(subject, session, bool(rs), bool(rss)), line
 
     def select_study(self, study: Study, labels: Labels, line: int) -> None:
         with self.transaction() as db:
@@ -218,45 +288,55 @@ class JobState:
             )
             db.execute(
                 "UPDATE studies SET subject = ?, session = ?, relabel_subject = ?, relabel_session = ?, line = ?, "
-                "status = CASE WHEN status IN ('stored', 'retrieving') THEN status ELSE 'selected' END, updated = ? "
+                "status = CASE WHEN status IN (?, ?) THEN status ELSE ? END, updated = ? "
                 "WHERE study_uid = ?",
                 (labels.subject, labels.session, int(labels.relabel_subject), int(labels.relabel_session), line,
-                 time.time(), study.study_uid),
+                 StudyStatus.STORED, StudyStatus.RETRIEVING, StudyStatus.SELECTED, time.time(), study.study_uid),
             )
 
-    def set_study_status(self, study_uid: str, status: str, error: str | None = None) -> None:
+    def set_study_status(self, study_uid: str, status: StudyStatus, error: str | None = None) -> None:
         with self.transaction() as db:
             db.execute(
-                "UPDATE studies SET status = ?, error = ?, attempts = attempts + (? = 'failed'), updated = ? "
-                "WHERE study_uid = ?",
-                (status, error, status, time.time(), study_uid),
+                "UPDATE studies SET status = ?, error = ?, attempts = attempts + ?, updated = ? WHERE study_uid = ?",
+                (status, error, int(status == StudyStatus.FAILED), time.time(), study_uid),
             )
 
-    def study_status(self, study_uid: str) -> str | None:
+    def study_status(self, study_uid: str) -> StudyStatus | None:
         found = self._query("SELECT status FROM studies WHERE study_uid = ?", study_uid)
-        return found[0][0] if found else None
+        return StudyStatus(found[0][0]) if found else None
 
     # -- series and instances ------------------------------------------------------
 
-    def known_series(self, study_uid: str) -> list[tuple[Series, str]]:
+    def known_series(self, study_uid: str) -> list[tuple[Series, SeriesStatus]]:
         rows = self._query("SELECT data, status FROM series WHERE study_uid = ? ORDER BY rowid", study_uid)
-        return [(_series_from_json(data), status) for data, status in rows]
+        return [(_series_from_json(data), SeriesStatus(status)) for data, status in rows]
+
+    def series_error(self, series_uid: str) -> str | None:
+        found = self._query("SELECT error FROM series WHERE series_uid = ?", series_uid)
+        return found[0][0] if found else None
+
+    def series(self, series_uid: str) -> Series:
+        (data,) = self._query("SELECT data FROM series WHERE series_uid = ?", series_uid)[0]
+        return _series_from_json(data)
 
     def record_series(self, series: Series, selected: bool) -> None:
         # instance UIDs live in the instances table, not in every series row
         data = json.dumps({**asdict(series), "sop_class_uids": sorted(series.sop_class_uids),
                            "transfer_syntaxes": sorted(series.transfer_syntaxes), "instance_uids": None})
-        status = "pending" if selected else "excluded"
+        status = SeriesStatus.PENDING if selected else SeriesStatus.EXCLUDED
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO series (series_uid, study_uid, data, status, updated) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (series_uid) DO UPDATE SET data = excluded.data, "
-                "status = CASE WHEN series.status IN ('stored', 'retrieving', 'failed') AND excluded.status = 'pending' "
+                "status = CASE WHEN series.status IN (?, ?, ?) AND excluded.status = ? "
                 "THEN series.status ELSE excluded.status END",
-                (series.series_uid, series.study_uid, data, status, time.time()),
+                (series.series_uid, series.study_uid, data, status, time.time(),
+                 SeriesStatus.STORED, SeriesStatus.RETRIEVING, SeriesStatus.FAILED, SeriesStatus.PENDING),
             )
 
-    def set_series_status(self, series_uid: str, status: str, error: str | None = None, attempt: bool = False) -> None:
+    def set_series_status(
+        self, series_uid: str, status: SeriesStatus, error: str | None = None, attempt: bool = False
+    ) -> None:
         with self.transaction() as db:
             db.execute(
                 "UPDATE series SET status = ?, error = ?, attempts = attempts + ?, updated = ? WHERE series_uid = ?",
@@ -281,15 +361,19 @@ class JobState:
         return {uid for (uid,) in self._query(
             "SELECT sop_uid FROM instances WHERE series_uid = ? AND stored = 1", series_uid)}
 
-    def mark_stored(self, series_uid: str, sop_uids: list[str]) -> None:
-        """Record instances the destination has made durable."""
+    def mark_stored(self, series_uid: str, sop_uids: list[str], run: int | None = None,
+                    sizes: dict[str, int] | None = None) -> None:
+        """Record instances the destination has made durable (by run ``run``,
+        with their sizes when known)."""
         if not sop_uids:
             return
+        sizes = sizes or {}
         with self.transaction() as db:
             db.executemany(
-                "INSERT INTO instances (sop_uid, series_uid, stored) VALUES (?, ?, 1) "
-                "ON CONFLICT (sop_uid) DO UPDATE SET stored = 1",
-                [(uid, series_uid) for uid in sop_uids],
+                "INSERT INTO instances (sop_uid, series_uid, stored, size, run) VALUES (?, ?, 1, ?, ?) "
+                "ON CONFLICT (sop_uid) DO UPDATE SET stored = 1, size = excluded.size, run = excluded.run "
+                "WHERE instances.stored = 0",
+                [(uid, series_uid, sizes.get(uid), run) for uid in sop_uids],
             )
             db.execute(
                 "UPDATE series SET stored = (SELECT COUNT(*) FROM instances WHERE series_uid = ? AND stored = 1) "
@@ -298,6 +382,23 @@ class JobState:
             )
 
     # -- summaries -----------------------------------------------------------------
+
+    def stored_by_run(self, run: int) -> tuple[int, int]:
+        """Instances a run stored, and their bytes."""
+        count, size = self._query("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM instances WHERE run = ?", run)[0]
+        return int(count), int(size)
+
+    def instance_count(self, series_uids: Iterable[str]) -> tuple[int, int]:
+        """Expected and stored instances of these series."""
+        uids = list(series_uids)
+        expected = stored = 0
+        for start in range(0, len(uids), 500):
+            chunk = uids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            e, s_ = self._query(
+                f"SELECT COUNT(*), COALESCE(SUM(stored), 0) FROM instances WHERE series_uid IN ({marks})", *chunk)[0]
+            expected, stored = expected + int(e), stored + int(s_)
+        return expected, stored
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Counts per status of rows (latest input), studies and series."""
@@ -318,16 +419,31 @@ class JobState:
         latest = self.latest_input()
         if latest:
             for line, error, attempts in self._query(
-                    "SELECT line, error, attempts FROM rows WHERE input = ? AND status = 'failed'", latest[0]):
+                    "SELECT line, error, attempts FROM rows WHERE input = ? AND status = ?", latest[0], RowStatus.FAILED):
                 failed.append({"kind": "row", "row": line, "error": error, "attempts": attempts})
         for uid, line, error, attempts in self._query(
-                "SELECT study_uid, line, error, attempts FROM studies WHERE status = 'failed'"):
+                "SELECT study_uid, line, error, attempts FROM studies WHERE status = ?", StudyStatus.FAILED):
             failed.append({"kind": "study", "row": line, "StudyInstanceUID": uid, "error": error, "attempts": attempts})
         for uid, study_uid, error, attempts in self._query(
-                "SELECT series_uid, study_uid, error, attempts FROM series WHERE status = 'failed'"):
+                "SELECT series_uid, study_uid, error, attempts FROM series WHERE status = ?", SeriesStatus.FAILED):
             failed.append({"kind": "series", "StudyInstanceUID": study_uid, "SeriesInstanceUID": uid,
                            "error": error, "attempts": attempts})
         return failed
+
+
+def _row_from_json(data: str) -> RowQuery:
+    return RowQuery(**json.loads(data))
+
+
+def _warnings_from(text: str | None) -> list[str]:
+    """Backend remarks on a row: a JSON list (schema 1 kept one '; '-joined string)."""
+    if not text:
+        return []
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return [text]
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
 def _series_from_json(data: str) -> Series:

@@ -19,7 +19,7 @@ from typing import TypeVar
 from tenacity import Retrying, retry_if_exception, stop_after_attempt
 
 from dqr.config import Limits
-from dqr.errors import RemoteError
+from dqr.errors import RemoteError, SourceDownError
 
 log = logging.getLogger("dqr.throttle")
 #: Longest Retry-After honoured, seconds.
@@ -178,11 +178,6 @@ def call_with_retries(
     return result
 
 
-class SourceDownError(RemoteError):
-    """The source stayed unreachable through every cool-down: the job stops
-    (finished work is kept; the next run resumes)."""
-
-
 class CircuitBreaker:
     """Stops hammering a source that cannot be reached.
 
@@ -274,3 +269,24 @@ class TimeWindow:
 
     def opens_at(self) -> str:
         return time.strftime("%H:%M:%S", time.localtime(time.time() + self.seconds_until_open()))
+
+
+class Guard:
+    """How hard dqr may push one remote, in one place: an adaptive limit for
+    queries and one for retrievals, the query rate and the circuit breaker,
+    with retries around every call."""
+
+    def __init__(self, limits: Limits, stop: threading.Event | None = None) -> None:
+        self.limits = limits
+        self.queries = AdaptiveLimit(limits.max_queries, "queries")
+        self.retrievals = AdaptiveLimit(limits.max_retrievals, "retrievals", watch_latency=False)
+        self.rate = RateLimit(limits.requests_per_second)
+        self.breaker = CircuitBreaker(limits.breaker_failures, limits.breaker_cooldown, limits.breaker_max_cooldowns, stop)
+
+    def query(self, action: Callable[[], T]) -> T:
+        """A query (any level), rate-limited, within ``max_queries``."""
+        return call_with_retries(action, self.limits, self.queries, self.rate, self.breaker)
+
+    def retrieve(self, action: Callable[[], T]) -> T:
+        """One retrieval attempt loop, within ``max_retrievals``."""
+        return call_with_retries(action, self.limits, self.retrievals, None, self.breaker)

@@ -149,3 +149,56 @@ def test_shown_file_is_the_file_verbatim(block: CodeBlock) -> None:
     assert block.code == path.read_text(encoding="utf-8"), (
         f"{block.id} differs from {path.relative_to(REPO)}: copy the file into the block"
     )
+
+
+# -- the architecture page and the configuration page ---------------------------------
+
+ARCHITECTURE_MD = DOCS / "architecture.md"
+CONFIGURATION_MD = DOCS / "configuration.md"
+CORE = REPO / "core"
+
+
+def test_the_architecture_page_lists_every_core_module():
+    text = ARCHITECTURE_MD.read_text(encoding="utf-8")
+    listed = set(re.findall(r"^\| `([\w/]+(?:\.py)?)` \|", text, re.MULTILINE))
+    modules = {p.name for p in CORE.glob("*.py")} | {f"{p.name}/" for p in CORE.iterdir() if (p / "__init__.py").exists()}
+    modules -= {"__init__.py"}
+    assert sorted(modules - listed) == [], "modules missing from docs/architecture.md"
+
+
+def _documented_keys() -> set[str]:
+    text = "\n".join(p.read_text(encoding="utf-8") for p in DOCS.glob("*.md"))
+    # `key`, `section.key` or a key of a `{type: ..., key: ...}` example
+    return {word for code in re.findall(r"`([^`\n]+)`", text) for word in re.findall(r"[a-z_][a-z0-9_]*", code)}
+
+
+def _config_models():
+    from dqr.config import Limits, MatchingOptions, SeriesFilter, SiteConfig
+
+    yield from (SiteConfig, Limits, MatchingOptions, SeriesFilter)
+    for registered in (*pluginmanager.backend_types().values(), *pluginmanager.destination_types().values(),
+                       *pluginmanager.executor_types().values()):
+        yield registered.config_model
+
+
+def _nested_models(model):
+    from pydantic import BaseModel
+
+    yield model
+    for field in model.model_fields.values():
+        annotation = field.annotation
+        for candidate in (annotation, *getattr(annotation, "__args__", ())):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel) and candidate is not model:
+                yield from _nested_models(candidate)
+
+
+def test_every_config_key_of_every_registered_model_is_documented():
+    documented = _documented_keys()
+    keys = {
+        (model.__name__, name)
+        for top in _config_models()
+        for model in _nested_models(top)
+        for name in model.model_fields
+    }
+    missing = sorted(f"{model}.{name}" for model, name in keys if name not in documented)
+    assert missing == [], "config keys no page in docs/ documents (as `key`)"

@@ -12,7 +12,6 @@ programmatically or installed as real distributions (a ``.dist-info`` on
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import shutil
@@ -69,35 +68,28 @@ def flat(text: str) -> str:
     return " ".join(text.split())
 
 
-def pip_install(python: Path, package: Path, cwd: Path) -> None:
-    """Install ``package`` (no dependencies) into the environment of ``python``.
+def pip_install(python: Path, *packages: Path | str, cwd: Path) -> None:
+    """Install ``packages`` and their dependencies into the environment of
+    ``python`` with this environment's pip (the new venv needs none of its own).
 
-    Offline first: built with this environment's setuptools, which can when
-    it is recent enough (or has ``wheel``). Otherwise pip fetches the build
-    requirements into an isolated build environment, as for any source tree.
+    Local source trees are built with this environment's setuptools when it
+    can (no build requirements fetched); dependencies come from pip's cache
+    or the index, as on any machine.
     """
-    install = [sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-deps"]
-    if run(*install, "--no-build-isolation", package, cwd=cwd, check=False).returncode != 0:
-        run(*install, package, cwd=cwd)
+    install = [sys.executable, "-m", "pip", "--python", python, "install", "--quiet"]
+    if run(*install, "--no-build-isolation", *packages, cwd=cwd, check=False).returncode != 0:
+        run(*install, *packages, cwd=cwd)
 
 
-def _write_console_script(bin_dir: Path, name: str) -> Path:
-    """Give the venv its own ``dqr`` command.
-
-    dqr is installed in the base environment, which the venv sees through
-    --system-site-packages; a venv does not get that environment's scripts,
-    so write the launcher pip writes for a console script, with the venv's
-    interpreter and the entry point dqr's metadata declares.
-    """
-    (entry_point,) = importlib.metadata.entry_points(group="console_scripts", name=name)
-    module, _, function = entry_point.value.partition(":")
-    script = bin_dir / name
-    script.write_text(
-        f"#!{bin_dir / 'python'}\nimport sys\nfrom {module} import {function}\nsys.exit({function}())\n",
-        encoding="utf-8",
-    )
-    script.chmod(0o755)
-    return script
+def copy_dqr_source(destination: Path) -> Path:
+    """The files dqr is built from, copied away from the checkout (pip
+    builds in the source tree, and others are using this one)."""
+    destination.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, destination / name)
+    for name in ("core", "plugins"):
+        shutil.copytree(REPO / name, destination / name, ignore=NOT_SOURCES)
+    return destination
 
 
 # -- end to end, in a venv -----------------------------------------------------------
@@ -113,17 +105,23 @@ class Venv:
 
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory: pytest.TempPathFactory) -> Venv:
-    """A venv seeing the installed dqr and its dependencies (so nothing is
-    downloaded), with the example plugin pip-installed into it."""
+    """A venv of its own -- isolated from this one and from the base
+    interpreter -- with dqr (from this checkout), its dependencies, pytest and
+    the example plugin installed into it, as a user would install them.
+
+    Not one that sees system site packages: made from inside a venv, that sees the *base*
+    interpreter's packages, not this venv's, so the test would pass only
+    where dqr happens to be installed in the base Python.
+    """
     root = tmp_path_factory.mktemp("venv")
     # No pip of its own (ensurepip is the slow part): this pip installs into it.
-    run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", root, cwd=root)
+    run(sys.executable, "-m", "venv", "--without-pip", root, cwd=root)
     python = root / "bin" / "python"
-    # pip builds in the source tree; never in the checkout others are using.
+    source = copy_dqr_source(tmp_path_factory.mktemp("dqr-source") / "dqr")
     example = tmp_path_factory.mktemp("example") / EXAMPLE.name
     shutil.copytree(EXAMPLE, example, ignore=NOT_SOURCES)
-    pip_install(python, example, cwd=root)
-    return Venv(python, _write_console_script(root / "bin", "dqr"), example)
+    pip_install(python, source, example, "pytest", cwd=root)
+    return Venv(python, root / "bin" / "dqr", example)
 
 
 @pytest.fixture(scope="module")

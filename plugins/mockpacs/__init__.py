@@ -31,29 +31,63 @@ SERVERS = {
 
 
 def load_mock_config(path: Path) -> tuple[Any, dict[str, Any]]:
-    """Read a mock-PACS config: the memory PACS and each server's config."""
-    import yaml
+    """Read a mock-PACS config: the memory PACS and each server's config.
 
-    from dqr.errors import ConfigError
+    Read like the site config (:func:`dqr.yamlsafe.load_yaml_file`): every
+    problem is listed at once with its line, as a :class:`ConfigError`.
+    """
+    from pydantic import ValidationError
+
+    from dqr.config import unknown_key_problem, validation_problems
+    from dqr.errors import ConfigError, Problem
     from dqr.plugins.memory import MemorySourceConfig, load_pacs
+    from dqr.yamlsafe import load_yaml_file
 
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    unknown = set(data) - {"source", *SERVERS}
-    if unknown:
-        raise ConfigError(f"unknown keys {sorted(unknown)}; valid: source, {', '.join(SERVERS)}", file=str(path))
-    source = MemorySourceConfig.model_validate({"type": "memory", **(data.get("source") or {"synthetic": {}})})
-    pacs = load_pacs(source, path.parent)
+    file = str(path)
+    document = load_yaml_file(path)
+    data, lines = document.data, document.lines
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(Problem(file, "the config must be a mapping of sections (source, dimse, dicomweb)", 1))
+    problems = list(document.problems)
+    valid = ["source", *SERVERS]
+    for key in data:
+        if key not in valid:
+            problems.append(unknown_key_problem(str(key), valid, file, lines.get((key,))))
+
+    def section(key: str, model: Any, raw: Any, extra: dict[str, Any] | None = None) -> Any:
+        if not isinstance(raw, dict):
+            problems.append(Problem(file, f"{key}: expected a mapping of keys to values", lines.get((key,))))
+            return None
+        try:
+            return model.model_validate({**(extra or {}), **raw})
+        except ValidationError as exc:
+            problems.extend(validation_problems(exc, model, file, lines, prefix=(key,)))
+            return None
+
+    source = section("source", MemorySourceConfig, data.get("source") or {"synthetic": {}}, {"type": "memory"})
     servers = {}
-    for section, module_name in SERVERS.items():
-        if section in data:
-            module = importlib.import_module(module_name)
-            servers[section] = module.Config.model_validate(data[section] or {})
+    for key, module_name in SERVERS.items():
+        if key in data:
+            server = section(key, importlib.import_module(module_name).Config, data[key] or {})
+            if server is not None:
+                servers[key] = server
+    if problems:
+        raise ConfigError(problems)
+    try:
+        pacs = load_pacs(source, path.parent)
+    except ConfigError as exc:
+        raise ConfigError([Problem(file, p.message, lines.get(("source",))) for p in exc.problems]) from exc
     return pacs, servers
 
 
 @dqr.hookimpl
 def dqr_register_commands(app):
+    from dqr.cli import handle_errors  # the CLI is loading its commands: already imported
+
     @app.command("mock-pacs", rich_help_panel="Test PACS")
+    @handle_errors
     def mock_pacs(
         config: Annotated[Path, typer.Option("--config", "-c", help="Mock PACS YAML config.")],
     ) -> None:
