@@ -595,6 +595,40 @@ def retry(
     _finish(loaded, summary, plan.table, plan.csv_path, json_summary)
 
 
+@app.command()
+@handle_errors
+def worker(config: ConfigOption) -> None:
+    """Join the job of a config with [bold]executor: {type: queue}[/bold] and work on its steps.
+
+    Runs until SIGTERM or Ctrl-C, then stops cleanly: no new step starts, running ones stop at
+    their next instance and are taken over by another process. Exit 0 on SIGTERM, 130 on Ctrl-C.
+
+    Example: [bold]DQR_QUEUE_URL=postgresql://dqr@db/dqr dqr worker --config site.yaml[/bold]
+    """
+    from dqr.config import load_config
+    from dqr.plugins.queue_executor import run_worker
+
+    loaded = load_config(config)
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        received.append(signum)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    here = run_worker(loaded, stop)
+    err.print(f"worker stopped after {here.steps_run} steps", highlight=False)
+    # Abandoned steps hold threads that never return (their workflows stay
+    # PENDING for a peer): leave without waiting for them.
+    here.close_contexts()
+    here.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED if signal.SIGINT in received else EXIT_OK)
+
+
 # -- checks and information ------------------------------------------------------
 
 
