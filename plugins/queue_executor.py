@@ -49,7 +49,7 @@ from typing import Any
 from pydantic import Field
 
 import dqr
-from dqr.cluster_limits import advisory_key, mask_url
+from dqr.cluster_limits import ClusterLimits, advisory_key, mask_url
 from dqr.config import ExecutorConfig, LoadedConfig
 from dqr.errors import InputError, Problem
 
@@ -125,6 +125,7 @@ class Node:
         self._liveness = None
         self._probe = None
         self._probe_lock = threading.Lock()
+        self._limits: ClusterLimits | None = None
         self.steps_run = 0
 
     # -- start and stop --------------------------------------------------------
@@ -194,6 +195,8 @@ class Node:
 
     def close(self) -> None:
         """Release the liveness lock: peers may now recover what was left."""
+        if self._limits is not None:
+            self._limits.close()
         for conn in (self._liveness, self._probe):
             if conn is not None:
                 conn.close()
@@ -261,10 +264,28 @@ class Node:
                 ctx = JobContext.open(self.config, JobOptions(**options))
                 # Instances this process stores count for the run that queued them.
                 ctx.run_id = run_id
+                self._cap_cluster_wide(ctx)
                 if self.stopping.is_set():
                     ctx.stop.set()
                 self._contexts[cache_key] = ctx
             return ctx
+
+    def _cap_cluster_wide(self, ctx) -> None:
+        """The source's limits bound the sum over every process: each query
+        and retrieval attempt holds a cluster slot (inside this process's
+        adaptive limit), and the query rate is booked in the database."""
+        from dqr.cluster_limits import CappedLimit
+
+        if self._limits is None:
+            self._limits = ClusterLimits(self.url)
+        scope = f"{self.config.site.project}/{ctx.source_name}"
+        guard, limits = ctx.guard, ctx.limits
+        guard.queries = CappedLimit(guard.queries, self._limits.slots(f"{scope}/queries", limits.max_queries))
+        guard.retrievals = CappedLimit(
+            guard.retrievals, self._limits.slots(f"{scope}/retrievals", limits.max_retrievals)
+        )
+        if limits.requests_per_second:
+            guard.rate = self._limits.rate(f"{scope}/requests", limits.requests_per_second)
 
     def run_step(self, kind: str, key: Any, options: dict[str, Any], run_id: int) -> None:
         from dqr.steps import STEPS, StepKind

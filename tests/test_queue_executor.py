@@ -129,3 +129,96 @@ def test_worker_stops_cleanly_on_sigterm(tmp_path: Path, postgres_url: str) -> N
 
     assert code == 0, worker.stderr.read()
     assert time.monotonic() - sent < 10
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.orthanc
+def test_run_and_two_workers_survive_a_sigkill_mid_retrieval_within_the_cluster_wide_limits(
+    tmp_path: Path, postgres_url: str, orthanc
+) -> None:
+    from dqr.plugins.memory.synthetic import generate_cohort
+    from dqr.testing.tcp_counter import CountingProxy, dimse_kind
+
+    spec = orthanc.cohort_spec
+    # Orthanc behind a proxy that counts C-GET associations per client process
+    # and slows every answer, so that a worker can be caught mid-retrieval.
+    proxy = CountingProxy(
+        ("127.0.0.1", orthanc.dicom_port), classify=dimse_kind, identify=True, delay=0.05
+    )
+    proxy.start()
+    source = {
+        "type": "dimse", "host": "127.0.0.1", "port": proxy.port, "called_aet": orthanc.aet,
+        "calling_aet": "DQR", "retrieve": "c-get",
+        "limits": {"max_retrievals": 2, "max_queries": 2},
+    }  # fmt: skip
+    config = write_site(tmp_path, {"type": "queue", "database_url_env": "DQR_TEST_QUEUE_URL"})
+    data = yaml.safe_load(config.read_text())
+    data["sources"] = {"pacs": source}
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    csv = all_studies_csv(tmp_path, spec.patients, spec.studies_per_patient)
+    env = {**os.environ, "DQR_TEST_QUEUE_URL": postgres_url}
+
+    def start(*args: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "dqr", *args, "--config", str(config)],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    workers = [start("worker"), start("worker")]
+    run = start("run", "--csv", str(csv))
+    started = [*workers, run]
+    try:
+        worker_pids = {w.pid for w in workers}
+        _wait(
+            lambda: any(
+                c.tag == "get" and c.pid in worker_pids and c.closed is None
+                for c in proxy.connections
+            ),
+            120,
+            "a worker retrieving",
+        )
+        victim = next(
+            c.pid
+            for c in proxy.connections
+            if c.tag == "get" and c.pid in worker_pids and c.closed is None
+        )
+        os.kill(victim, signal.SIGKILL)
+        out, errors = run.communicate(timeout=240)
+        assert run.returncode == 0, errors[-3000:]
+
+        survivor = next(w for w in workers if w.pid != victim)
+        survivor.send_signal(signal.SIGTERM)
+        assert survivor.wait(timeout=15) == 0
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+        proxy.stop()
+
+    originals = {d.SOPInstanceUID: d for d in generate_cohort(spec)}
+    archived = sorted((tmp_path / "archive").rglob("*.dcm"))
+    assert sorted(p.stem for p in archived) == sorted(originals)  # every instance, exactly once
+    import pydicom
+
+    for path in archived:
+        stored = pydicom.dcmread(path)
+        assert stored.PixelData == originals[stored.SOPInstanceUID].PixelData
+        assert path.parent.name == stored.SeriesInstanceUID
+    leftovers = [
+        p
+        for p in (tmp_path / "archive").rglob("*")
+        if p.is_file() and p.suffix not in {".dcm", ".csv", ".jsonl", ".json"}
+    ]
+    assert leftovers == []
+    assert proxy.maximum_by_tag["get"] <= 2
+    retrieving = {c.pid for c in proxy.connections if c.tag == "get"}
+    assert len(retrieving) >= 2, retrieving

@@ -16,9 +16,11 @@ on this process's clock, and its first line if a sink).
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 LOOPBACK = "127.0.0.1"
@@ -28,15 +30,74 @@ LOOPBACK = "127.0.0.1"
 class Connection:
     opened: float
     closed: float | None = None
-    #: the first line a client wrote to a sink ('' through a proxy)
+    #: the first line a client wrote to a sink; through a proxy, what
+    #: ``classify`` said of the client's first bytes
     tag: str = ""
+    #: the client process, when the proxy was asked to identify clients
+    pid: int | None = None
+
+
+#: DIMSE: an A-ASSOCIATE-RQ proposing a C-GET model (study or patient root).
+C_GET_MODELS = (b"1.2.840.10008.5.1.4.1.2.2.3", b"1.2.840.10008.5.1.4.1.2.1.3")
+
+
+def dimse_kind(first_bytes: bytes) -> str:
+    """``"get"`` for an association proposing C-GET, else ``"other"``."""
+    return "get" if any(model in first_bytes for model in C_GET_MODELS) else "other"
+
+
+def pid_of_client(local_port: int) -> int | None:
+    """The process owning the loopback TCP socket bound to ``local_port`` (Linux /proc)."""
+    inode = None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == local_port and fields[3] == "01":
+                inode = fields[9]
+                break
+        if inode:
+            break
+    if not inode:
+        return None
+    target = f"socket:[{inode}]"
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                if os.readlink(f"/proc/{entry}/fd/{fd}") == target:
+                    return int(entry)
+        except OSError:
+            continue
+    return None
 
 
 class CountingProxy:
     """Start with :meth:`start`; stop with :meth:`stop` or a ``with`` block."""
 
-    def __init__(self, upstream: tuple[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        upstream: tuple[str, int] | None = None,
+        *,
+        classify: Callable[[bytes], str] | None = None,
+        identify: bool = False,
+        delay: float = 0.0,
+    ) -> None:
+        """:param classify: tags each proxied connection from the client's first
+            bytes (e.g. :func:`dimse_kind`); :attr:`maximum_by_tag` counts per tag.
+        :param identify: record each client's PID (:func:`pid_of_client`).
+        :param delay: seconds to wait before forwarding each chunk from upstream
+            (a slow PACS, to catch work in the middle)."""
         self.upstream = upstream
+        self.classify = classify
+        self.identify = identify
+        self.delay = delay
+        self.maximum_by_tag: dict[str, int] = {}
+        self._current_by_tag: dict[str, int] = {}
         self._server = socket.create_server((LOOPBACK, 0))
         self.port: int = self._server.getsockname()[1]
         self.connections: list[Connection] = []
@@ -65,6 +126,8 @@ class CountingProxy:
 
     def _serve(self, client: socket.socket) -> None:
         record = Connection(opened=time.time())
+        if self.identify:
+            record.pid = pid_of_client(client.getpeername()[1])
         with self._lock:
             self.current += 1
             self.maximum = max(self.maximum, self.current)
@@ -74,11 +137,13 @@ class CountingProxy:
             if self.upstream is None:
                 self._sink(client, record)
             else:
-                self._forward(client)
+                self._forward(client, record)
         finally:
             record.closed = time.time()
             with self._lock:
                 self.current -= 1
+                if record.tag and self.upstream is not None:
+                    self._current_by_tag[record.tag] -= 1
                 self._sockets.discard(client)
             client.close()
 
@@ -91,7 +156,7 @@ class CountingProxy:
         except OSError:
             pass
 
-    def _forward(self, client: socket.socket) -> None:
+    def _forward(self, client: socket.socket, record: Connection) -> None:
         try:
             upstream = socket.create_connection(self.upstream, timeout=10)
         except OSError:
@@ -101,9 +166,23 @@ class CountingProxy:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._lock:
             self._sockets.add(upstream)
-        other = threading.Thread(target=_pipe, args=(upstream, client), daemon=True)
+        first = b""
+        if self.classify is not None:
+            try:
+                first = client.recv(65536)
+            except OSError:
+                first = b""
+            record.tag = self.classify(first)
+            with self._lock:
+                now = self._current_by_tag.get(record.tag, 0) + 1
+                self._current_by_tag[record.tag] = now
+                self.maximum_by_tag[record.tag] = max(self.maximum_by_tag.get(record.tag, 0), now)
+            if first:
+                upstream.sendall(first)
+        other = threading.Thread(target=_pipe, args=(upstream, client, self.delay), daemon=True)
         other.start()
-        _pipe(client, upstream)
+        if self.classify is None or first:
+            _pipe(client, upstream)
         other.join()
         with self._lock:
             self._sockets.discard(upstream)
@@ -127,10 +206,12 @@ class CountingProxy:
         self.stop()
 
 
-def _pipe(source: socket.socket, target: socket.socket) -> None:
+def _pipe(source: socket.socket, target: socket.socket, delay: float = 0.0) -> None:
     """Copy until ``source`` ends, then end ``target``'s sending side."""
     try:
         while data := source.recv(65536):
+            if delay:
+                time.sleep(delay)
             target.sendall(data)
     except OSError:
         pass
