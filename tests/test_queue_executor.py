@@ -3,6 +3,7 @@ processes sharing one job through DBOS on a private PostgreSQL."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -219,6 +220,12 @@ def test_run_and_two_workers_survive_a_sigkill_mid_retrieval_within_the_cluster_
         if p.is_file() and p.suffix not in {".dcm", ".csv", ".jsonl", ".json"}
     ]
     assert leftovers == []
+    manifest = [
+        json.loads(line)["SOPInstanceUID"]
+        for path in (tmp_path / "archive").rglob("manifest.jsonl")
+        for line in path.read_text().splitlines()
+    ]
+    assert sorted(manifest) == sorted(originals)  # one manifest line per instance
     assert proxy.maximum_by_tag["get"] <= 2
     retrieving = {c.pid for c in proxy.connections if c.tag == "get"}
     assert len(retrieving) >= 2, retrieving
