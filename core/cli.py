@@ -534,14 +534,14 @@ def status(
     Example: [bold]dqr status --config site.yaml[/bold]
     """
     from dqr.config import load_config
-    from dqr.state import JobState
+    from dqr.context import job_state_exists, open_existing_state
 
     loaded = load_config(config)
-    path = loaded.state_path
-    if not path.exists():
-        err.print(f"no job yet: {path} does not exist", highlight=False)
+    if not job_state_exists(loaded):
+        err.print(f"no job yet: {loaded.state_path} does not exist", highlight=False)
         raise typer.Exit(EXIT_OK)
-    state = JobState(path)
+    state = open_existing_state(loaded)
+    path = state.path
     try:
         counts, failures, latest = state.counts(), state.failures(), state.latest_input()
     finally:
@@ -586,7 +586,9 @@ def retry(
     if not failed:
         raise ConfigError("say what to retry: --failed")
     loaded = load_config(config)
-    if not loaded.state_path.exists():
+    from dqr.context import job_state_exists
+
+    if not job_state_exists(loaded):
         raise ConfigError(f"no job to retry: {loaded.state_path} does not exist", file=str(config))
     with _job(loaded, JobOptions(source, _limits(max_queries, max_retrievals))) as ctx:
         plan = engine.plan_retry(ctx)

@@ -280,7 +280,9 @@ class Node:
             self._limits = ClusterLimits(self.url)
         scope = f"{self.config.site.project}/{ctx.source_name}"
         guard, limits = ctx.guard, ctx.limits
-        guard.queries = CappedLimit(guard.queries, self._limits.slots(f"{scope}/queries", limits.max_queries))
+        guard.queries = CappedLimit(
+            guard.queries, self._limits.slots(f"{scope}/queries", limits.max_queries)
+        )
         guard.retrievals = CappedLimit(
             guard.retrievals, self._limits.slots(f"{scope}/retrievals", limits.max_retrievals)
         )
@@ -298,6 +300,11 @@ class Node:
             ctx = self.context(options, run_id)
             STEPS[StepKind(kind)](ctx, key)
             self.steps_run += 1
+        except Exception:
+            # A bug, not a remote failure (steps record those themselves): say
+            # where, here; the workflow ends in ERROR and the driver stops.
+            log.exception("%s step %s failed", kind, json.dumps(key))
+            raise
         finally:
             with self._active_lock:
                 self._active -= 1
@@ -359,6 +366,25 @@ def queue_name(source: str, kind: str) -> str:
 
 class QueueExecutor:
     """Enqueues every step of a phase and waits for the whole cluster to do them."""
+
+    @staticmethod
+    def open_state(config: LoadedConfig, new_job: bool = False):
+        """The job state lives in the queue's database (schema ``dqr``), where
+        every process of the cluster reads and writes it."""
+        from dqr.state import PostgresJobState
+
+        if new_job:
+            raise QueueConfigError(
+                Problem(
+                    str(config.path),
+                    "--new-job cannot set aside a job kept in the queue database: "
+                    "point the queue's environment variable at a new database instead",
+                )
+            )
+        env = config.executor.database_url_env
+        return PostgresJobState(
+            database_url(config), label=f"the job state in the queue database (${env})"
+        )
 
     def run(self, step, keys: Sequence[Any], workers: int, stop: threading.Event) -> None:
         from dbos import DBOS, SetWorkflowID

@@ -85,6 +85,30 @@ def test_queue_executor_in_one_process_gives_the_same_archive_as_local(
     assert archive_contents(tmp_path / "queue" / "archive") == expected
 
 
+@pytest.mark.slow
+def test_status_and_retry_read_the_job_state_in_the_queue_database(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    queued = write_site(tmp_path, {"type": "queue", "database_url_env": "DQR_TEST_QUEUE_URL"})
+    env = {"DQR_TEST_QUEUE_URL": postgres_url}
+    assert (
+        dqr("run", "--config", queued, "--csv", all_studies_csv(tmp_path), env=env).returncode == 0
+    )
+    # No SQLite file: the job lives in PostgreSQL, where any machine reads it.
+    assert not list(tmp_path.rglob("*.sqlite*")) and not list(tmp_path.rglob("*.db"))
+
+    status = dqr("status", "--config", queued, "--json", env=env)
+    retry = dqr("retry", "--config", queued, "--failed", env=env)
+
+    assert status.returncode == 0, status.stderr
+    counts = json.loads(status.stdout)["counts"]
+    assert counts["studies"] == {"stored": 8}
+    assert set(counts["instances"]) == {"stored"}
+    assert postgres_url not in status.stdout + status.stderr
+    assert retry.returncode == 0, retry.stderr
+    assert "retrying 0 rows and 0 studies" in retry.stderr
+
+
 def test_queue_executor_without_its_url_exits_2_naming_the_variable(tmp_path: Path) -> None:
     queued = write_site(tmp_path, {"type": "queue", "database_url_env": "DQR_UNSET_QUEUE_URL"})
     env = {k: v for k, v in os.environ.items() if k != "DQR_UNSET_QUEUE_URL"}
