@@ -313,6 +313,16 @@ class Node:
             # Stopped mid-step: leave the workflow PENDING for a peer to rerun.
             _abandon()
 
+    def release_context(self, options: dict[str, Any], run_id: int) -> None:
+        """Close this process's context for a run (its backend's idle
+        associations would otherwise keep the process alive until the PACS
+        times them out); the next step of that run opens it again."""
+        cache_key = json.dumps([options, run_id], sort_keys=True)
+        with self._contexts_lock:
+            ctx = self._contexts.pop(cache_key, None)
+        if ctx is not None:
+            ctx.close()
+
     def close_contexts(self) -> None:
         with self._contexts_lock:
             contexts, self._contexts = list(self._contexts.values()), {}
@@ -417,7 +427,11 @@ class QueueExecutor:
             with SetWorkflowID(workflow_id):
                 DBOS.enqueue_workflow(name, workflow, kind, key, options, ctx.run_id)
             ids.append(workflow_id)
-        self._wait(here, ctx, kind, prefix, len(ids), stop)
+        try:
+            self._wait(here, ctx, kind, prefix, len(ids), stop)
+        finally:
+            # The phase is over here; the driver's next phase opens it anew.
+            here.release_context(options, ctx.run_id)
 
     def _wait(
         self, here: Node, ctx, kind: str, prefix: str, total: int, stop: threading.Event
