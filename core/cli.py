@@ -545,14 +545,14 @@ def status(
     Example: [bold]dqr status --config site.yaml[/bold]
     """
     from dqr.config import load_config
-    from dqr.state import JobState
+    from dqr.context import job_state_exists, open_existing_state
 
     loaded = load_config(config)
-    path = loaded.state_path
-    if not path.exists():
-        err.print(f"no job yet: {path} does not exist", highlight=False)
+    if not job_state_exists(loaded):
+        err.print(f"no job yet: {loaded.state_path} does not exist", highlight=False)
         raise typer.Exit(EXIT_OK)
-    state = JobState(path)
+    state = open_existing_state(loaded)
+    path = state.path
     try:
         counts, failures, latest = state.counts(), state.failures(), state.latest_input()
     finally:
@@ -597,13 +597,49 @@ def retry(
     if not failed:
         raise ConfigError("say what to retry: --failed")
     loaded = load_config(config)
-    if not loaded.state_path.exists():
+    from dqr.context import job_state_exists
+
+    if not job_state_exists(loaded):
         raise ConfigError(f"no job to retry: {loaded.state_path} does not exist", file=str(config))
     with _job(loaded, JobOptions(source, _limits(max_queries, max_retrievals))) as ctx:
         plan = engine.plan_retry(ctx)
         err.print(f"retrying {plan.rows} rows and {plan.studies} studies", highlight=False)
         summary = engine.retrieve(ctx, plan.lines)
     _finish(loaded, summary, plan.table, plan.csv_path, json_summary)
+
+
+@app.command()
+@handle_errors
+def worker(config: ConfigOption) -> None:
+    """Join the job of a config with [bold]executor: {type: queue}[/bold] and work on its steps.
+
+    Runs until SIGTERM or Ctrl-C, then stops cleanly: no new step starts, running ones stop at
+    their next instance and are taken over by another process. Exit 0 on SIGTERM, 130 on Ctrl-C.
+
+    Example: [bold]DQR_QUEUE_URL=postgresql://dqr@db/dqr dqr worker --config site.yaml[/bold]
+    """
+    from dqr.config import load_config
+    from dqr.plugins.queue_executor import run_worker
+
+    loaded = load_config(config)
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        received.append(signum)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    here = run_worker(loaded, stop)
+    err.print(f"worker stopped after {here.steps_run} steps", highlight=False)
+    # Abandoned steps hold threads that never return (their workflows stay
+    # PENDING for a peer): leave without waiting for them.
+    here.close_contexts()
+    here.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED if signal.SIGINT in received else EXIT_OK)
 
 
 # -- checks and information ------------------------------------------------------

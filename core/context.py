@@ -21,7 +21,7 @@ from dqr.backend import Backend, Destination, DestinationContext, SourceContext
 from dqr.config import Limits, LoadedConfig, SeriesFilter, SourceConfig
 from dqr.labels import safe_label
 from dqr.model import Labels
-from dqr.pluginmanager import backend_types, destination_types, get_plugin_manager
+from dqr.pluginmanager import backend_types, destination_types, executor_types, get_plugin_manager
 from dqr.state import JobState
 from dqr.throttle import Guard, TimeWindow
 
@@ -77,13 +77,10 @@ def open_destination(config: LoadedConfig) -> Destination:
 
 def open_state(config: LoadedConfig, source_name: str, new_job: bool = False) -> JobState:
     """The job state of this config, checked to belong to it; ``new_job``
-    sets an existing one aside first."""
-    path = config.state_path
-    if new_job and path.exists():
-        aside = path.with_name(f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}")
-        path.rename(aside)
-        log.info("previous job state moved to %s", aside)
-    state = JobState(path)
+    sets an existing one aside first. An executor that keeps the job state
+    elsewhere (the queue executor: in its PostgreSQL database, shared by
+    every process) says so with an ``open_state(config, new_job)`` of its own."""
+    state = open_existing_state(config, new_job)
     try:
         state.check_identity(
             {
@@ -96,6 +93,30 @@ def open_state(config: LoadedConfig, source_name: str, new_job: bool = False) ->
         state.close()
         raise
     return state
+
+
+def _executor_state_opener(config: LoadedConfig):
+    return getattr(executor_types()[config.executor.type].factory, "open_state", None)
+
+
+def job_state_exists(config: LoadedConfig) -> bool:
+    """Whether this config has a job yet (for ``dqr status`` and ``dqr retry``)."""
+    if _executor_state_opener(config) is not None:
+        return True  # a database the executor owns; an empty one reads as no work
+    return config.state_path.exists()
+
+
+def open_existing_state(config: LoadedConfig, new_job: bool = False) -> JobState:
+    """The job state of this config as it is (no identity check)."""
+    opener = _executor_state_opener(config)
+    if opener is not None:
+        return opener(config, new_job)
+    path = config.state_path
+    if new_job and path.exists():
+        aside = path.with_name(f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+        path.rename(aside)
+        log.info("previous job state moved to %s", aside)
+    return JobState(path)
 
 
 @dataclass

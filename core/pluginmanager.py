@@ -33,6 +33,7 @@ BUILTIN_PLUGINS = (
     "dqr.plugins.series_filter",
     "dqr.plugins.mockpacs",
     "dqr.plugins.local_executor",
+    "dqr.plugins.queue_executor",
 )
 ENTRY_POINT_GROUP = "dqr"
 

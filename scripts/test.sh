@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Run dqr's test suite. On a fresh Debian bookworm machine (as root) this
-# installs what the real-PACS tests need (Orthanc, its DICOMweb plugin, dcmtk)
-# and Python's venv module, bootstraps .venv, then runs pytest; extra
-# arguments go to pytest and the exit code is pytest's.
+# installs what the real-PACS tests need (Orthanc, its DICOMweb plugin, dcmtk),
+# PostgreSQL for the scale-out tests and Python's venv module, bootstraps
+# .venv, then runs pytest; extra arguments go to pytest and the exit code is
+# pytest's.
 #
 #   bash scripts/test.sh                  # everything
 #   bash scripts/test.sh -m 'not slow' -x # pytest options pass through
@@ -10,12 +11,14 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/_bootstrap.sh
 
-DEBIAN_PACKAGES=(orthanc orthanc-dicomweb dcmtk python3 python3-venv)
+DEBIAN_PACKAGES=(orthanc orthanc-dicomweb dcmtk postgresql python3 python3-venv)
 
 missing_debian_packages() {
     [[ -x /usr/sbin/Orthanc ]] || return 0
     [[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]] || return 0
     command -v getscu >/dev/null || return 0
+    # The server binaries live in a folder per major version (15 on bookworm).
+    compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || return 0
     python3 -c 'import ensurepip, venv' 2>/dev/null || return 0
     return 1
 }
@@ -27,9 +30,10 @@ install_debian_packages() {
         sudo=(sudo)
     fi
     echo ">> apt-get install ${DEBIAN_PACKAGES[*]}" >&2
-    # The orthanc package's postinst starts the system service. The tests run
-    # their own Orthanc, so forbid service starts for the install (a
-    # policy-rc.d answering 101), unless the machine already has a policy.
+    # The orthanc and postgresql packages' postinsts start system services.
+    # The tests run their own Orthanc and PostgreSQL clusters, so forbid
+    # service starts for the install (a policy-rc.d answering 101), unless the
+    # machine already has a policy.
     local policy=/usr/sbin/policy-rc.d own_policy=0
     if [[ ! -e $policy ]]; then
         printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee "$policy" >/dev/null
@@ -47,7 +51,7 @@ install_debian_packages() {
     if [[ $own_policy -eq 1 ]]; then "${sudo[@]}" rm -f "$policy"; fi
     [[ $status -eq 0 ]] || { echo "apt-get update failed" >&2; exit 1; }
     if missing_debian_packages; then
-        echo "still missing after apt-get install: Orthanc, its DICOMweb plugin, dcmtk or python3-venv" >&2
+        echo "still missing after apt-get install: Orthanc, its DICOMweb plugin, dcmtk, PostgreSQL or python3-venv" >&2
         exit 1
     fi
 }

@@ -8,6 +8,7 @@ plugin's test suite).
 - :mod:`dqr.testing.fault_proxy`: a TCP proxy that fragments, delays and cuts.
 - :mod:`dqr.testing.dcmqrscp`: dcmtk's dcmqrscp, a second real Q/R SCP.
 - :mod:`dqr.testing.fixtures_destinations`: a Storage SCP and a STOW-RS server to send to.
+- :mod:`dqr.testing.fixtures_postgres`: a private PostgreSQL cluster.
 """
 
 from __future__ import annotations
@@ -18,3 +19,4 @@ from dqr.testing.fixtures_destinations import *  # noqa: F403, E402
 from dqr.testing.fixtures_dicomweb import *  # noqa: F403
 from dqr.testing.fixtures_dimse import *  # noqa: F403
 from dqr.testing.fixtures_orthanc import *  # noqa: F403
+from dqr.testing.fixtures_postgres import *  # noqa: F403

@@ -1,0 +1,154 @@
+"""Scale-out benchmark: one job over C-GET from a private Orthanc, run by the
+local executor and by the queue executor with 1, 2 and 4 processes (``dqr
+run`` plus 0, 1 or 3 ``dqr worker``), on a private PostgreSQL.
+
+    python -m bench.scaleout                   # 80 studies; and 40 for the overhead
+    python -m bench.scaleout --studies 20 --instances 3 --overhead-studies 0   # quick
+
+Prints one JSON line per variant: wall time, CPU seconds per process (from
+``wait4``), and for the overhead pair (40 studies, local vs queue with one
+process) the queue's extra time per step. Results go to
+``bench/results/scaleout.json`` with ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from bench.setup import CALLED_AET, Sizes, retrieve_datasets
+from dqr.testing.orthanc import OrthancServer
+from dqr.testing.postgres import PostgresServer
+
+
+def _sizes(studies: int, instances: int) -> Sizes:
+    return Sizes(query_rows=1, retrieve_studies=studies, instances_per_series=instances, growth=(studies,),
+                 validate_rows=(1,), throttle=(1,), repeat=1, timeout=900)  # fmt: skip
+
+
+def _site(folder: Path, orthanc: OrthancServer, executor) -> Path:
+    folder.mkdir(parents=True)
+    config = {
+        "project": "Bench",
+        "sources": {"pacs": {"type": "dimse", "host": "127.0.0.1", "port": orthanc.dicom_port,
+                             "called_aet": CALLED_AET, "calling_aet": "DQR", "retrieve": "c-get"}},
+        "archive": "archive",
+        "executor": executor,
+    }  # fmt: skip
+    path = folder / "site.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _cpu(rusage) -> float:
+    return round(rusage.ru_utime + rusage.ru_stime, 2)
+
+
+def _wait(process: subprocess.Popen) -> tuple[int, float]:
+    _, status, rusage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, _cpu(rusage)
+
+
+def run_variant(root: Path, orthanc: OrthancServer, pg: PostgresServer, csv: Path, processes: int | None,
+                studies: int, name: str) -> dict:  # fmt: skip
+    """``processes`` None: the local executor; else the queue with that many processes."""
+    env = dict(os.environ)
+    if processes is None:
+        config = _site(root / name, orthanc, "local")
+    else:
+        env["DQR_BENCH_QUEUE_URL"] = pg.create_database(name.replace("-", "_"))
+        config = _site(
+            root / name, orthanc, {"type": "queue", "database_url_env": "DQR_BENCH_QUEUE_URL"}
+        )
+    dqr = [sys.executable, "-m", "dqr"]
+    quiet = {
+        "stdin": subprocess.DEVNULL,
+        "stdout": subprocess.DEVNULL,
+        "stderr": subprocess.DEVNULL,
+        "env": env,
+    }
+    workers = [subprocess.Popen([*dqr, "worker", "--config", str(config)], **quiet)
+               for _ in range((processes or 1) - 1)]  # fmt: skip
+    if workers:
+        time.sleep(3)  # let them start (DBOS launch), as a standing pool would be
+    started = time.monotonic()
+    run = subprocess.Popen([*dqr, "run", "--config", str(config), "--csv", str(csv)], **quiet)
+    code, run_cpu = _wait(run)
+    wall = time.monotonic() - started
+    worker_cpu = []
+    for worker in workers:
+        worker.send_signal(signal.SIGTERM)
+        worker_cpu.append(_wait(worker)[1])
+    stored = len(list((root / name / "archive").rglob("*.dcm")))
+    return {"variant": name, "studies": studies, "processes": processes or 1,
+            "executor": "local" if processes is None else "queue", "exit": code, "wall_s": round(wall, 2),
+            "cpu_s_run": run_cpu, "cpu_s_workers": worker_cpu, "instances_stored": stored}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--studies", type=int, default=80)
+    parser.add_argument("--instances", type=int, default=21, help="instances per series")
+    parser.add_argument("--overhead-studies", type=int, default=40)
+    parser.add_argument("--processes", type=int, nargs="*", default=[1, 2, 4])
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="dqr-scaleout-") as tmp:
+        root = Path(tmp)
+        with (
+            OrthancServer.start(root / "orthanc", aet=CALLED_AET) as orthanc,
+            PostgresServer.start() as pg,
+        ):
+            sizes = _sizes(max(args.studies, args.overhead_studies), args.instances)
+            accessions: list[str] = []
+            for dataset in retrieve_datasets(sizes):
+                orthanc.upload(_part10(dataset))
+                if dataset.AccessionNumber not in accessions:
+                    accessions.append(dataset.AccessionNumber)
+
+            def csv_of(n: int) -> Path:
+                path = root / f"studies-{n}.csv"
+                path.write_text("Accession Number\n" + "".join(f"{a}\n" for a in accessions[:n]))
+                return path
+
+            plan = [(args.studies, None, f"local-{args.studies}")]
+            plan += [(args.studies, n, f"queue{n}-{args.studies}") for n in args.processes]
+            if args.overhead_studies:
+                plan += [(args.overhead_studies, None, f"local-{args.overhead_studies}"),
+                         (args.overhead_studies, 1, f"queue1-{args.overhead_studies}")]  # fmt: skip
+            for studies, processes, name in plan:
+                result = run_variant(root, orthanc, pg, csv_of(studies), processes, studies, name)
+                print(json.dumps(result), flush=True)
+                results.append(result)
+    by_name = {r["variant"]: r for r in results}
+    n = args.overhead_studies
+    if n and f"local-{n}" in by_name:
+        local, queued = by_name[f"local-{n}"], by_name[f"queue1-{n}"]
+        overhead = {"overhead_pct": round(100 * (queued["wall_s"] / local["wall_s"] - 1), 1)}
+        print(json.dumps(overhead))
+        results.append(overhead)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _part10(dataset) -> bytes:
+    from io import BytesIO
+
+    buffer = BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+if __name__ == "__main__":
+    main()

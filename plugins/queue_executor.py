@@ -1,0 +1,485 @@
+"""The ``queue`` executor: the engine's steps as durable DBOS workflows on
+PostgreSQL, run by every ``dqr run`` and ``dqr worker`` process that shares
+the database.
+
+    executor:
+      type: queue
+      database_url_env: DQR_QUEUE_URL   # the env var holding postgresql://... (a secret)
+
+How it works (docs/scale-out.md has the operator's view):
+
+- Each process is one DBOS executor with its own id (host, pid, random).
+  :class:`Node` launches DBOS once per process and registers one workflow,
+  ``dqr-step(kind, key, options, run_id)``, which opens (once, cached) a
+  :class:`~dqr.context.JobContext` of this process for the run's options and
+  calls ``STEPS[kind](ctx, key)``: the step reads its inputs from the job
+  state and records its outcome there.
+- :meth:`QueueExecutor.run` (the driver in ``dqr run``) enqueues one workflow
+  per key on a queue per source and step kind whose global concurrency is the
+  phase's ``workers`` (``max_queries`` / ``max_retrievals``), waits until all
+  are done while this process works on them too, and reports the whole
+  job's progress. The connections a step opens to the PACS are also capped
+  cluster-wide by :mod:`dqr.cluster_limits` at the association itself.
+- Liveness: each node holds a session-level advisory lock named after its
+  executor id for its whole life. PostgreSQL drops it when the process dies
+  (its connection closes), so a live node that can take a peer's lock knows
+  that peer is gone and recovers its PENDING workflows (DBOS re-enqueues them
+  by executor id); checked every :data:`RECOVERY_INTERVAL` seconds.
+- Stopping (SIGTERM/Ctrl-C on a worker): no new step starts; running steps
+  stop at their next instance and their workflows are *abandoned* -- never
+  marked done -- so a live peer recovers and reruns them once this process
+  has exited. Steps are idempotent: a rerun asks only for what is missing.
+
+The database URL is a secret: read from the environment, never logged; every
+error passes through :func:`dqr.cluster_limits.mask_url`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import Field
+
+import dqr
+from dqr.cluster_limits import ClusterLimits, advisory_key, mask_url
+from dqr.config import ExecutorConfig, LoadedConfig
+from dqr.errors import InputError, Problem
+
+log = logging.getLogger("dqr.queue")
+
+#: How often a node looks for peers that died with steps in hand, seconds.
+RECOVERY_INTERVAL = 1.0
+#: How often the driver reads the whole job's progress, seconds.
+PROGRESS_INTERVAL = 0.2
+WORKFLOW_NAME = "dqr-step"
+#: Every node of a cluster must agree on it (DBOS dequeues a workflow only
+#: on executors of the version it was enqueued with).
+APP_VERSION = f"dqr-{dqr.__version__}"
+_PHASES = {"query-row": "query", "list-study": "series", "retrieve-series": "retrieve"}
+_DONE = ("SUCCESS", "ERROR", "CANCELLED", "MAX_RECOVERY_ATTEMPTS_EXCEEDED")
+
+
+class QueueExecutorConfig(ExecutorConfig):
+    """``executor: {type: queue, ...}``."""
+
+    database_url_env: str = Field(
+        "DQR_QUEUE_URL",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="environment variable holding the PostgreSQL URL of the queue (never put the URL itself in the YAML)",
+    )
+    polling_interval: float = Field(
+        0.1,
+        gt=0,
+        le=10,
+        description="how often each process looks for queued steps, seconds (pickup latency)",
+    )
+    threads: int = Field(8, ge=1, le=256, description="steps one process runs at once")
+
+
+class QueueConfigError(InputError):
+    """The queue executor cannot start (no URL, database unreachable)."""
+
+
+def database_url(config: LoadedConfig) -> str:
+    """The queue database's URL, from the environment variable the config names."""
+    env = config.executor.database_url_env
+    url = os.environ.get(env, "").strip()
+    if not url:
+        raise QueueConfigError(
+            Problem(
+                str(config.path),
+                f"executor.type is queue, but the environment variable {env} is not set; "
+                f"set it to the queue database's URL, e.g. {env}=postgresql://user@host:5432/dqr",
+            )
+        )
+    if not url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+        raise QueueConfigError(
+            Problem(
+                str(config.path),
+                f"{env} must hold a postgresql:// URL (got {mask_url(url)[:40]!r}...)",
+            )
+        )
+    return url
+
+
+class Node:
+    """This process as a member of the cluster (one per process: DBOS is a singleton)."""
+
+    def __init__(self, config: LoadedConfig) -> None:
+        self.config = config
+        self.url = database_url(config)
+        self.executor_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.stopping = threading.Event()
+        self._contexts: dict[str, Any] = {}
+        self._contexts_lock = threading.Lock()
+        self._active = 0
+        self._active_lock = threading.Condition()
+        self._liveness = None
+        self._probe = None
+        self._probe_lock = threading.Lock()
+        self._limits: ClusterLimits | None = None
+        self.steps_run = 0
+
+    # -- start and stop --------------------------------------------------------
+
+    def start(self) -> None:
+        try:
+            import psycopg
+            from dbos import DBOS
+        except ImportError:
+            raise QueueConfigError(
+                Problem(
+                    str(self.config.path),
+                    "executor.type is queue, which needs the queue extra: pip install 'dqr[queue]'",
+                )
+            ) from None
+
+        try:
+            self._liveness = psycopg.connect(
+                self.url, autocommit=True, application_name="dqr-liveness"
+            )
+            self._liveness.execute(
+                "SELECT pg_advisory_lock(%s)", (_liveness_key(self.executor_id),)
+            )
+            self._probe = psycopg.connect(
+                self.url, autocommit=True, application_name="dqr-recovery"
+            )
+        except psycopg.Error as error:
+            raise QueueConfigError(
+                Problem(
+                    str(self.config.path),
+                    f"cannot connect to the queue database: {mask_url(str(error))}",
+                )
+            ) from None
+        _register_workflow()
+        DBOS(
+            config={
+                "name": "dqr",
+                "system_database_url": self.url,
+                "executor_id": self.executor_id,
+                "application_version": APP_VERSION,
+                "log_level": "WARNING",
+                "max_executor_threads": self.config.executor.threads + 8,
+            }
+        )
+        try:
+            DBOS.launch()
+        except Exception as error:  # DBOS wraps driver errors in its own
+            raise QueueConfigError(
+                Problem(str(self.config.path), f"the queue database failed: {mask_url(str(error))}")
+            ) from None
+        threading.Thread(target=self._recover_dead_peers, name="dqr-recovery", daemon=True).start()
+        log.info("queue node %s started", self.executor_id)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """No new step; running ones stop at their next instance and are left
+        for a peer (their workflows never finish here). Returns when none is
+        running any more, or after ``timeout``."""
+        self.stopping.set()
+        with self._contexts_lock:
+            contexts = list(self._contexts.values())
+        for ctx in contexts:
+            ctx.stop.set()
+        deadline = time.monotonic() + timeout
+        with self._active_lock:
+            while self._active and time.monotonic() < deadline:
+                self._active_lock.wait(0.1)
+
+    def close(self) -> None:
+        """Release the liveness lock: peers may now recover what was left."""
+        if self._limits is not None:
+            self._limits.close()
+        for conn in (self._liveness, self._probe):
+            if conn is not None:
+                conn.close()
+
+    def _recover_dead_peers(self) -> None:
+        from dbos import DBOS
+
+        while not self.stopping.wait(RECOVERY_INTERVAL):
+            try:
+                for peer in self._dead_peers():
+                    log.warning("worker %s is gone; its steps are taken over", peer)
+                    DBOS._recover_pending_workflows([peer])
+            except Exception as error:  # keep looking: the database may come back
+                log.warning("looking for dead workers failed: %s", mask_url(str(error)))
+
+    def _dead_peers(self) -> list[str]:
+        """Executors with PENDING steps whose liveness lock is free: their process ended."""
+        dead = []
+        with self._probe_lock:
+            peers = self._probe.execute(
+                "SELECT DISTINCT executor_id FROM dbos.workflow_status "
+                "WHERE status = 'PENDING' AND executor_id <> %s AND name = %s",
+                (self.executor_id, WORKFLOW_NAME),
+            ).fetchall()
+            for (peer,) in peers:
+                key = _liveness_key(peer)
+                if self._probe.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+                    self._probe.execute("SELECT pg_advisory_unlock(%s)", (key,))
+                    dead.append(peer)
+        return dead
+
+    # -- reading the cluster's progress -----------------------------------------
+
+    def probe_counts(self, pattern: str) -> tuple[int, str | None]:
+        """Finished workflows whose id matches ``pattern``, and the first error."""
+        with self._probe_lock:
+            (done,) = self._probe.execute(
+                "SELECT count(*) FROM dbos.workflow_status WHERE workflow_uuid LIKE %s AND status = ANY(%s)",
+                (pattern, list(_DONE)),
+            ).fetchone()
+            error = self._probe.execute(
+                "SELECT error FROM dbos.workflow_status WHERE workflow_uuid LIKE %s AND status = 'ERROR' LIMIT 1",
+                (pattern,),
+            ).fetchone()
+        return int(done), (mask_url(str(error[0]))[:500] if error else None)
+
+    def probe_unfinished(self, pattern: str) -> list[str]:
+        with self._probe_lock:
+            rows = self._probe.execute(
+                "SELECT workflow_uuid FROM dbos.workflow_status WHERE workflow_uuid LIKE %s AND NOT status = ANY(%s)",
+                (pattern, list(_DONE)),
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    # -- running a step --------------------------------------------------------
+
+    def context(self, options: dict[str, Any], run_id: int):
+        """This process's context for a run's options (opened once)."""
+        from dqr.context import JobContext, JobOptions
+
+        cache_key = json.dumps([options, run_id], sort_keys=True)
+        with self._contexts_lock:
+            ctx = self._contexts.get(cache_key)
+            if ctx is None:
+                ctx = JobContext.open(self.config, JobOptions(**options))
+                # Instances this process stores count for the run that queued them.
+                ctx.run_id = run_id
+                self._cap_cluster_wide(ctx)
+                if self.stopping.is_set():
+                    ctx.stop.set()
+                self._contexts[cache_key] = ctx
+            return ctx
+
+    def _cap_cluster_wide(self, ctx) -> None:
+        """The source's limits bound the sum over every process: each query
+        and retrieval attempt holds a cluster slot (inside this process's
+        adaptive limit), and the query rate is booked in the database."""
+        from dqr.cluster_limits import CappedLimit
+
+        if self._limits is None:
+            self._limits = ClusterLimits(self.url)
+        scope = f"{self.config.site.project}/{ctx.source_name}"
+        guard, limits = ctx.guard, ctx.limits
+        guard.queries = CappedLimit(
+            guard.queries, self._limits.slots(f"{scope}/queries", limits.max_queries)
+        )
+        guard.retrievals = CappedLimit(
+            guard.retrievals, self._limits.slots(f"{scope}/retrievals", limits.max_retrievals)
+        )
+        if limits.requests_per_second:
+            guard.rate = self._limits.rate(f"{scope}/requests", limits.requests_per_second)
+
+    def run_step(self, kind: str, key: Any, options: dict[str, Any], run_id: int) -> None:
+        from dqr.steps import STEPS, StepKind
+
+        if self.stopping.is_set():
+            _abandon()
+        with self._active_lock:
+            self._active += 1
+        try:
+            ctx = self.context(options, run_id)
+            STEPS[StepKind(kind)](ctx, key)
+            self.steps_run += 1
+        except Exception:
+            # A bug, not a remote failure (steps record those themselves): say
+            # where, here; the workflow ends in ERROR and the driver stops.
+            log.exception("%s step %s failed", kind, json.dumps(key))
+            raise
+        finally:
+            with self._active_lock:
+                self._active -= 1
+                self._active_lock.notify_all()
+        if self.stopping.is_set():
+            # Stopped mid-step: leave the workflow PENDING for a peer to rerun.
+            _abandon()
+
+    def release_context(self, options: dict[str, Any], run_id: int) -> None:
+        """Close this process's context for a run (its backend's idle
+        associations would otherwise keep the process alive until the PACS
+        times them out); the next step of that run opens it again."""
+        cache_key = json.dumps([options, run_id], sort_keys=True)
+        with self._contexts_lock:
+            ctx = self._contexts.pop(cache_key, None)
+        if ctx is not None:
+            ctx.close()
+
+    def close_contexts(self) -> None:
+        with self._contexts_lock:
+            contexts, self._contexts = list(self._contexts.values()), {}
+        for ctx in contexts:
+            ctx.close()
+
+
+def _abandon() -> None:
+    """Never return: the workflow stays PENDING and is recovered elsewhere
+    once this process has exited."""
+    threading.Event().wait()
+
+
+def _liveness_key(executor_id: str) -> int:
+    return advisory_key("executor", executor_id)
+
+
+_node: Node | None = None
+_node_lock = threading.Lock()
+_workflow = None
+
+
+def _register_workflow():
+    global _workflow
+    if _workflow is None:
+        from dbos import DBOS
+
+        @DBOS.workflow(name=WORKFLOW_NAME)
+        def dqr_step(kind: str, key: Any, options: dict[str, Any], run_id: int) -> None:
+            assert _node is not None, "a dqr-step workflow ran before the node started"
+            _node.run_step(kind, key, options, run_id)
+
+        _workflow = dqr_step
+    return _workflow
+
+
+def node(config: LoadedConfig) -> Node:
+    """This process's node, started on first use."""
+    global _node
+    with _node_lock:
+        if _node is None:
+            started = Node(config)
+            started.start()
+            _node = started
+        return _node
+
+
+def queue_name(source: str, kind: str) -> str:
+    return f"dqr-{kind}-{source}"
+
+
+class QueueExecutor:
+    """Enqueues every step of a phase and waits for the whole cluster to do them."""
+
+    @staticmethod
+    def open_state(config: LoadedConfig, new_job: bool = False):
+        """The job state lives in the queue's database (schema ``dqr``), where
+        every process of the cluster reads and writes it."""
+        from dqr.state import PostgresJobState
+
+        if new_job:
+            raise QueueConfigError(
+                Problem(
+                    str(config.path),
+                    "--new-job cannot set aside a job kept in the queue database: "
+                    "point the queue's environment variable at a new database instead",
+                )
+            )
+        env = config.executor.database_url_env
+        return PostgresJobState(
+            database_url(config), label=f"the job state in the queue database (${env})"
+        )
+
+    def run(self, step, keys: Sequence[Any], workers: int, stop: threading.Event) -> None:
+        from dbos import DBOS, SetWorkflowID
+
+        if not keys:
+            return
+        ctx = step.ctx
+        here = node(ctx.config)
+        kind = str(step.kind)
+        name = queue_name(ctx.source_name, kind)
+        DBOS.register_queue(
+            name,
+            global_concurrency=workers,
+            worker_concurrency=min(workers, ctx.config.executor.threads),
+            polling_interval_sec=ctx.config.executor.polling_interval,
+            on_conflict="always_update",
+        )
+        options = {
+            "source": ctx.source_name,
+            "limits": ctx.options.limits,
+            "select_all": ctx.options.select_all,
+            "include": ctx.options.include,
+            "exclude": ctx.options.exclude,
+        }
+        prefix = f"{ctx.config.site.project}/{ctx.source_name}/{ctx.run_id}/{kind}/"
+        workflow = _register_workflow()
+        ids = []
+        for key in keys:
+            workflow_id = prefix + json.dumps(key)
+            with SetWorkflowID(workflow_id):
+                DBOS.enqueue_workflow(name, workflow, kind, key, options, ctx.run_id)
+            ids.append(workflow_id)
+        try:
+            self._wait(here, ctx, kind, prefix, len(ids), stop)
+        finally:
+            # The phase is over here; the driver's next phase opens it anew.
+            here.release_context(options, ctx.run_id)
+
+    def _wait(
+        self, here: Node, ctx, kind: str, prefix: str, total: int, stop: threading.Event
+    ) -> None:
+        """Until every step of the phase is done, advancing this run's
+        progress by what the whole cluster finished."""
+        from dbos import DBOS
+
+        phase = _PHASES[kind]
+        reported = 0
+        stored = ctx.state.stored_by_run(ctx.run_id)[0]
+        pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        while True:
+            done, failed = here.probe_counts(pattern)
+            if done > reported:
+                ctx.reporter.advance(phase, done - reported)
+                reported = done
+            if kind == "retrieve-series":
+                now_stored = ctx.state.stored_by_run(ctx.run_id)[0]
+                if now_stored > stored:
+                    ctx.reporter.advance("instances", now_stored - stored)
+                    stored = now_stored
+            if failed:
+                raise RuntimeError(f"a {kind} step failed in a worker: {failed}")
+            if done >= total:
+                return
+            if stop.wait(PROGRESS_INTERVAL):
+                # Interrupted: what is still queued is not started anywhere.
+                for workflow_id in here.probe_unfinished(pattern):
+                    DBOS.cancel_workflow(workflow_id)
+                return
+
+
+def run_worker(config: LoadedConfig, stop: threading.Event) -> Node:
+    """``dqr worker``: be a node until ``stop`` is set, then stop cleanly."""
+    if config.executor.type != "queue":
+        raise QueueConfigError(
+            Problem(
+                str(config.path),
+                f"dqr worker needs `executor: {{type: queue}}` (the config has {config.executor.type!r})",
+            )
+        )
+    here = node(config)
+    stop.wait()
+    here.stop()
+    return here
+
+
+@dqr.hookimpl
+def dqr_register_executors(register):
+    register("queue", QueueExecutor, QueueExecutorConfig)

@@ -1,0 +1,255 @@
+"""The ``queue`` executor (dqr.plugins.queue_executor): dqr run and dqr worker
+processes sharing one job through DBOS on a private PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("dbos", reason="the queue extra (pip install 'dqr[queue]') is not installed")
+
+from dqr.plugins.memory.synthetic import CohortSpec, accession_number  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_site(folder: Path, executor, **extra) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "project": "Test",
+        "sources": {"main": {"type": "memory", "synthetic": {"patients": 4}}},
+        "archive": "archive",
+        "limits": {"backoff_initial": 0.01, "backoff_max": 0.05},
+        "executor": executor,
+        **extra,
+    }
+    path = folder / "site.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def all_studies_csv(folder: Path, patients: int = 4, studies_per_patient: int = 2) -> Path:
+    spec = CohortSpec(patients=patients)
+    accessions = [
+        accession_number(spec, p, s) for p in range(patients) for s in range(studies_per_patient)
+    ]
+    path = folder / "studies.csv"
+    path.write_text("Accession Number\n" + "".join(f"{a}\n" for a in accessions), encoding="utf-8")
+    return path
+
+
+def dqr(
+    *args, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dqr", *map(str, args)],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def archive_contents(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.dcm"))}
+
+
+@pytest.mark.slow
+def test_queue_executor_in_one_process_gives_the_same_archive_as_local(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    local = write_site(tmp_path / "local", "local")
+    queued = write_site(
+        tmp_path / "queue", {"type": "queue", "database_url_env": "DQR_TEST_QUEUE_URL"}
+    )
+    csv = all_studies_csv(tmp_path)
+
+    by_local = dqr("run", "--config", local, "--csv", csv)
+    by_queue = dqr(
+        "run", "--config", queued, "--csv", csv, env={"DQR_TEST_QUEUE_URL": postgres_url}
+    )
+
+    assert by_local.returncode == 0, by_local.stderr
+    assert by_queue.returncode == 0, by_queue.stderr
+    expected = archive_contents(tmp_path / "local" / "archive")
+    assert len(expected) > 0
+    assert archive_contents(tmp_path / "queue" / "archive") == expected
+
+
+@pytest.mark.slow
+def test_status_and_retry_read_the_job_state_in_the_queue_database(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    queued = write_site(tmp_path, {"type": "queue", "database_url_env": "DQR_TEST_QUEUE_URL"})
+    env = {"DQR_TEST_QUEUE_URL": postgres_url}
+    assert (
+        dqr("run", "--config", queued, "--csv", all_studies_csv(tmp_path), env=env).returncode == 0
+    )
+    # No SQLite file: the job lives in PostgreSQL, where any machine reads it.
+    assert not list(tmp_path.rglob("*.sqlite*")) and not list(tmp_path.rglob("*.db"))
+
+    status = dqr("status", "--config", queued, "--json", env=env)
+    retry = dqr("retry", "--config", queued, "--failed", env=env)
+
+    assert status.returncode == 0, status.stderr
+    counts = json.loads(status.stdout)["counts"]
+    assert counts["studies"] == {"stored": 8}
+    assert set(counts["instances"]) == {"stored"}
+    assert postgres_url not in status.stdout + status.stderr
+    assert retry.returncode == 0, retry.stderr
+    assert "retrying 0 rows and 0 studies" in retry.stderr
+
+
+def test_queue_executor_without_its_url_exits_2_naming_the_variable(tmp_path: Path) -> None:
+    queued = write_site(tmp_path, {"type": "queue", "database_url_env": "DQR_UNSET_QUEUE_URL"})
+    env = {k: v for k, v in os.environ.items() if k != "DQR_UNSET_QUEUE_URL"}
+
+    result = subprocess.run(
+        [sys.executable, "-m", "dqr", "worker", "--config", str(queued)],
+        env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+    assert result.returncode == 2
+    assert "DQR_UNSET_QUEUE_URL" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_wrong_password_is_never_shown(tmp_path: Path, postgres) -> None:
+    queued = write_site(tmp_path, {"type": "queue", "database_url_env": "DQR_TEST_QUEUE_URL"})
+    url = f"postgresql://nobody:s3cret-pw@127.0.0.1:{postgres.port}/no_such_db"
+
+    result = dqr("worker", "--config", queued, env={"DQR_TEST_QUEUE_URL": url}, timeout=60)
+
+    assert result.returncode == 2
+    assert "s3cret-pw" not in result.stderr + result.stdout
+    assert "queue database" in result.stderr
+
+
+def test_worker_stops_cleanly_on_sigterm(tmp_path: Path, postgres_url: str) -> None:
+    queued = write_site(tmp_path, {"type": "queue", "database_url_env": "DQR_TEST_QUEUE_URL"})
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "dqr", "worker", "--config", str(queued)],
+        env={**os.environ, "DQR_TEST_QUEUE_URL": postgres_url},
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(3)  # started: DBOS launched, waiting for steps
+        assert worker.poll() is None
+        sent = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        code = worker.wait(timeout=15)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+
+    assert code == 0, worker.stderr.read()
+    assert time.monotonic() - sent < 10
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.orthanc
+def test_run_and_two_workers_survive_a_sigkill_mid_retrieval_within_the_cluster_wide_limits(
+    tmp_path: Path, postgres_url: str, orthanc
+) -> None:
+    from dqr.plugins.memory.synthetic import generate_cohort
+    from dqr.testing.tcp_counter import CountingProxy, dimse_kind
+
+    spec = orthanc.cohort_spec
+    # Orthanc behind a proxy that counts C-GET associations per client process
+    # and slows every answer, so that a worker can be caught mid-retrieval.
+    proxy = CountingProxy(
+        ("127.0.0.1", orthanc.dicom_port), classify=dimse_kind, identify=True, delay=0.05
+    )
+    proxy.start()
+    source = {
+        "type": "dimse", "host": "127.0.0.1", "port": proxy.port, "called_aet": orthanc.aet,
+        "calling_aet": "DQR", "retrieve": "c-get",
+        "limits": {"max_retrievals": 2, "max_queries": 2},
+    }  # fmt: skip
+    config = write_site(tmp_path, {"type": "queue", "database_url_env": "DQR_TEST_QUEUE_URL"})
+    data = yaml.safe_load(config.read_text())
+    data["sources"] = {"pacs": source}
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    csv = all_studies_csv(tmp_path, spec.patients, spec.studies_per_patient)
+    env = {**os.environ, "DQR_TEST_QUEUE_URL": postgres_url}
+
+    def start(*args: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "dqr", *args, "--config", str(config)],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    workers = [start("worker"), start("worker")]
+    run = start("run", "--csv", str(csv))
+    started = [*workers, run]
+    try:
+        worker_pids = {w.pid for w in workers}
+        _wait(
+            lambda: any(
+                c.tag == "get" and c.pid in worker_pids and c.closed is None
+                for c in proxy.connections
+            ),
+            120,
+            "a worker retrieving",
+        )
+        victim = next(
+            c.pid
+            for c in proxy.connections
+            if c.tag == "get" and c.pid in worker_pids and c.closed is None
+        )
+        os.kill(victim, signal.SIGKILL)
+        out, errors = run.communicate(timeout=240)
+        assert run.returncode == 0, errors[-3000:]
+
+        survivor = next(w for w in workers if w.pid != victim)
+        survivor.send_signal(signal.SIGTERM)
+        assert survivor.wait(timeout=15) == 0
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+        proxy.stop()
+
+    originals = {d.SOPInstanceUID: d for d in generate_cohort(spec)}
+    archived = sorted((tmp_path / "archive").rglob("*.dcm"))
+    assert sorted(p.stem for p in archived) == sorted(originals)  # every instance, exactly once
+    import pydicom
+
+    for path in archived:
+        stored = pydicom.dcmread(path)
+        assert stored.PixelData == originals[stored.SOPInstanceUID].PixelData
+        assert path.parent.name == stored.SeriesInstanceUID
+    leftovers = [
+        p
+        for p in (tmp_path / "archive").rglob("*")
+        if p.is_file() and p.suffix not in {".dcm", ".csv", ".jsonl", ".json"}
+    ]
+    assert leftovers == []
+    manifest = [
+        json.loads(line)["SOPInstanceUID"]
+        for path in (tmp_path / "archive").rglob("manifest.jsonl")
+        for line in path.read_text().splitlines()
+    ]
+    assert sorted(manifest) == sorted(originals)  # one manifest line per instance
+    assert proxy.maximum_by_tag["get"] <= 2
+    retrieving = {c.pid for c in proxy.connections if c.tag == "get"}
+    assert len(retrieving) >= 2, retrieving
