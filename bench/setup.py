@@ -1,7 +1,7 @@
 """The benchmark's world: sizes, a private Orthanc seeded with synthetic
 cohorts, the input files every competitor reads, and the tools' locations.
 
-Two cohorts, both deterministic (``dqr.plugins.memory.synthetic``):
+Two cohorts, both deterministic (``dqr.plugins.testpacs.memory.synthetic``):
 
 - the *retrieve* cohort (64x64 16-bit images, ~8 KB a file), made of
   several cohorts of at most 10 patients (20 studies) each, seeds 1, 2, 3 ...:
@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dqr.plugins.memory.synthetic import CohortSpec, generate_cohort, write_cohort
+from dqr.plugins.testpacs.memory.synthetic import CohortSpec, generate_cohort, write_cohort
 from dqr.testing.orthanc import OrthancServer
 
 REPO = Path(__file__).resolve().parent.parent

@@ -24,14 +24,14 @@ from dqr.errors import PluginError
 
 #: Built-in plugins, registered under these names.
 BUILTIN_PLUGINS = (
-    "dqr.plugins.memory",
+    "dqr.plugins.testpacs.memory",
     "dqr.plugins.dimse",
     "dqr.plugins.dicomweb",
     "dqr.plugins.archive",
     "dqr.plugins.destinations",
     "dqr.plugins.xnat_relabel",
     "dqr.plugins.series_filter",
-    "dqr.plugins.mockpacs",
+    "dqr.plugins.testpacs.mockpacs",
     "dqr.plugins.local_executor",
     "dqr.plugins.queue_executor",
 )

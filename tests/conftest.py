@@ -11,16 +11,15 @@ import yaml
 from typer.testing import CliRunner
 
 from dqr.cli import app
-from dqr.plugins.memory.pacs import MemoryPacs
-from dqr.plugins.memory.synthetic import CohortSpec, generate_cohort
+from dqr.plugins.testpacs.memory.pacs import MemoryPacs
+from dqr.plugins.testpacs.memory.synthetic import DEFAULT_COHORT, generate_cohort
 
-DEFAULT_SPEC = CohortSpec(patients=4, studies_per_patient=2, instances_per_series=3)
 
 
 @pytest.fixture(scope="session")
 def cohort() -> MemoryPacs:
     """The default synthetic cohort, indexed (to look up expected values)."""
-    return MemoryPacs.from_datasets(generate_cohort(DEFAULT_SPEC))
+    return MemoryPacs.from_datasets(generate_cohort(DEFAULT_COHORT))
 
 
 @pytest.fixture

@@ -17,9 +17,13 @@ from conftest import archive_files
 from test_resume_kill import EXPECTED, SLOW, kill_job, start_dqr  # noqa: F401 - fixtures
 
 from dqr.manifest import MANIFEST, file_digest
-from dqr.plugins.memory.synthetic import CohortSpec, accession_number, generate_cohort
+from dqr.plugins.testpacs.memory.synthetic import (
+    DEFAULT_COHORT,
+    accession_number,
+    generate_cohort,
+)
 
-COHORT = CohortSpec(patients=4, studies_per_patient=2, instances_per_series=3)
+COHORT = DEFAULT_COHORT
 TARGET = accession_number(COHORT, 0, 0)
 STUDY = [d for d in generate_cohort(COHORT) if d.AccessionNumber == TARGET]
 FIRST = STUDY[0]
@@ -62,7 +66,7 @@ def plant_stray(path: Path, **changes) -> bytes:
 
 
 def _encoded(dataset) -> bytes:
-    from dqr.plugins.memory.synthetic import encode
+    from dqr.plugins.testpacs.memory.synthetic import encode
 
     return encode(dataset)
 

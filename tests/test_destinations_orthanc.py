@@ -9,7 +9,7 @@ from io import BytesIO
 import pydicom
 import pytest
 
-from dqr.plugins.memory.synthetic import CohortSpec, generate_cohort
+from dqr.plugins.testpacs.memory.synthetic import CohortSpec, generate_cohort
 
 pytestmark = pytest.mark.orthanc
 

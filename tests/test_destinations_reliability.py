@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from dqr.plugins.memory.synthetic import CohortSpec, generate_cohort
+from dqr.plugins.testpacs.memory.synthetic import CohortSpec, generate_cohort
 
 CT_STUDY = "0557639308"  # DOE^JANE, PAT00000: Localizer + Axial 5mm, 3 instances each
 FAST = {"retries": 0, "backoff_initial": 0.01, "backoff_max": 0.02, "breaker_cooldown": 0}

@@ -11,7 +11,7 @@ import pytest
 from conftest import archive_files, assert_study_archived_relabeled
 
 from dqr.part10 import dataset_offset
-from dqr.plugins.memory.synthetic import generate_cohort
+from dqr.plugins.testpacs.memory.synthetic import generate_cohort
 
 pytestmark = pytest.mark.orthanc
 

@@ -11,7 +11,7 @@ from dqr.plugins.dicomweb.multipart import (
     iter_parts,
     received_instance,
 )
-from dqr.plugins.memory.synthetic import encode, generate_cohort
+from dqr.plugins.testpacs.memory.synthetic import encode, generate_cohort
 
 BOUNDARY = b"b0undary"
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from dqr.model import Study, StudyQuery
-from dqr.plugins.memory.synthetic import accession_number
+from dqr.plugins.testpacs.memory.synthetic import accession_number
 
 
 @pytest.fixture(params=["mock", "orthanc"])

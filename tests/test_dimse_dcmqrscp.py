@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from dqr.model import RetrieveRequest, StudyQuery
-from dqr.plugins.memory.synthetic import CohortSpec, generate_cohort
+from dqr.plugins.testpacs.memory.synthetic import CohortSpec, generate_cohort
 
 pytestmark = pytest.mark.skipif(
     shutil.which("dcmqrscp") is None and not __import__("os").environ.get("CI"),

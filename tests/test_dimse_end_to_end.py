@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from conftest import assert_study_archived_relabeled
 
-from dqr.plugins.memory.synthetic import generate_cohort
+from dqr.plugins.testpacs.memory.synthetic import generate_cohort
 
 pytestmark = pytest.mark.orthanc
 

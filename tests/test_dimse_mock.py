@@ -12,8 +12,8 @@ import pytest
 from dqr.errors import IncompleteRetrieveError, RemoteError
 from dqr.model import RetrieveRequest, StudyQuery
 from dqr.plugins.dimse.network import has_nodelay
-from dqr.plugins.memory.synthetic import CT_IMAGE
-from dqr.plugins.mockpacs.dimse_server import AbortFault, RejectFault, StatusFault
+from dqr.plugins.testpacs.memory.synthetic import CT_IMAGE
+from dqr.plugins.testpacs.mockpacs.dimse_server import AbortFault, RejectFault, StatusFault
 
 
 def first_study(backend, **filters):

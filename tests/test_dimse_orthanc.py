@@ -8,8 +8,8 @@ import pytest
 
 from dqr.errors import RemoteError
 from dqr.model import RetrieveRequest, StudyQuery
-from dqr.plugins.memory.pacs import MemoryPacs
-from dqr.plugins.memory.synthetic import generate_cohort
+from dqr.plugins.testpacs.memory.pacs import MemoryPacs
+from dqr.plugins.testpacs.memory.synthetic import generate_cohort
 
 pytestmark = pytest.mark.orthanc
 

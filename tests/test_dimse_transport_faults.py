@@ -9,8 +9,8 @@ import pytest
 
 from dqr.errors import RemoteError
 from dqr.model import RetrieveRequest, StudyQuery
-from dqr.plugins.memory.pacs import MemoryPacs
-from dqr.plugins.memory.synthetic import CohortSpec, generate_cohort
+from dqr.plugins.testpacs.memory.pacs import MemoryPacs
+from dqr.plugins.testpacs.memory.synthetic import CohortSpec, generate_cohort
 
 #: 128 x 128 16-bit images: 32 KB of pixels, eight 4 KB PDUs an instance.
 BIG = CohortSpec(patients=1, studies_per_patient=1, instances_per_series=2, rows=128, columns=128)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dqr.plugins.mockpacs import load_mock_config
+from dqr.plugins.testpacs.mockpacs import load_mock_config
 
 
 @pytest.fixture

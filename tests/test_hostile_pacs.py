@@ -1,4 +1,4 @@
-"""A PACS that misbehaves on purpose (dqr.plugins.memory.hostile), over the
+"""A PACS that misbehaves on purpose (dqr.plugins.testpacs.memory.hostile), over the
 memory source, DIMSE C-GET and DICOMweb WADO-RS: UIDs that would be paths,
 instances nobody asked for, a twin arriving first. Nothing is written
 outside the archive, nothing foreign is relabeled into a subject, and each
@@ -13,10 +13,14 @@ import pydicom
 import pytest
 from conftest import archive_files
 
-from dqr.plugins.memory.hostile import unrequested_uid
-from dqr.plugins.memory.synthetic import CohortSpec, accession_number, generate_cohort
+from dqr.plugins.testpacs.memory.hostile import unrequested_uid
+from dqr.plugins.testpacs.memory.synthetic import (
+    DEFAULT_COHORT,
+    accession_number,
+    generate_cohort,
+)
 
-COHORT = CohortSpec(patients=4, studies_per_patient=2, instances_per_series=3)
+COHORT = DEFAULT_COHORT
 TARGET = accession_number(COHORT, 0, 0)
 STUDY = [d for d in generate_cohort(COHORT) if d.AccessionNumber == TARGET]
 FIRST = STUDY[0]  # the first instance of the study's first series: where the faults apply

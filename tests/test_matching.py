@@ -6,7 +6,7 @@ import pytest
 
 from dqr.matching import matches
 from dqr.model import StudyQuery
-from dqr.plugins.memory.backend import MemoryBackend
+from dqr.plugins.testpacs.memory.backend import MemoryBackend
 
 
 def test_an_empty_key_matches_everything():
@@ -78,7 +78,7 @@ def test_memory_pacs_answers_study_counts(cohort):
 
 
 def test_synthetic_cohort_uids_are_unique_in_a_large_cohort():
-    from dqr.plugins.memory.synthetic import CohortSpec, generate_cohort
+    from dqr.plugins.testpacs.memory.synthetic import CohortSpec, generate_cohort
 
     datasets = list(generate_cohort(CohortSpec(patients=25, studies_per_patient=2, instances_per_series=12)))
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):

@@ -12,7 +12,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from dqr.plugins.memory.synthetic import accession_number
+from dqr.plugins.testpacs.memory.synthetic import accession_number
 from dqr.testing import fixtures_orthanc
 from dqr.testing import orthanc as orthanc_module
 from dqr.testing.orthanc import OrthancError, OrthancServer

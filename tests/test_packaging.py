@@ -96,8 +96,8 @@ def elsewhere(tmp_path: Path) -> Path:
     "module",
     [
         "dqr/__init__.py",
-        "dqr/plugins/memory/__init__.py",
-        "dqr/plugins/memory/pacs.py",
+        "dqr/plugins/testpacs/memory/__init__.py",
+        "dqr/plugins/testpacs/memory/pacs.py",
         "dqr/testing/orthanc.py",
     ],
 )
@@ -123,7 +123,7 @@ def test_installed_dqr_plugins_lists_the_memory_backend(
     result = run(installed_dqr, "plugins", cwd=elsewhere, timeout=60)
 
     # A row whose first cell is `memory` (a backend type), not the plugin
-    # module `dqr.plugins.memory`: the table is plain text when piped.
+    # module `dqr.plugins.testpacs.memory`: the table is plain text when piped.
     first_cells = {
         re.split(r"\s+", line.strip(" │|┃"), maxsplit=1)[0] for line in result.stdout.splitlines()
     }

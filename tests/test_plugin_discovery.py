@@ -29,7 +29,7 @@ import dqr
 from dqr import pluginmanager
 from dqr.config import SourceConfig
 from dqr.errors import PluginError
-from dqr.plugins.memory.pacs import MemoryPacs
+from dqr.plugins.testpacs.memory.pacs import MemoryPacs
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "docs" / "examples" / "dqr-example-plugin"
@@ -353,7 +353,7 @@ def test_a_plugin_claiming_a_builtin_backend_type_is_an_error_naming_both(fresh_
     with pytest.raises(PluginError) as error:
         pluginmanager.backend_types()
 
-    assert "dqr.plugins.memory" in str(error.value)
+    assert "dqr.plugins.testpacs.memory" in str(error.value)
     assert "site-memory" in str(error.value)
 
 

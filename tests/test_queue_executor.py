@@ -16,7 +16,7 @@ import yaml
 
 pytest.importorskip("dbos", reason="the queue extra (pip install 'dqr[queue]') is not installed")
 
-from dqr.plugins.memory.synthetic import CohortSpec, accession_number  # noqa: E402
+from dqr.plugins.testpacs.memory.synthetic import CohortSpec, accession_number  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -169,7 +169,7 @@ def _wait(predicate, timeout: float, what: str) -> None:
 def test_run_and_two_workers_survive_a_sigkill_mid_retrieval_within_the_cluster_wide_limits(
     tmp_path: Path, postgres_url: str, orthanc
 ) -> None:
-    from dqr.plugins.memory.synthetic import generate_cohort
+    from dqr.plugins.testpacs.memory.synthetic import generate_cohort
     from dqr.testing.tcp_counter import CountingProxy, dimse_kind
 
     spec = orthanc.cohort_spec

@@ -14,7 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBase
 
 from dqr.model import Labels, ReceivedInstance, Series, Study
 from dqr.part10 import dataset_offset
-from dqr.plugins.memory.synthetic import CohortSpec, encode, generate_cohort
+from dqr.plugins.testpacs.memory.synthetic import CohortSpec, encode, generate_cohort
 from dqr.relabel import RelabelContext, _encode_whole, decode, encode_part10
 
 

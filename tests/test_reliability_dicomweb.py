@@ -13,10 +13,14 @@ from pathlib import Path
 import pytest
 from conftest import archive_files
 
-from dqr.plugins.memory.synthetic import CohortSpec, accession_number, generate_cohort
+from dqr.plugins.testpacs.memory.synthetic import (
+    DEFAULT_COHORT,
+    accession_number,
+    generate_cohort,
+)
 
 #: What ``mock_dicomweb_pacs`` serves (core/testing/fixtures_dicomweb.py).
-COHORT = CohortSpec(patients=4, studies_per_patient=2, instances_per_series=3)
+COHORT = DEFAULT_COHORT
 CT_STUDY = accession_number(COHORT, 0, 0)  # CT, 2 series x 3 instances
 PET_STUDY = accession_number(COHORT, 1, 1)  # CT AC + PET WB, 2 series x 3 instances
 MR_STUDY = accession_number(COHORT, 0, 1)  # MR, 3 series x 3 instances

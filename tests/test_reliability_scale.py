@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from dqr.plugins.memory.synthetic import CohortSpec, accession_number
+from dqr.plugins.testpacs.memory.synthetic import CohortSpec, accession_number
 
 SPEC = CohortSpec(patients=1000, studies_per_patient=2, instances_per_series=1)
 ROWS = 10_000

@@ -18,10 +18,14 @@ import pydicom
 import pytest
 from conftest import archive_files
 
-from dqr.plugins.memory.synthetic import CohortSpec, accession_number, generate_cohort
+from dqr.plugins.testpacs.memory.synthetic import (
+    DEFAULT_COHORT,
+    accession_number,
+    generate_cohort,
+)
 
 #: What ``mock_dimse_pacs`` serves (core/testing/fixtures_dimse.py).
-COHORT = CohortSpec(patients=4, studies_per_patient=2, instances_per_series=3)
+COHORT = DEFAULT_COHORT
 ACCESSIONS = [accession_number(COHORT, p, s) for p in range(COHORT.patients) for s in range(2)]
 EXPECTED = {d.SOPInstanceUID: d.AccessionNumber for d in generate_cohort(COHORT)}
 LABELS = {accession: (f"S{i}", f"S{i}_A") for i, accession in enumerate(ACCESSIONS, start=1)}

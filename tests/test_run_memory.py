@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from conftest import archive_files
 
-from dqr.plugins.memory.synthetic import CohortSpec, generate_cohort
+from dqr.plugins.testpacs.memory.synthetic import CohortSpec, generate_cohort
 
 CT_STUDY = "0557639308"  # DOE^JANE, PAT00000, StudyID 1, CT: Localizer + Axial 5mm, 3 instances each
 MR_STUDY = "0731707651"  # DOE^JANE, PAT00000, StudyID 2, MR: 3 series

@@ -1,5 +1,5 @@
 """pytest fixtures: servers that receive what dqr sends (see
-:mod:`dqr.plugins.mockpacs.store_scp` and :mod:`dqr.plugins.mockpacs.stow_server`).
+:mod:`dqr.plugins.testpacs.mockpacs.store_scp` and :mod:`dqr.plugins.testpacs.mockpacs.stow_server`).
 
 - ``mock_store_scp_factory`` (function): ``mock_store_scp_factory(**config)``
   starts a Storage SCP on a free loopback port; stopped after the test.
@@ -18,7 +18,7 @@ __all__ = ["mock_store_scp_factory", "mock_stow_factory"]
 
 @pytest.fixture
 def mock_store_scp_factory() -> Iterator[Callable[..., Any]]:
-    from dqr.plugins.mockpacs.store_scp import Config, MockStorageScp
+    from dqr.plugins.testpacs.mockpacs.store_scp import Config, MockStorageScp
 
     started: list[MockStorageScp] = []
 
@@ -34,7 +34,7 @@ def mock_store_scp_factory() -> Iterator[Callable[..., Any]]:
 
 @pytest.fixture
 def mock_stow_factory() -> Iterator[Callable[..., Any]]:
-    from dqr.plugins.mockpacs.stow_server import Config, serve
+    from dqr.plugins.testpacs.mockpacs.stow_server import Config, serve
 
     started: list[Any] = []
 

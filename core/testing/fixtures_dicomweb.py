@@ -1,5 +1,5 @@
 """pytest fixtures: the in-memory PACS over QIDO-RS/WADO-RS, and DICOMweb
-backends pointed at any server (see :mod:`dqr.plugins.mockpacs.http_server`).
+backends pointed at any server (see :mod:`dqr.plugins.testpacs.mockpacs.http_server`).
 
 - ``dicomweb_cohort_spec`` (session): the :class:`CohortSpec` the mock serves
   (the same default cohort the ``orthanc`` fixture is seeded with).
@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from dqr.plugins.memory.synthetic import CohortSpec
+from dqr.plugins.testpacs.memory.synthetic import DEFAULT_COHORT, CohortSpec
 
 __all__ = [
     "dqr_log",
@@ -38,7 +38,7 @@ __all__ = [
     "mock_dicomweb_pacs",
 ]
 
-DICOMWEB_COHORT = CohortSpec(patients=4, studies_per_patient=2, instances_per_series=3)
+DICOMWEB_COHORT = DEFAULT_COHORT
 
 
 @pytest.fixture(scope="session")
@@ -50,8 +50,8 @@ def dicomweb_cohort_spec() -> CohortSpec:
 @pytest.fixture(scope="session")
 def dicomweb_memory_pacs(dicomweb_cohort_spec: CohortSpec):  # -> MemoryPacs
     """The cohort as an in-memory PACS (shared: do not add to it)."""
-    from dqr.plugins.memory.pacs import MemoryPacs
-    from dqr.plugins.memory.synthetic import generate_cohort
+    from dqr.plugins.testpacs.memory.pacs import MemoryPacs
+    from dqr.plugins.testpacs.memory.synthetic import generate_cohort
 
     return MemoryPacs.from_datasets(generate_cohort(dicomweb_cohort_spec))
 
@@ -59,7 +59,7 @@ def dicomweb_memory_pacs(dicomweb_cohort_spec: CohortSpec):  # -> MemoryPacs
 @pytest.fixture
 def mock_dicomweb_factory(dicomweb_memory_pacs) -> Iterator[Callable[..., Any]]:
     """Start mock DICOMweb servers: ``mock_dicomweb_factory(pacs=None, **config)``."""
-    from dqr.plugins.mockpacs.http_server import Config, serve
+    from dqr.plugins.testpacs.mockpacs.http_server import Config, serve
 
     started = []
 

@@ -1,5 +1,5 @@
 """pytest fixtures: the in-memory PACS over DIMSE (see
-:mod:`dqr.plugins.mockpacs.dimse_server`) and dimse backends pointed at it.
+:mod:`dqr.plugins.testpacs.mockpacs.dimse_server`) and dimse backends pointed at it.
 
 - ``mock_dimse_pacs``: a running mock Query/Retrieve SCP over the default
   synthetic cohort (4 patients x 2 studies, 3 instances per series),
@@ -29,8 +29,8 @@ from typing import Any
 
 import pytest
 
-from dqr.plugins.memory.pacs import MemoryPacs
-from dqr.plugins.memory.synthetic import CohortSpec, generate_cohort
+from dqr.plugins.testpacs.memory.pacs import MemoryPacs
+from dqr.plugins.testpacs.memory.synthetic import DEFAULT_COHORT, CohortSpec, generate_cohort
 
 __all__ = [
     "dimse_backend_factory",
@@ -45,7 +45,7 @@ __all__ = [
 
 DIMSE_TRANSPORTS = ("native", "pynetdicom")
 
-DEFAULT_COHORT = CohortSpec(patients=4, studies_per_patient=2, instances_per_series=3)
+DEFAULT_COHORT = DEFAULT_COHORT
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +56,7 @@ def mock_dimse_cohort() -> MemoryPacs:
 
 @pytest.fixture
 def mock_dimse_factory(mock_dimse_cohort: MemoryPacs) -> Iterator[Callable[..., Any]]:
-    from dqr.plugins.mockpacs.dimse_server import Config, serve
+    from dqr.plugins.testpacs.mockpacs.dimse_server import Config, serve
 
     started: list[Any] = []
 
@@ -75,7 +75,7 @@ def mock_dimse_factory(mock_dimse_cohort: MemoryPacs) -> Iterator[Callable[..., 
 @pytest.fixture(scope="session")
 def mock_dimse_pacs_session(mock_dimse_cohort: MemoryPacs) -> Iterator[Any]:
     """The server behind ``mock_dimse_pacs`` (use that one: it is reset)."""
-    from dqr.plugins.mockpacs.dimse_server import Config, serve
+    from dqr.plugins.testpacs.mockpacs.dimse_server import Config, serve
 
     server = serve(mock_dimse_cohort, Config(host="127.0.0.1", port=0))
     yield server

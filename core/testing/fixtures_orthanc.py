@@ -20,14 +20,14 @@ from typing import Any
 
 import pytest
 
-from dqr.plugins.memory.synthetic import CohortSpec, generate_cohort
+from dqr.plugins.testpacs.memory.synthetic import DEFAULT_COHORT, CohortSpec, generate_cohort
 from dqr.testing.orthanc import DICOMWEB_PLUGIN, INSTALL_HINT, OrthancServer, find_orthanc, stop_all
 
 __all__ = ["orthanc", "orthanc_cohort_spec", "orthanc_factory"]
 
 #: Small enough to seed in well under a second, big enough for every template
 #: (CT, MR, PET-CT), several patients and multi-study patients.
-ORTHANC_COHORT = CohortSpec(patients=4, studies_per_patient=2, instances_per_series=3)
+ORTHANC_COHORT = DEFAULT_COHORT
 
 
 def _in_ci() -> bool:

@@ -10,8 +10,8 @@ import zipfile
 from pathlib import Path
 
 from dqr.errors import ConfigError
-from dqr.plugins.memory.backend import MemoryBackend
-from dqr.plugins.memory.pacs import MemoryPacs
+from dqr.plugins.testpacs.memory.backend import MemoryBackend
+from dqr.plugins.testpacs.memory.pacs import MemoryPacs
 
 
 class ZipBackend(MemoryBackend):

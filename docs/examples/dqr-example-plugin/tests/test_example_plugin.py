@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from dqr import pluginmanager
 from dqr.backend import Backend
 from dqr.model import Labels, Series, Study, StudyQuery
-from dqr.plugins.memory.synthetic import CohortSpec, write_cohort
+from dqr.plugins.testpacs.memory.synthetic import CohortSpec, write_cohort
 from dqr.relabel import RelabelContext
 from dqr_example_plugin import dqr_relabel
 from dqr_example_plugin.backend import ZipBackend

@@ -20,7 +20,7 @@ Faults (``Config.faults``, or ``server.faults`` changed while it runs):
 retry_after``; the next ``server_errors`` get 500; ``cut_after_parts``
 closes the connection of every WADO answer after that many instances;
 ``on`` restricts status faults to ``qido`` or ``wado`` requests; ``hostile``
-serves hostile content (:mod:`dqr.plugins.memory.hostile`). ``auth``
+serves hostile content (:mod:`dqr.plugins.testpacs.memory.hostile`). ``auth``
 makes every request need basic or bearer credentials.
 ``decode_percent_escapes: false`` behaves like Orthanc's DICOMweb plugin,
 which does not percent-decode QIDO values (except ``%2C``).
@@ -49,8 +49,8 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
 from dqr.model import DATE_KEYWORDS, UID_KEYWORDS
-from dqr.plugins.memory.hostile import HostileFaults, deliveries, rewrite
-from dqr.plugins.memory.pacs import MemoryPacs
+from dqr.plugins.testpacs.memory.hostile import HostileFaults, deliveries, rewrite
+from dqr.plugins.testpacs.memory.pacs import MemoryPacs
 
 HOST = "127.0.0.1"
 

@@ -112,7 +112,7 @@ class MemoryPacs:
 
     @classmethod
     def from_datasets(cls, datasets: Iterable[Dataset]) -> MemoryPacs:
-        from dqr.plugins.memory.synthetic import encode
+        from dqr.plugins.testpacs.memory.synthetic import encode
 
         pacs = cls()
         for dataset in datasets:

@@ -13,14 +13,14 @@ from pydantic import Field, model_validator
 
 import dqr
 from dqr.config import SourceConfig, Strict
-from dqr.plugins.memory.hostile import HostileFaults
+from dqr.plugins.testpacs.memory.hostile import HostileFaults
 
 if TYPE_CHECKING:
     from dqr.backend import SourceContext
 
 
 class SyntheticCohort(Strict):
-    """A generated cohort (see :mod:`dqr.plugins.memory.synthetic`)."""
+    """A generated cohort (see :mod:`dqr.plugins.testpacs.memory.synthetic`)."""
 
     patients: int = Field(4, ge=1)
     studies_per_patient: int = Field(2, ge=1)
@@ -49,8 +49,8 @@ class MemorySourceConfig(SourceConfig):
 def load_pacs(config: MemorySourceConfig, config_dir: Path):  # -> MemoryPacs
     """Build the in-memory PACS a memory source config describes."""
     from dqr.errors import ConfigError
-    from dqr.plugins.memory.pacs import MemoryPacs
-    from dqr.plugins.memory.synthetic import CohortSpec, generate_cohort
+    from dqr.plugins.testpacs.memory.pacs import MemoryPacs
+    from dqr.plugins.testpacs.memory.synthetic import CohortSpec, generate_cohort
 
     if config.synthetic is not None:
         return MemoryPacs.from_datasets(generate_cohort(CohortSpec(**config.synthetic.model_dump())))
@@ -65,8 +65,8 @@ def load_pacs(config: MemorySourceConfig, config_dir: Path):  # -> MemoryPacs
 
 
 def make_backend(config: MemorySourceConfig, context: "SourceContext"):
-    from dqr.plugins.memory.backend import MemoryBackend
-    from dqr.plugins.memory.hostile import rewrite
+    from dqr.plugins.testpacs.memory.backend import MemoryBackend
+    from dqr.plugins.testpacs.memory.hostile import rewrite
 
     return MemoryBackend(rewrite(load_pacs(config, context.config_dir), config.hostile), config.hostile, context.limits)
 
@@ -90,7 +90,7 @@ def dqr_register_commands(app: typer.Typer) -> None:
 
         Example: dqr demo-data ./demo-data --patients 10
         """
-        from dqr.plugins.memory.synthetic import CohortSpec, write_cohort
+        from dqr.plugins.testpacs.memory.synthetic import CohortSpec, write_cohort
 
         spec = CohortSpec(
             patients=patients,

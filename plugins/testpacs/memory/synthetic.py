@@ -57,6 +57,11 @@ class CohortSpec:
         return self.patients * self.studies_per_patient
 
 
+#: The cohort every test fixture and test serves (the memory source's
+#: default): 4 patients x 2 studies, CT, MR and PET-CT templates, 3 instances a series.
+DEFAULT_COHORT = CohortSpec()
+
+
 def _uid(spec: CohortSpec, *parts: object) -> str:
     # One joined source: pydicom concatenates entropy sources without a
     # separator, so ("series", 1, 10) and ("series", 11, 0) would collide.
@@ -79,7 +84,7 @@ def _pixels(spec: CohortSpec, *parts: object) -> bytes:
     return rng.randbytes(spec.rows * spec.columns * 2)
 
 
-def generate_cohort(spec: CohortSpec = CohortSpec()) -> Iterator[Dataset]:
+def generate_cohort(spec: CohortSpec = DEFAULT_COHORT) -> Iterator[Dataset]:
     """Yield every instance of the cohort as a dataset with file meta."""
     for p in range(spec.patients):
         family, given, middle = NAMES[p % len(NAMES)]

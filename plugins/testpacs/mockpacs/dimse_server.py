@@ -3,7 +3,7 @@ C-ECHO, C-FIND (Study and Patient Root, every level), C-GET and C-MOVE to the
 destinations of its config, with fault injection for reliability tests.
 
 Faults live in ``server.faults`` and may be changed while it runs (``hostile``:
-hostile content, see :mod:`dqr.plugins.memory.hostile`); the
+hostile content, see :mod:`dqr.plugins.testpacs.memory.hostile`); the
 ``times`` of a fault counts down as it fires (``None``: every time).
 """
 
@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dqr.plugins.memory.hostile import HostileFaults, deliveries, rewrite
-from dqr.plugins.memory.pacs import MemoryPacs, StoredInstance
+from dqr.plugins.testpacs.memory.hostile import HostileFaults, deliveries, rewrite
+from dqr.plugins.testpacs.memory.pacs import MemoryPacs, StoredInstance
 
 #: Reject reason -> (source, diagnostic) of the A-ASSOCIATE-RJ.
 REJECT_REASONS = {

@@ -5,14 +5,14 @@ The config is YAML::
 
     source:                 # a memory source: path or synthetic
       synthetic: {patients: 4}
-    dimse:                  # optional: see dqr.plugins.mockpacs.dimse_server
+    dimse:                  # optional: see dqr.plugins.testpacs.mockpacs.dimse_server
       port: 11112
       aet: MOCKPACS
-    dicomweb:               # optional: see dqr.plugins.mockpacs.http_server
+    dicomweb:               # optional: see dqr.plugins.testpacs.mockpacs.http_server
       port: 8042
-    store:                  # optional: a Storage SCP to send to (dqr.plugins.mockpacs.store_scp)
+    store:                  # optional: a Storage SCP to send to (dqr.plugins.testpacs.mockpacs.store_scp)
       port: 11113
-    stow:                   # optional: a STOW-RS server (dqr.plugins.mockpacs.stow_server)
+    stow:                   # optional: a STOW-RS server (dqr.plugins.testpacs.mockpacs.stow_server)
       port: 8043
 
 Each server module defines its own pydantic ``Config`` (ports, AE titles,
@@ -29,10 +29,10 @@ import dqr
 
 #: section name -> module serving it; each has ``Config`` and ``serve(pacs, config)``.
 SERVERS = {
-    "dimse": "dqr.plugins.mockpacs.dimse_server",
-    "dicomweb": "dqr.plugins.mockpacs.http_server",
-    "store": "dqr.plugins.mockpacs.store_scp",
-    "stow": "dqr.plugins.mockpacs.stow_server",
+    "dimse": "dqr.plugins.testpacs.mockpacs.dimse_server",
+    "dicomweb": "dqr.plugins.testpacs.mockpacs.http_server",
+    "store": "dqr.plugins.testpacs.mockpacs.store_scp",
+    "stow": "dqr.plugins.testpacs.mockpacs.stow_server",
 }
 
 
@@ -46,7 +46,7 @@ def load_mock_config(path: Path) -> tuple[Any, dict[str, Any]]:
 
     from dqr.config import unknown_key_problem, validation_problems
     from dqr.errors import ConfigError, Problem
-    from dqr.plugins.memory import MemorySourceConfig, load_pacs
+    from dqr.plugins.testpacs.memory import MemorySourceConfig, load_pacs
     from dqr.yamlsafe import load_yaml_file
 
     file = str(path)

@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:  # pydicom stays out of `dqr --help`: the model is part of the memory source config
-    from dqr.plugins.memory.pacs import MemoryPacs, StoredInstance
+    from dqr.plugins.testpacs.memory.pacs import MemoryPacs, StoredInstance
 
 
 class HostileFaults(BaseModel):
-    """Hostile content a PACS serves (see :mod:`dqr.plugins.memory.hostile`)."""
+    """Hostile content a PACS serves (see :mod:`dqr.plugins.testpacs.memory.hostile`)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -61,7 +61,7 @@ def _altered(instance: StoredInstance, **values: object) -> StoredInstance:
     from pydicom import config as pydicom_config
     from pydicom import dcmread
 
-    from dqr.plugins.memory.pacs import StoredInstance, _index
+    from dqr.plugins.testpacs.memory.pacs import StoredInstance, _index
 
     dataset = dcmread(BytesIO(instance.read_part10()))
     with pydicom_config.disable_value_validation():
@@ -100,7 +100,7 @@ def _targets(pacs: MemoryPacs, faults: HostileFaults) -> list[tuple[str, str]]:
 def rewrite(pacs: MemoryPacs, faults: HostileFaults | None) -> MemoryPacs:
     """``pacs`` as served with the UID faults: a new PACS when there are
     some (``pacs`` itself is left alone: it may be shared)."""
-    from dqr.plugins.memory.pacs import MemoryPacs
+    from dqr.plugins.testpacs.memory.pacs import MemoryPacs
 
     if faults is None or not faults.rewrites:
         return pacs

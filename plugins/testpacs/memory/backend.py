@@ -18,8 +18,8 @@ from dqr.model import (
     series_from_attributes,
     study_from_attributes,
 )
-from dqr.plugins.memory.hostile import HostileFaults, deliveries
-from dqr.plugins.memory.pacs import MemoryPacs
+from dqr.plugins.testpacs.memory.hostile import HostileFaults, deliveries
+from dqr.plugins.testpacs.memory.pacs import MemoryPacs
 from dqr.throttle import Deadline
 
 
