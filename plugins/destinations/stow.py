@@ -22,6 +22,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from dqr.backend import DestinationContext, VerifyMode
+from dqr.config import resolve_path
 from dqr.errors import DestinationRefusedError, RemoteError
 from dqr.model import Labels, Series, Study
 from dqr.plugins.destinations import DicomwebDestinationConfig
@@ -124,8 +125,7 @@ class StowDestination:
         self.session.auth = make_auth(config.auth, "", base, section="destination")
         self.credentials = credential_keys(config.auth, "", section="destination")
         if config.ca_bundle is not None:
-            bundle = Path(config.ca_bundle)
-            self.session.verify = str(bundle if bundle.is_absolute() else base / bundle)
+            self.session.verify = str(resolve_path(config.ca_bundle, base))
         else:
             self.session.verify = config.verify_tls
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=config.limits.max_requests)

@@ -765,10 +765,7 @@ def _tls_context(config: DimseSourceConfig, context: SourceContext) -> ssl.SSLCo
         return None
 
     def path(value: str | None) -> Path | None:
-        if value is None:
-            return None
-        given = Path(value).expanduser()
-        return given if given.is_absolute() else context.config_dir / given
+        return None if value is None else context.resolve(value)
 
     return tls_client_context(
         path(config.tls.ca_file), path(config.tls.cert_file), path(config.tls.key_file)

@@ -12,7 +12,7 @@ import typer
 from pydantic import Field, model_validator
 
 import dqr
-from dqr.config import SourceConfig, Strict
+from dqr.config import SourceConfig, Strict, resolve_path
 from dqr.plugins.testpacs.memory.hostile import HostileFaults
 
 if TYPE_CHECKING:
@@ -54,8 +54,7 @@ def load_pacs(config: MemorySourceConfig, config_dir: Path):  # -> MemoryPacs
 
     if config.synthetic is not None:
         return MemoryPacs.from_datasets(generate_cohort(CohortSpec(**config.synthetic.model_dump())))
-    folder = Path(config.path).expanduser()
-    folder = folder if folder.is_absolute() else config_dir / folder
+    folder = resolve_path(config.path, config_dir)
     if not folder.is_dir():
         raise ConfigError(
             f"memory source: {folder} is not a folder of DICOM files "
