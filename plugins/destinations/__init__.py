@@ -24,13 +24,12 @@ This module holds the config models and the hooks only; the network code
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
-from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
 import dqr
 from dqr.config import DestinationConfig, Limits, Strict
-from dqr.plugins.dicomweb import AuthConfig, NoAuth
+from dqr.plugins.dicomweb import AuthConfig, NoAuth, check_service_url
 from dqr.plugins.dimse import AETitle, TlsOptions
 
 if TYPE_CHECKING:
@@ -120,14 +119,7 @@ class DicomwebDestinationConfig(DestinationConfig):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host")
-        if parts.username or parts.password:
-            raise ValueError("credentials never go in the URL: use `auth:`")
-        if parts.query or parts.fragment:
-            raise ValueError("must not have a query (?...) or fragment (#...)")
-        return value.rstrip("/")
+        return check_service_url(value)
 
     @field_validator("verify", mode="before")
     @classmethod

@@ -71,6 +71,19 @@ AuthConfig = Annotated[NoAuth | BasicAuth | BearerAuth, Field(discriminator="typ
 QueryValueEscaping = Literal["raw", "percent"]
 
 
+def check_service_url(value: str) -> str:
+    """A DICOMweb service URL (a source's or a destination's): http(s) with a
+    host, no credentials, no query; without its trailing slash."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if parts.username or parts.password:
+        raise ValueError("credentials never go in the URL: use `auth:`")
+    if parts.query or parts.fragment:
+        raise ValueError("must not have a query (?...) or fragment (#...)")
+    return value.rstrip("/")
+
+
 class DicomwebSourceConfig(SourceConfig):
     """``type: dicomweb``: a DICOMweb server (QIDO-RS and WADO-RS)."""
 
@@ -99,14 +112,7 @@ class DicomwebSourceConfig(SourceConfig):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host")
-        if parts.username or parts.password:
-            raise ValueError("credentials never go in the URL: use `auth:`")
-        if parts.query or parts.fragment:
-            raise ValueError("must not have a query (?...) or fragment (#...)")
-        return value.rstrip("/")
+        return check_service_url(value)
 
     @field_validator("qido_prefix", "wado_prefix")
     @classmethod
