@@ -15,7 +15,6 @@ from dqr.plugins.testpacs.memory.pacs import MemoryPacs
 from dqr.plugins.testpacs.memory.synthetic import DEFAULT_COHORT, generate_cohort
 
 
-
 @pytest.fixture(scope="session")
 def cohort() -> MemoryPacs:
     """The default synthetic cohort, indexed (to look up expected values)."""
