@@ -325,11 +325,14 @@ class _job:  # noqa: N801 - used as a context manager
     """
 
     def __init__(self, loaded, options) -> None:
-        from dqr.context import JobContext
-        from dqr.joblock import job_lock
+        from dqr.context import JobContext, executor_shares_the_job
+        from dqr.joblock import job_lock, no_lock
         from dqr.progress import make_reporter
 
-        self.lock = job_lock(loaded)  # first: a second run is refused before it touches anything
+        # First: a second run is refused before it touches anything. An
+        # executor whose processes share the job (the queue) coordinates them
+        # itself: every one of them is meant to work on it at once.
+        self.lock = no_lock() if executor_shares_the_job(loaded) else job_lock(loaded)
         self.lock.acquire()
         self.reporter = make_reporter(err)
         try:

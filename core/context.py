@@ -99,6 +99,12 @@ def _executor_state_opener(config: LoadedConfig):
     return getattr(executor_types()[config.executor.type].factory, "open_state", None)
 
 
+def executor_shares_the_job(config: LoadedConfig) -> bool:
+    """Whether the configured executor's processes share one job state (the
+    queue's, in its database) rather than the local file one run locks."""
+    return _executor_state_opener(config) is not None
+
+
 def job_state_exists(config: LoadedConfig) -> bool:
     """Whether this config has a job yet (for ``dqr status`` and ``dqr retry``)."""
     if _executor_state_opener(config) is not None:

@@ -95,3 +95,17 @@ class JobLock:
 def job_lock(config) -> JobLock:  # config: dqr.config.LoadedConfig
     """The lock of the job ``config`` describes (its state and archive)."""
     return JobLock(config.state_path, config.site.archive)
+
+
+class _NoLock:
+    """What a job whose executor coordinates its processes holds instead."""
+
+    def acquire(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
+def no_lock() -> _NoLock:
+    return _NoLock()

@@ -63,7 +63,9 @@ WORKFLOW_NAME = "dqr-step"
 #: Every node of a cluster must agree on it (DBOS dequeues a workflow only
 #: on executors of the version it was enqueued with).
 APP_VERSION = f"dqr-{dqr.__version__}"
-_PHASES = {"query-row": "query", "list-study": "series", "retrieve-series": "retrieve"}
+#: The progress phase each step kind counts in (a whole-study step is seen
+#: through the instances it stores, not in the per-series count).
+_PHASES = {"query-row": "query", "list-study": "series", "retrieve-series": "retrieve", "retrieve-study": None}
 _DONE = ("SUCCESS", "ERROR", "CANCELLED", "MAX_RECOVERY_ATTEMPTS_EXCEEDED")
 
 
@@ -440,16 +442,17 @@ class QueueExecutor:
         progress by what the whole cluster finished."""
         from dbos import DBOS
 
-        phase = _PHASES[kind]
+        phase = _PHASES.get(kind)
         reported = 0
         stored = ctx.state.stored_by_run(ctx.run_id)[0]
         pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         while True:
             done, failed = here.probe_counts(pattern)
             if done > reported:
-                ctx.reporter.advance(phase, done - reported)
+                if phase is not None:
+                    ctx.reporter.advance(phase, done - reported)
                 reported = done
-            if kind == "retrieve-series":
+            if kind in ("retrieve-series", "retrieve-study"):
                 now_stored = ctx.state.stored_by_run(ctx.run_id)[0]
                 if now_stored > stored:
                     ctx.reporter.advance("instances", now_stored - stored)
