@@ -130,10 +130,14 @@ class JobState:
         with self._lock:
             self._db.close()
 
+    #: How a write transaction starts: IMMEDIATE takes SQLite's write lock at
+    #: once, so two writers never deadlock upgrading a read lock.
+    BEGIN = "BEGIN IMMEDIATE"
+
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(self.BEGIN)
             try:
                 yield self._db
             except BaseException:
@@ -547,6 +551,8 @@ class PostgresJobState(JobState):
     the SQLite state, translated (placeholders, ``INSERT OR IGNORE``, rowid).
     ``label`` names it in messages instead of the URL, which is a secret."""
 
+    BEGIN = "BEGIN"
+
     def __init__(self, url: str, label: str = "the queue database") -> None:
         import psycopg
 
@@ -571,13 +577,3 @@ class PostgresJobState(JobState):
             ) from None
         self._db = _PostgresConnection(conn)
 
-    @contextmanager
-    def transaction(self) -> Iterator[_PostgresConnection]:
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")

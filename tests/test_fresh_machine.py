@@ -1,6 +1,6 @@
 """The suite proves what a fresh machine gets: only what `.venv` holds.
 
-A venv made from inside a venv with ``--system-site-packages`` sees the
+A venv made from inside a venv so that it sees "system" site packages sees the
 *base* interpreter's packages, not the venv's -- so a test built that way
 passes only where dqr happens to be installed in the base Python by hand.
 These checks make CI fail on that mistake wherever it runs.
