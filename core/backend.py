@@ -153,6 +153,11 @@ class SeriesWriter(Protocol):
         still returned by the next :meth:`commit`).
         """
 
+    #: Optional: SOP Instance UID -> the warning the destination stored it
+    #: with (e.g. C-STORE 0xB000), kept in the job state at each commit. A
+    #: writer without it (the archive, an older plugin's) has no warnings.
+    warnings: dict[str, str]
+
     def commit(self) -> list[str]:
         """Make everything written so far durable; return the SOP Instance
         UIDs made durable since the last commit. Only then are they stored.

@@ -516,6 +516,12 @@ def _finish(loaded, summary, table, csv_path: Path | None, json_summary: bool) -
             "(verify: false): it acknowledged each instance, but was not asked afterwards what it holds",
             highlight=False,
         )
+    if summary.instances_with_warning:
+        err.print(
+            f"  {summary.instances_with_warning} instances were stored with a warning from the destination "
+            "(`dqr status` lists them)",
+            highlight=False,
+        )
     not_done = table.rows_with(RowOutcome.QUERY_FAILED) + table.rows_with(RowOutcome.NOT_QUERIED)
     if not_done:
         err.print(f"[red]{len(not_done)} rows could not be queried[/] (see the failures file)")
@@ -558,10 +564,13 @@ def status(
     path = state.path
     try:
         counts, failures, latest = state.counts(), state.failures(), state.latest_input()
+        warned = state.stored_with_warning()
     finally:
         state.close()
     if json_output:
-        data = {"state": str(path), "input": latest[2] if latest else None, "counts": counts, "failures": failures}
+        data = {"state": str(path), "input": latest[2] if latest else None, "counts": counts, "failures": failures,
+                "warnings": [{"SeriesInstanceUID": series, "SOPInstanceUID": sop, "warning": warning}
+                             for series, sop, warning in warned]}
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
         return
     if latest:
@@ -576,6 +585,11 @@ def status(
             uid = f.get("SeriesInstanceUID") or f.get("StudyInstanceUID") or ""
             failed.add_row(f["kind"], str(f.get("row") or ""), uid, str(f["attempts"]), f["error"] or "")
         out.print(failed)
+    if warned:
+        stored_with = Table("SOPInstanceUID", "stored with a warning from the destination", header_style="bold yellow")
+        for _, sop, warning in warned:
+            stored_with.add_row(sop, warning)
+        out.print(stored_with)
 
 
 @app.command()

@@ -74,6 +74,8 @@ class RunSummary:
     series_excluded: int = 0
     instances_stored: int = 0
     bytes_stored: int = 0
+    #: of those, stored with a warning from the destination (e.g. C-STORE 0xB000)
+    instances_with_warning: int = 0
     failures: list[Failure] = field(default_factory=list)
     seconds: float = 0.0
     interrupted: bool = False
@@ -299,6 +301,7 @@ def _finish(ctx: JobContext, summary: RunSummary, to_do: list[tuple[ResultLine, 
     if getattr(ctx.destination, "verify_mode", None) == VerifyMode.OFF:
         summary.studies_unverified_at_destination = summary.studies_stored
     summary.instances_stored, summary.bytes_stored = state.stored_by_run(ctx.run_id)
+    summary.instances_with_warning = len(state.stored_with_warning(ctx.run_id))
     summary.seconds = time.monotonic() - started
     summary.interrupted = ctx.interrupted
     summary.gave_up = ctx.gave_up

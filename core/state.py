@@ -64,7 +64,7 @@ CREATE TABLE IF NOT EXISTS series (
     attempts INTEGER NOT NULL DEFAULT 0, error TEXT, updated REAL);
 CREATE TABLE IF NOT EXISTS instances (
     sop_uid TEXT PRIMARY KEY, series_uid TEXT NOT NULL, stored INTEGER NOT NULL DEFAULT 0,
-    size INTEGER, run INTEGER);
+    size INTEGER, run INTEGER, warning TEXT);
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY, started REAL NOT NULL, pid INTEGER NOT NULL, host TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS instances_by_series ON instances (series_uid, stored);
@@ -73,7 +73,7 @@ CREATE INDEX IF NOT EXISTS series_by_study ON series (study_uid);
 
 
 #: Columns added since schema 1, added to an older database when it is opened.
-ADDED_COLUMNS = {"instances": {"size": "INTEGER", "run": "INTEGER"}}
+ADDED_COLUMNS = {"instances": {"size": "INTEGER", "run": "INTEGER", "warning": "TEXT"}}
 
 
 class StateMismatchError(InputError):
@@ -383,18 +383,20 @@ class JobState:
             "SELECT sop_uid FROM instances WHERE series_uid = ? AND stored = 1", series_uid)}
 
     def mark_stored(self, series_uid: str, sop_uids: list[str], run: int | None = None,
-                    sizes: dict[str, int] | None = None) -> None:
+                    sizes: dict[str, int] | None = None, warnings: dict[str, str] | None = None) -> None:
         """Record instances the destination has made durable (by run ``run``,
-        with their sizes when known)."""
+        with their sizes when known, and the warning a destination stored
+        one with, e.g. a C-STORE 0xB000 "coercion of data elements")."""
         if not sop_uids:
             return
         sizes = sizes or {}
+        warnings = warnings or {}
         with self.transaction() as db:
             db.executemany(
-                "INSERT INTO instances (sop_uid, series_uid, stored, size, run) VALUES (?, ?, 1, ?, ?) "
-                "ON CONFLICT (sop_uid) DO UPDATE SET stored = 1, size = excluded.size, run = excluded.run "
-                "WHERE instances.stored = 0",
-                [(uid, series_uid, sizes.get(uid), run) for uid in sop_uids],
+                "INSERT INTO instances (sop_uid, series_uid, stored, size, run, warning) VALUES (?, ?, 1, ?, ?, ?) "
+                "ON CONFLICT (sop_uid) DO UPDATE SET stored = 1, size = excluded.size, run = excluded.run, "
+                "warning = excluded.warning WHERE instances.stored = 0",
+                [(uid, series_uid, sizes.get(uid), run, warnings.get(uid)) for uid in sop_uids],
             )
             db.execute(
                 "UPDATE series SET stored = (SELECT COUNT(*) FROM instances WHERE series_uid = ? AND stored = 1) "
@@ -413,6 +415,14 @@ class JobState:
             )
 
     # -- summaries -----------------------------------------------------------------
+
+    def stored_with_warning(self, run: int | None = None) -> list[tuple[str, str, str]]:
+        """Stored instances the destination acknowledged with a warning
+        ``(series_uid, sop_uid, warning)``: those of run ``run``, or all."""
+        sql = "SELECT series_uid, sop_uid, warning FROM instances WHERE stored = 1 AND warning IS NOT NULL"
+        if run is None:
+            return [tuple(r) for r in self._query(sql + " ORDER BY series_uid, sop_uid")]
+        return [tuple(r) for r in self._query(sql + " AND run = ? ORDER BY series_uid, sop_uid", run)]
 
     def stored_by_run(self, run: int) -> tuple[int, int]:
         """Instances a run stored, and their bytes."""
@@ -570,6 +580,9 @@ class PostgresJobState(JobState):
                 for statement in POSTGRES_SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
+                for table, columns in ADDED_COLUMNS.items():  # a database made by an older dqr
+                    for name, kind in columns.items():
+                        conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {kind}")
             conn.execute(f"SET search_path TO {POSTGRES_SCHEMA_NAME}")
         except psycopg.Error as exc:
             raise CorruptStateError(

@@ -293,12 +293,13 @@ def _commit(ctx: JobContext, series: Series, writer: SeriesWriter, sizes: dict[s
     this run stored; ``None`` for files found from an earlier run (not
     counted as this run's)."""
     run = None if sizes is None else ctx.run_id
+    warnings = getattr(writer, "warnings", None)
     try:
         committed = writer.commit()
     except DestinationRefusedError as error:
-        ctx.state.mark_stored(series.series_uid, error.stored, run, sizes)
+        ctx.state.mark_stored(series.series_uid, error.stored, run, sizes, warnings)
         raise
-    ctx.state.mark_stored(series.series_uid, committed, run, sizes)
+    ctx.state.mark_stored(series.series_uid, committed, run, sizes, warnings)
 
 
 def _expected_instances(ctx: JobContext, study: Study, series: Series) -> list[str] | None:

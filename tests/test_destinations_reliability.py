@@ -146,6 +146,23 @@ def test_a_warning_status_counts_as_stored_with_the_warning_in_the_manifest(
     assert "warning" not in records[ct_instances()[1]]
 
 
+def test_a_warning_status_is_kept_in_the_job_state_and_shown_by_the_summary_and_status(
+    ct_config, dqr, mock_store_scp_factory
+):
+    warned = ct_instances()[2]
+    server = mock_store_scp_factory()
+    server.faults.statuses = {warned: 0xB007}
+    config = ct_config(dimse_to(server))
+    result = dqr("run", "--config", config, "--json")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["instances_with_warning"] == 1
+    assert "1 instances were stored with a warning from the destination" in result.stderr
+    status = dqr("status", "--config", config, "--json")
+    [kept] = json.loads(status.stdout)["warnings"]
+    assert kept["SOPInstanceUID"] == warned
+    assert "0xB007" in kept["warning"]
+
+
 def test_a_sop_class_the_scp_does_not_accept_is_a_final_error_naming_it(ct_config, dqr, mock_store_scp_factory):
     server = mock_store_scp_factory(faults={"sop_classes": ["1.2.840.10008.5.1.4.1.1.4"]})  # MR only
     result = dqr("run", "--config", ct_config(dimse_to(server, limits=FAST)))
