@@ -34,10 +34,8 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
@@ -45,14 +43,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from werkzeug.exceptions import HTTPException, NotFound
 from werkzeug.routing import Map, Rule
-from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
 from dqr.model import DATE_KEYWORDS, UID_KEYWORDS
 from dqr.plugins.testpacs.memory.hostile import HostileFaults, deliveries, rewrite
 from dqr.plugins.testpacs.memory.pacs import MemoryPacs
-
-HOST = "127.0.0.1"
+from dqr.plugins.testpacs.mockpacs.wsgi import WsgiServer
 
 #: Attributes every answer of a level carries (PS3.18 table 10.6.3-3/4/5,
 #: as far as the memory PACS knows them).
@@ -270,14 +266,7 @@ class _Visit:
             self._server._leave()
 
 
-class _QuietHandler(WSGIRequestHandler):
-    """No access log: request lines hold query strings (patient names)."""
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        pass
-
-
-class MockDicomwebServer:
+class MockDicomwebServer(WsgiServer):
     """A running mock DICOMweb server; see the module docstring."""
 
     def __init__(self, pacs: MemoryPacs, config: Config) -> None:
@@ -285,29 +274,7 @@ class MockDicomwebServer:
         self.config = config
         self.faults = config.faults.model_copy()
         self.auth = config.auth
-        self.requests: Counter[str] = Counter()
-        self.current_requests = 0
-        self.max_concurrent_requests = 0
-        self._lock = threading.Lock()
-        self._prefix = "/" + config.prefix.strip("/") if config.prefix.strip("/") else ""
-        self._server = make_server(HOST, config.port, self._wsgi, threaded=True, request_handler=_QuietHandler)
-        self.port: int = self._server.server_port
-        self.url = f"http://{HOST}:{self.port}{self._prefix}"
-        # A short poll interval: stop() waits up to one interval.
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name=f"mock-dicomweb-{self.port}", daemon=True
-        )
-
-    def start(self) -> MockDicomwebServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and close the listening socket (idempotent)."""
-        if self._thread.is_alive():
-            self._server.shutdown()
-            self._thread.join(timeout=5)
-        self._server.server_close()
+        super().__init__(config.port, config.prefix, "mock-dicomweb")
 
     def describe(self) -> str:
         return (
@@ -315,23 +282,11 @@ class MockDicomwebServer:
             f"{len(self.pacs.study_uids())} studies; auth: {self.auth.type})"
         )
 
-    def reset_counters(self) -> None:
-        with self._lock:
-            self.requests.clear()
-            self.max_concurrent_requests = self.current_requests
-
     # -- accounting ---------------------------------------------------------------
 
-    def _enter(self, kind: str) -> _Visit:
-        with self._lock:
-            self.requests[kind] += 1
-            self.current_requests += 1
-            self.max_concurrent_requests = max(self.max_concurrent_requests, self.current_requests)
+    def _visit(self, kind: str) -> _Visit:
+        self._enter(kind)
         return _Visit(self)
-
-    def _leave(self) -> None:
-        with self._lock:
-            self.current_requests -= 1
 
     @staticmethod
     def _counted(body: Iterable[bytes], visit: _Visit) -> Iterator[bytes]:
@@ -354,7 +309,7 @@ class MockDicomwebServer:
     def _wsgi(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         request = Request(environ)
         kind, endpoint, arguments = self._route(request)
-        visit = self._enter(kind)
+        visit = self._visit(kind)
         try:
             response = self._respond(request, kind, endpoint, arguments, visit)
         except Exception:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 from collections import Counter
 from io import BytesIO
@@ -31,13 +30,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydicom import dcmread
-from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
 from dqr.plugins.destinations.common import parse_part10
 from dqr.plugins.dicomweb.multipart import boundary_from_content_type, iter_parts
-
-HOST = "127.0.0.1"
+from dqr.plugins.testpacs.mockpacs.wsgi import WsgiServer
 
 
 class StowFaults(BaseModel):
@@ -59,44 +56,18 @@ class Config(BaseModel):
     faults: StowFaults = StowFaults()
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        pass
-
-
 def _element(vr: str, *values: Any) -> dict[str, Any]:
     return {"vr": vr, "Value": list(values)}
 
 
-class MockStowServer:
+class MockStowServer(WsgiServer):
     def __init__(self, config: Config) -> None:
         self.config = config
         self.faults = config.faults.model_copy(deep=True)
-        self.requests: Counter[str] = Counter()
         self.stored: Counter[str] = Counter()
         self.received: dict[str, bytes] = {}
         self._series: dict[str, tuple[str, str]] = {}
-        self.current_requests = 0
-        self.max_concurrent_requests = 0
-        self._lock = threading.Lock()
-        prefix = "/" + config.prefix.strip("/") if config.prefix.strip("/") else ""
-        self._prefix = prefix
-        self._server = make_server(HOST, config.port, self._wsgi, threaded=True, request_handler=_QuietHandler)
-        self.port: int = self._server.server_port
-        self.url = f"http://{HOST}:{self.port}{prefix}"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name=f"mock-stow-{self.port}", daemon=True
-        )
-
-    def start(self) -> MockStowServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self._server.shutdown()
-            self._thread.join(timeout=5)
-        self._server.server_close()
+        super().__init__(config.port, config.prefix, "mock-stow")
 
     def describe(self) -> str:
         return f"STOW-RS at {self.url} ({len(self.received)} instances received)"
@@ -110,22 +81,16 @@ class MockStowServer:
 
     def _wsgi(self, environ: dict[str, Any], start_response: Any):
         request = Request(environ)
-        with self._lock:
-            self.current_requests += 1
-            self.max_concurrent_requests = max(self.max_concurrent_requests, self.current_requests)
+        self._enter("stow" if request.method == "POST" else "qido")
         try:
             response = self._answer(request)
         finally:
-            with self._lock:
-                self.current_requests -= 1
+            self._leave()
         return response(environ, start_response)
 
     def _answer(self, request: Request) -> Response:
         path = request.path[len(self._prefix) :] if request.path.startswith(self._prefix) else request.path
         parts = [p for p in path.split("/") if p]
-        kind = "stow" if request.method == "POST" else "qido"
-        with self._lock:
-            self.requests[kind] += 1
         if self.faults.delay:
             time.sleep(self.faults.delay)
         if self._take("unavailable"):
