@@ -13,7 +13,6 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from dqr.plugins.testpacs.memory.synthetic import accession_number
-from dqr.testing import fixtures_orthanc
 from dqr.testing import orthanc as orthanc_module
 from dqr.testing.orthanc import OrthancError, OrthancServer
 
@@ -130,19 +129,3 @@ def test_start_retries_when_a_port_is_taken_before_orthanc_binds_it(
 def test_start_failure_carries_the_orthanc_log(orthanc_factory) -> None:
     with pytest.raises(OrthancError, match="/proc/not-writable"):
         orthanc_factory(extra_config={"StorageDirectory": "/proc/not-writable"})
-
-
-def test_fixtures_skip_when_orthanc_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fixtures_orthanc, "find_orthanc", lambda: None)
-    monkeypatch.delenv("CI", raising=False)
-
-    with pytest.raises(pytest.skip.Exception, match="apt-get install"):
-        fixtures_orthanc.require_orthanc()
-
-
-def test_fixtures_fail_in_ci_when_orthanc_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fixtures_orthanc, "find_orthanc", lambda: None)
-    monkeypatch.setenv("CI", "true")
-
-    with pytest.raises(pytest.fail.Exception, match="CI=true"):
-        fixtures_orthanc.require_orthanc()

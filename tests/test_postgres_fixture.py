@@ -100,19 +100,3 @@ def test_find_postgres_bin_prefers_the_newest_debian_version(tmp_path, monkeypat
     monkeypatch.delenv(postgres_module.POSTGRES_BIN_ENV, raising=False)
 
     assert postgres_module.find_postgres_bin() == tmp_path / "16" / "bin"
-
-
-def test_fixtures_skip_when_postgres_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fixtures_postgres, "find_postgres_bin", lambda: None)
-    monkeypatch.delenv("CI", raising=False)
-
-    with pytest.raises(pytest.skip.Exception, match="apt-get install"):
-        fixtures_postgres.require_postgres()
-
-
-def test_fixtures_fail_in_ci_when_postgres_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fixtures_postgres, "find_postgres_bin", lambda: None)
-    monkeypatch.setenv("CI", "true")
-
-    with pytest.raises(pytest.fail.Exception, match="CI=true"):
-        fixtures_postgres.require_postgres()

@@ -14,13 +14,13 @@ there they fail.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from dqr.plugins.testpacs.memory.synthetic import DEFAULT_COHORT, CohortSpec, generate_cohort
+from dqr.testing import require
 from dqr.testing.orthanc import DICOMWEB_PLUGIN, INSTALL_HINT, OrthancServer, find_orthanc, stop_all
 
 __all__ = ["orthanc", "orthanc_cohort_spec", "orthanc_factory"]
@@ -30,19 +30,14 @@ __all__ = ["orthanc", "orthanc_cohort_spec", "orthanc_factory"]
 ORTHANC_COHORT = DEFAULT_COHORT
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
-
-
 def require_orthanc() -> None:
     """Skip the current test when Orthanc (with its DICOMweb plugin) is not
     installed; fail it instead when running in CI."""
-    if find_orthanc() is not None and DICOMWEB_PLUGIN.is_file():
-        return
-    message = f"Orthanc with its DICOMweb plugin is not installed; {INSTALL_HINT}"
-    if _in_ci():
-        pytest.fail(f"{message} (CI=true: the real-PACS tests must run, not skip)", pytrace=False)
-    pytest.skip(message)
+    require(
+        find_orthanc() is not None and DICOMWEB_PLUGIN.is_file(),
+        f"Orthanc with its DICOMweb plugin is not installed; {INSTALL_HINT}",
+        "the real-PACS tests",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from dqr.testing import require
 from dqr.testing.postgres import INSTALL_HINT, PostgresServer, find_postgres_bin
 
 __all__ = ["postgres", "postgres_url"]
@@ -27,19 +28,10 @@ __all__ = ["postgres", "postgres_url"]
 _database_numbers = itertools.count(1)
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
-
-
 def require_postgres() -> None:
     """Skip the current test when the PostgreSQL server binaries are not
     installed; fail it instead when running in CI."""
-    if find_postgres_bin() is not None:
-        return
-    message = f"PostgreSQL is not installed; {INSTALL_HINT}"
-    if _in_ci():
-        pytest.fail(f"{message} (CI=true: the cluster tests must run, not skip)", pytrace=False)
-    pytest.skip(message)
+    require(find_postgres_bin() is not None, f"PostgreSQL is not installed; {INSTALL_HINT}", "the cluster tests")
 
 
 @pytest.fixture(scope="session")
