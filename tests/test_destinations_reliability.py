@@ -81,38 +81,31 @@ def test_a_destination_that_is_down_fails_the_study_naming_it_and_the_rerun_comp
     assert sorted(server.received) == ct_instances()
 
 
-def test_instances_the_scp_refuses_are_failures_and_only_they_are_sent_next_run(
-    ct_config, dqr, mock_store_scp_factory
+@pytest.mark.parametrize(("kind", "status"), [("dimse", 0xA900), ("dicomweb", 0xC000)])
+def test_instances_the_destination_refuses_are_failures_and_only_they_are_sent_next_run(
+    kind, status, ct_config, dqr, mock_store_scp_factory, mock_stow_factory
 ):
+    """C-STORE: a failure status; STOW-RS: the instance in FailedSOPSequence."""
     refused = ct_instances()[1]
-    server = mock_store_scp_factory()
-    server.faults.statuses = {refused: 0xA900}
-    config = ct_config(dimse_to(server, limits=FAST))
+    server = mock_store_scp_factory() if kind == "dimse" else mock_stow_factory()
+    refusals = {refused: status}
+    if kind == "dimse":
+        server.faults.statuses = refusals
+    else:
+        server.faults.refuse = refusals
+    config = ct_config(dimse_to(server, limits=FAST) if kind == "dimse" else stow_to(server, limits=FAST))
     result = dqr("run", "--config", config)
     assert result.exit_code == 1
-    assert "0xA900" in result.output
+    assert f"0x{status:04X}" in result.output
     assert sorted(server.received) == [uid for uid in ct_instances() if uid != refused]
-    server.faults.statuses = {}
+    if kind == "dimse":
+        server.faults.statuses = {}
+    else:
+        server.faults.refuse = {}
     assert dqr("run", "--config", config).exit_code == 0
     assert sorted(server.received) == ct_instances()
-    assert {uid: n for uid, n in server.stores.items() if n > 1} == {refused: 2}
-
-
-def test_instances_in_failed_sop_sequence_are_failures_and_only_they_are_sent_next_run(
-    ct_config, dqr, mock_stow_factory
-):
-    refused = ct_instances()[4]
-    server = mock_stow_factory()
-    server.faults.refuse = {refused: 0xC000}
-    config = ct_config(stow_to(server, limits=FAST))
-    result = dqr("run", "--config", config)
-    assert result.exit_code == 1
-    assert "0xC000" in result.output
-    assert sorted(server.received) == [uid for uid in ct_instances() if uid != refused]
-    server.faults.refuse = {}
-    assert dqr("run", "--config", config).exit_code == 0
-    assert sorted(server.received) == ct_instances()
-    assert {uid: n for uid, n in server.stored.items() if n > 1} == {refused: 2}
+    sent = server.stores if kind == "dimse" else server.stored
+    assert {uid: n for uid, n in sent.items() if n > 1} == {refused: 2}
 
 
 def test_stow_retries_a_busy_server_and_a_cut_connection(ct_config, dqr, mock_stow_factory):
