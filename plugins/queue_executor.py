@@ -273,9 +273,10 @@ class Node:
             return ctx
 
     def _cap_cluster_wide(self, ctx) -> None:
-        """The source's limits bound the sum over every process: each query
-        and retrieval attempt holds a cluster slot (inside this process's
-        adaptive limit), and the query rate is booked in the database."""
+        """The source's and the destination's limits bound the sum over every
+        process: each query and retrieval attempt holds a cluster slot (inside
+        this process's adaptive limit), the query rate is booked in the
+        database, and pooled connections hold a slot while open."""
         from dqr.cluster_limits import CappedLimit
 
         if self._limits is None:
@@ -290,6 +291,20 @@ class Node:
         )
         if limits.requests_per_second:
             guard.rate = self._limits.rate(f"{scope}/requests", limits.requests_per_second)
+        # Connections a backend or destination keeps open between calls (pooled
+        # associations) hold their own slots while open, idle or not; a
+        # destination's limits are its own, shared by every source sending to it.
+        cluster = self._limits
+        parts = (
+            (ctx.backend, scope),
+            (ctx.destination, f"{self.config.site.project}/destination/{ctx.destination.describe()}"),
+        )
+        for part, prefix in parts:
+            cap_connections = getattr(part, "cap_connections", None)
+            if cap_connections is not None:
+                cap_connections(
+                    lambda name, capacity, prefix=prefix: cluster.slots(f"{prefix}/{name}", capacity, shared=True)
+                )
 
     def run_step(self, kind: str, key: Any, options: dict[str, Any], run_id: int) -> None:
         from dqr.steps import STEPS, StepKind
