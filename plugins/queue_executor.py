@@ -60,6 +60,8 @@ RECOVERY_INTERVAL = 1.0
 #: How often the driver reads the whole job's progress, seconds.
 PROGRESS_INTERVAL = 0.2
 WORKFLOW_NAME = "dqr-step"
+#: The application name of each node's liveness connection (counted by --new-job).
+LIVENESS_APPLICATION = "dqr-liveness"
 #: Every node of a cluster must agree on it (DBOS dequeues a workflow only
 #: on executors of the version it was enqueued with).
 APP_VERSION = f"dqr-{dqr.__version__}"
@@ -146,7 +148,7 @@ class Node:
 
         try:
             self._liveness = psycopg.connect(
-                self.url, autocommit=True, application_name="dqr-liveness"
+                self.url, autocommit=True, application_name=LIVENESS_APPLICATION
             )
             self._liveness.execute(
                 "SELECT pg_advisory_lock(%s)", (_liveness_key(self.executor_id),)
@@ -400,18 +402,11 @@ class QueueExecutor:
         every process of the cluster reads and writes it."""
         from dqr.state import PostgresJobState
 
+        url = database_url(config)
         if new_job:
-            raise QueueConfigError(
-                Problem(
-                    str(config.path),
-                    "--new-job cannot set aside a job kept in the queue database: "
-                    "point the queue's environment variable at a new database instead",
-                )
-            )
+            set_job_aside(config, url)
         env = config.executor.database_url_env
-        return PostgresJobState(
-            database_url(config), label=f"the job state in the queue database (${env})"
-        )
+        return PostgresJobState(url, label=f"the job state in the queue database (${env})")
 
     def run(self, step, keys: Sequence[Any], workers: int, stop: threading.Event) -> None:
         from dbos import DBOS, SetWorkflowID
@@ -436,7 +431,8 @@ class QueueExecutor:
             "include": ctx.options.include,
             "exclude": ctx.options.exclude,
         }
-        prefix = f"{ctx.config.site.project}/{ctx.source_name}/{ctx.run_id}/{kind}/"
+        job = ctx.state.job_id()
+        prefix = f"{ctx.config.site.project}/{ctx.source_name}/{job}/{ctx.run_id}/{kind}/"
         workflow = _register_workflow()
         ids = []
         for key in keys:
@@ -481,6 +477,68 @@ class QueueExecutor:
                 for workflow_id in here.probe_unfinished(pattern):
                     DBOS.cancel_workflow(workflow_id)
                 return
+
+
+def live_nodes(conn) -> int:
+    """How many dqr processes (``dqr run``, ``dqr worker``) are members of
+    the cluster on this database now: each holds a liveness connection."""
+    (count,) = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND datname = current_database()",
+        (LIVENESS_APPLICATION,),
+    ).fetchone()
+    return int(count)
+
+
+def set_job_aside(config: LoadedConfig, url: str) -> None:
+    """``dqr run --new-job``: the job in the queue database is moved aside
+    (schema ``dqr`` renamed, kept) and its unfinished steps are cancelled, so
+    that the run starts a fresh job. Refused while any other dqr process is
+    on the database: it would go on working on the old job's steps."""
+    import psycopg
+
+    from dqr.state import PostgresJobState
+
+    env = config.executor.database_url_env
+    try:
+        with psycopg.connect(url, autocommit=True, application_name="dqr-new-job") as conn:
+            others = live_nodes(conn)
+            if others:
+                raise QueueConfigError(
+                    Problem(
+                        str(config.path),
+                        f"--new-job: {others} dqr process(es) (dqr run or dqr worker) are working on the job "
+                        f"in the queue database (${env}); stop them first (SIGTERM), then run again. "
+                        "Nothing was changed.",
+                    )
+                )
+            aside = PostgresJobState.set_aside(conn)
+            unfinished = []
+            if conn.execute("SELECT to_regclass('dbos.workflow_status')").fetchone()[0]:
+                unfinished = [
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT workflow_uuid FROM dbos.workflow_status WHERE name = %s AND NOT status = ANY(%s)",
+                        (WORKFLOW_NAME, list(_DONE)),
+                    ).fetchall()
+                ]
+    except psycopg.Error as error:
+        raise QueueConfigError(
+            Problem(str(config.path), f"--new-job: the queue database failed: {mask_url(str(error))}")
+        ) from None
+    if unfinished:
+        from dbos import DBOSClient
+
+        client = DBOSClient(system_database_url=url)
+        try:
+            client.cancel_workflows(unfinished)
+        finally:
+            client.destroy()
+    if aside:
+        log.warning(
+            "--new-job: the previous job is kept in schema %s of the queue database (%d unfinished steps cancelled)",
+            aside,
+            len(unfinished),
+        )
 
 
 def run_worker(config: LoadedConfig, stop: threading.Event) -> Node:

@@ -362,3 +362,68 @@ def test_idle_pooled_query_associations_count_against_max_queries_over_all_proce
     querying = {c.pid for c in proxy.connections if c.tag == "other"}
     assert len(querying) >= 2, querying  # more than one process queried
     assert proxy.maximum_by_tag["other"] == 1
+
+
+def _job_schemas(url: str) -> list[str]:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT schema_name FROM information_schema.schemata WHERE schema_name LIKE 'dqr%' ORDER BY 1"
+        ).fetchall()
+    return [row[0] for row in rows]
+
+
+@pytest.mark.slow
+def test_new_job_sets_the_job_in_the_queue_database_aside_and_runs_a_fresh_one(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    queued = write_site(tmp_path, {"type": "queue", "database_url_env": "DQR_TEST_QUEUE_URL"})
+    env = {"DQR_TEST_QUEUE_URL": postgres_url}
+    assert dqr("run", "--config", queued, "--csv", all_studies_csv(tmp_path), env=env).returncode == 0
+    one_study = tmp_path / "one.csv"
+    one_study.write_text(
+        "Accession Number\n" + accession_number(CohortSpec(patients=4), 0, 0) + "\n", encoding="utf-8"
+    )
+
+    fresh = dqr("run", "--config", queued, "--csv", one_study, "--new-job", env=env)
+
+    assert fresh.returncode == 0, fresh.stderr
+    status = dqr("status", "--config", queued, "--json", env=env)
+    # The new job holds only its own study, and its steps ran (the old job's
+    # finished steps did not stand in for them).
+    assert json.loads(status.stdout)["counts"]["studies"] == {"stored": 1}
+    schemas = _job_schemas(postgres_url)
+    assert "dqr" in schemas and len(schemas) == 2  # the old job kept beside it
+    assert "previous job is kept in schema dqr_" in fresh.stderr
+
+
+@pytest.mark.slow
+def test_new_job_is_refused_while_a_worker_is_on_the_job(tmp_path: Path, postgres_url: str) -> None:
+    queued = write_site(tmp_path, {"type": "queue", "database_url_env": "DQR_TEST_QUEUE_URL"})
+    env = {"DQR_TEST_QUEUE_URL": postgres_url}
+    csv = all_studies_csv(tmp_path)
+    assert dqr("run", "--config", queued, "--csv", csv, env=env).returncode == 0
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "dqr", "worker", "--config", str(queued)],
+        env={**os.environ, **env}, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        import psycopg
+
+        from dqr.plugins.queue_executor import live_nodes
+
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            _wait(lambda: live_nodes(conn) == 1, 60, "the worker to join")
+        refused = dqr("run", "--config", queued, "--csv", csv, "--new-job", env=env)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=15)
+
+    assert refused.returncode == 2
+    assert "1 dqr process(es)" in refused.stderr and "stop them first" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert _job_schemas(postgres_url) == ["dqr"]  # nothing set aside
+    status = dqr("status", "--config", queued, "--json", env=env)
+    assert json.loads(status.stdout)["counts"]["studies"] == {"stored": 8}
