@@ -58,7 +58,7 @@ log = logging.getLogger("dqr.queue")
 #: How often a node looks for peers that died with steps in hand, seconds.
 RECOVERY_INTERVAL = 1.0
 #: How often the driver reads the whole job's progress, seconds.
-PROGRESS_INTERVAL = 0.2
+PROGRESS_INTERVAL = 0.1
 WORKFLOW_NAME = "dqr-step"
 #: The application name of each node's liveness connection (counted by --new-job).
 LIVENESS_APPLICATION = "dqr-liveness"
@@ -123,6 +123,8 @@ class Node:
         self.executor_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.stopping = threading.Event()
         self._contexts: dict[str, Any] = {}
+        #: contexts of a driver in this process (its own; it closes them)
+        self._borrowed: set[str] = set()
         self._contexts_lock = threading.Lock()
         self._active = 0
         self._active_lock = threading.Condition()
@@ -180,6 +182,11 @@ class Node:
             raise QueueConfigError(
                 Problem(str(self.config.path), f"the queue database failed: {mask_url(str(error))}")
             ) from None
+        # Every source's queue, so that this process already listens to it when
+        # a driver enqueues there (the driver sets its concurrency per phase).
+        for source in self.config.sources:
+            limits = self.config.limits_for(source, {})
+            _register_queue(queue_name(source), limits.max_retrievals, self.config, on_conflict="never_update")
         threading.Thread(target=self._recover_dead_peers, name="dqr-recovery", daemon=True).start()
         log.info("queue node %s started", self.executor_id)
 
@@ -332,19 +339,32 @@ class Node:
             # Stopped mid-step: leave the workflow PENDING for a peer to rerun.
             _abandon()
 
-    def release_context(self, options: dict[str, Any], run_id: int) -> None:
-        """Close this process's context for a run (its backend's idle
-        associations would otherwise keep the process alive until the PACS
-        times them out); the next step of that run opens it again."""
-        cache_key = json.dumps([options, run_id], sort_keys=True)
+    def adopt(self, options: dict[str, Any], ctx) -> None:
+        """The driver's steps run on the driver's own context (its backend,
+        destination, state and guard), as the local executor's do, instead of
+        opening a second one: no context to open per run here, and none left
+        open after it (the driver closes its own). Its progress is the
+        driver's to count from the cluster's, so the steps report to a silent
+        reporter; its stop is the node's."""
+        from dataclasses import replace
+
+        from dqr.context import Reporter
+
+        cache_key = json.dumps([options, ctx.run_id], sort_keys=True)
         with self._contexts_lock:
-            ctx = self._contexts.pop(cache_key, None)
-        if ctx is not None:
-            ctx.close()
+            if cache_key in self._contexts:
+                return
+            steps_ctx = replace(ctx, reporter=Reporter(), stop=threading.Event())
+            self._cap_cluster_wide(steps_ctx)
+            if self.stopping.is_set():
+                steps_ctx.stop.set()
+            self._contexts[cache_key] = steps_ctx
+            self._borrowed.add(cache_key)
 
     def close_contexts(self) -> None:
         with self._contexts_lock:
-            contexts, self._contexts = list(self._contexts.values()), {}
+            contexts = [ctx for key, ctx in self._contexts.items() if key not in self._borrowed]
+            self._contexts = {}
         for ctx in contexts:
             ctx.close()
 
@@ -378,6 +398,18 @@ def _register_workflow():
     return _workflow
 
 
+def _register_queue(name: str, workers: int, config: LoadedConfig, on_conflict: str) -> None:
+    from dbos import DBOS
+
+    DBOS.register_queue(
+        name,
+        global_concurrency=workers,
+        worker_concurrency=min(workers, config.executor.threads),
+        polling_interval_sec=config.executor.polling_interval,
+        on_conflict=on_conflict,
+    )
+
+
 def node(config: LoadedConfig) -> Node:
     """This process's node, started on first use."""
     global _node
@@ -389,8 +421,12 @@ def node(config: LoadedConfig) -> Node:
         return _node
 
 
-def queue_name(source: str, kind: str) -> str:
-    return f"dqr-{kind}-{source}"
+def queue_name(source: str) -> str:
+    """One queue per source for every kind of step: the driver runs one phase
+    at a time and sets the queue's concurrency to that phase's limit, and a
+    queue every process already listens to needs no discovery (DBOS looks for
+    new queues once a second: a queue per phase cost ~1 s per phase)."""
+    return f"dqr-{source}"
 
 
 class QueueExecutor:
@@ -416,14 +452,8 @@ class QueueExecutor:
         ctx = step.ctx
         here = node(ctx.config)
         kind = str(step.kind)
-        name = queue_name(ctx.source_name, kind)
-        DBOS.register_queue(
-            name,
-            global_concurrency=workers,
-            worker_concurrency=min(workers, ctx.config.executor.threads),
-            polling_interval_sec=ctx.config.executor.polling_interval,
-            on_conflict="always_update",
-        )
+        name = queue_name(ctx.source_name)
+        _register_queue(name, workers, ctx.config, on_conflict="always_update")
         options = {
             "source": ctx.source_name,
             "limits": ctx.options.limits,
@@ -433,6 +463,7 @@ class QueueExecutor:
         }
         job = ctx.state.job_id()
         prefix = f"{ctx.config.site.project}/{ctx.source_name}/{job}/{ctx.run_id}/{kind}/"
+        here.adopt(options, ctx)
         workflow = _register_workflow()
         ids = []
         for key in keys:
@@ -440,11 +471,7 @@ class QueueExecutor:
             with SetWorkflowID(workflow_id):
                 DBOS.enqueue_workflow(name, workflow, kind, key, options, ctx.run_id)
             ids.append(workflow_id)
-        try:
-            self._wait(here, ctx, kind, prefix, len(ids), stop)
-        finally:
-            # The phase is over here; the driver's next phase opens it anew.
-            here.release_context(options, ctx.run_id)
+        self._wait(here, ctx, kind, prefix, len(ids), stop)
 
     def _wait(
         self, here: Node, ctx, kind: str, prefix: str, total: int, stop: threading.Event
@@ -539,6 +566,25 @@ def set_job_aside(config: LoadedConfig, url: str) -> None:
             aside,
             len(unfinished),
         )
+
+
+def leave_now(code: int | str | None) -> None:
+    """End a process whose command has finished (``dqr run``'s summary is
+    out, every step's outcome committed) without the interpreter's teardown,
+    which waits on DBOS's threads for a second or two. Returns if this
+    process never started a node."""
+    if _node is None:
+        return
+    import sys
+
+    _node.close()
+    logging.shutdown()
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 def run_worker(config: LoadedConfig, stop: threading.Event) -> Node:
