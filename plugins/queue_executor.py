@@ -15,7 +15,7 @@ How it works (docs/scale-out.md has the operator's view):
   calls ``STEPS[kind](ctx, key)``: the step reads its inputs from the job
   state and records its outcome there.
 - :meth:`QueueExecutor.run` (the driver in ``dqr run``) enqueues one workflow
-  per key on a queue per source and step kind whose global concurrency is the
+  per key on the source's queue, whose global concurrency it sets to the
   phase's ``workers`` (``max_queries`` / ``max_retrievals``), waits until all
   are done while this process works on them too, and reports the whole
   job's progress. The connections a step opens to the PACS are also capped
