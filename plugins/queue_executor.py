@@ -361,6 +361,12 @@ class Node:
             self._contexts[cache_key] = steps_ctx
             self._borrowed.add(cache_key)
 
+    def stop_borrowed(self) -> None:
+        """The driver was interrupted: its steps running here stop too."""
+        with self._contexts_lock:
+            for key in self._borrowed:
+                self._contexts[key].stop.set()
+
     def close_contexts(self) -> None:
         with self._contexts_lock:
             contexts = [ctx for key, ctx in self._contexts.items() if key not in self._borrowed]
@@ -500,9 +506,11 @@ class QueueExecutor:
             if done >= total:
                 return
             if stop.wait(PROGRESS_INTERVAL):
-                # Interrupted: what is still queued is not started anywhere.
+                # Interrupted: what is still queued is not started anywhere,
+                # and this process's running steps stop at their next instance.
                 for workflow_id in here.probe_unfinished(pattern):
                     DBOS.cancel_workflow(workflow_id)
+                here.stop_borrowed()
                 return
 
 
