@@ -365,7 +365,8 @@ class Node:
         """The driver was interrupted: its steps running here stop too."""
         with self._contexts_lock:
             for key in self._borrowed:
-                self._contexts[key].stop.set()
+                if key in self._contexts:
+                    self._contexts[key].stop.set()
 
     def close_contexts(self) -> None:
         with self._contexts_lock:
