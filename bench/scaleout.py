@@ -7,7 +7,10 @@ run`` plus 0, 1 or 3 ``dqr worker``), on a private PostgreSQL.
 
 Prints one JSON line per variant: wall time, CPU seconds per process (from
 ``wait4``), and for the overhead pair (40 studies, local vs queue with one
-process) the queue's extra time per step. Results go to
+process) the queue's extra time, in all and per step. Each queue variant
+starts on a database set up as a standing cluster's is (DBOS's schema and
+the source's queue made by one worker, started and stopped first); its
+workers have joined before the clock starts. Results go to
 ``bench/results/scaleout.json`` with ``--out``.
 """
 
@@ -77,10 +80,18 @@ def run_variant(root: Path, orthanc: OrthancServer, pg: PostgresServer, csv: Pat
         "stderr": subprocess.DEVNULL,
         "env": env,
     }
+    if processes is not None:
+        # The queue database as a standing cluster has it: DBOS's schema made
+        # and the source's queue registered (by one worker, started and stopped).
+        warmup = subprocess.Popen([*dqr, "worker", "--config", str(config)], **quiet)
+        _wait_for_node(env["DQR_BENCH_QUEUE_URL"])
+        warmup.send_signal(signal.SIGTERM)
+        _wait(warmup)
     workers = [subprocess.Popen([*dqr, "worker", "--config", str(config)], **quiet)
                for _ in range((processes or 1) - 1)]  # fmt: skip
     if workers:
-        time.sleep(3)  # let them start (DBOS launch), as a standing pool would be
+        _wait_for_node(env["DQR_BENCH_QUEUE_URL"], len(workers))
+    load = os.getloadavg()[0]
     started = time.monotonic()
     run = subprocess.Popen([*dqr, "run", "--config", str(config), "--csv", str(csv)], **quiet)
     code, run_cpu = _wait(run)
@@ -90,9 +101,35 @@ def run_variant(root: Path, orthanc: OrthancServer, pg: PostgresServer, csv: Pat
         worker.send_signal(signal.SIGTERM)
         worker_cpu.append(_wait(worker)[1])
     stored = len(list((root / name / "archive").rglob("*.dcm")))
-    return {"variant": name, "studies": studies, "processes": processes or 1,
-            "executor": "local" if processes is None else "queue", "exit": code, "wall_s": round(wall, 2),
-            "cpu_s_run": run_cpu, "cpu_s_workers": worker_cpu, "instances_stored": stored}  # fmt: skip
+    result = {"variant": name, "studies": studies, "processes": processes or 1,
+              "executor": "local" if processes is None else "queue", "exit": code, "wall_s": round(wall, 2),
+              "cpu_s_run": run_cpu, "cpu_s_workers": worker_cpu, "instances_stored": stored,
+              "loadavg_1min_before": round(load, 2)}  # fmt: skip
+    if processes is not None:
+        result["steps"] = _steps(env["DQR_BENCH_QUEUE_URL"])
+    return result
+
+
+def _wait_for_node(url: str, count: int = 1, timeout: float = 120) -> None:
+    """Until ``count`` dqr processes have joined the cluster (DBOS launched)."""
+    import psycopg
+
+    from dqr.plugins.queue_executor import live_nodes
+
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(url, autocommit=True) as conn:
+        while live_nodes(conn) < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{count} dqr worker(s) did not start within {timeout} s")
+            time.sleep(0.1)
+    time.sleep(0.5)  # the node's queue is registered just after its liveness lock
+
+
+def _steps(url: str) -> int:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute("SELECT count(*) FROM dbos.workflow_status WHERE name = 'dqr-step'").fetchone()[0]
 
 
 def main() -> None:
@@ -127,6 +164,7 @@ def main() -> None:
             if args.overhead_studies:
                 plan += [(args.overhead_studies, None, f"local-{args.overhead_studies}"),
                          (args.overhead_studies, 1, f"queue1-{args.overhead_studies}")]  # fmt: skip
+                plan = list({name: (st, p, name) for st, p, name in plan}.values())
             for studies, processes, name in plan:
                 result = run_variant(root, orthanc, pg, csv_of(studies), processes, studies, name)
                 print(json.dumps(result), flush=True)
@@ -135,7 +173,9 @@ def main() -> None:
     n = args.overhead_studies
     if n and f"local-{n}" in by_name:
         local, queued = by_name[f"local-{n}"], by_name[f"queue1-{n}"]
-        overhead = {"overhead_pct": round(100 * (queued["wall_s"] / local["wall_s"] - 1), 1)}
+        extra = queued["wall_s"] - local["wall_s"]
+        overhead = {"overhead_pct": round(100 * extra / local["wall_s"], 1),
+                    "overhead_ms_per_step": round(1000 * extra / max(1, queued["steps"]), 1)}  # fmt: skip
         print(json.dumps(overhead))
         results.append(overhead)
     if args.out:

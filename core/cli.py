@@ -768,7 +768,15 @@ def _register_plugin_commands() -> None:
 
 def main() -> None:
     """Entry point of the ``dqr`` script."""
-    app()
+    try:
+        app()
+    except SystemExit as done:
+        # A queue node's background threads make the interpreter's teardown
+        # take a second or two: with everything finished, it leaves at once.
+        leave = getattr(sys.modules.get("dqr.plugins.queue_executor"), "leave_now", None)
+        if leave is not None:
+            leave(done.code)
+        raise
 
 
 # Plugin commands are part of the app's interface (CliRunner tests use `app`).

@@ -16,13 +16,17 @@ down when the PACS strains; :class:`CappedLimit` runs it inside the global cap.
   in one ``UPDATE ... RETURNING`` and sleeps until then.
 
 Each thread uses its own connection (a lock belongs to the session that took
-it, and a waiting thread must not block the others). Needs ``psycopg`` (the
+it, and a waiting thread must not block the others). Slots that belong to an
+object rather than a thread -- an open association, taken by one thread and
+closed by another -- are taken on one session per process shared by all its
+threads (``slots(..., shared=True)``). Needs ``psycopg`` (the
 ``queue`` extra). The database URL is a secret: it is never put into an
 error or a log line (see :func:`mask_url`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import random
@@ -96,9 +100,12 @@ class ClusterLimits:
         self._all: list[Any] = []
         self._lock = threading.Lock()
         self._rate_table_ready = False
+        self._shared = _SharedSession(self)
 
-    def slots(self, name: str, capacity: int) -> ClusterSlots:
-        return ClusterSlots(self, name, capacity)
+    def slots(self, name: str, capacity: int, *, shared: bool = False) -> ClusterSlots:
+        """``capacity`` slots named ``name``; ``shared``: held on this process's
+        shared session, so any thread may give back a slot another took."""
+        return ClusterSlots(self, name, capacity, session=self._shared if shared else self)
 
     def rate(self, name: str, per_second: float | None) -> ClusterRate:
         return ClusterRate(self, name, per_second)
@@ -110,6 +117,13 @@ class ClusterLimits:
         conn = getattr(self._local, "conn", None)
         if conn is not None and not conn.closed:
             return conn
+        conn = self.connect()
+        self._local.conn = conn
+        self._local.held = set()
+        return conn
+
+    def connect(self) -> Any:
+        """A new connection (autocommit), closed with the others by :meth:`close`."""
         import psycopg
 
         try:
@@ -128,8 +142,6 @@ class ClusterLimits:
             raise ClusterLimitError(
                 f"cannot connect to the queue database: {mask_url(str(error))}"
             ) from None
-        self._local.conn = conn
-        self._local.held = set()
         with self._lock:
             self._all.append(conn)
         return conn
@@ -139,6 +151,9 @@ class ClusterLimits:
         a new session holds none)."""
         self.connection()
         return self._local.held
+
+    def exclusive(self) -> contextlib.nullcontext:
+        return contextlib.nullcontext()  # a thread's own session: nobody else uses it
 
     def execute(self, sql: str, params: dict[str, Any]) -> Any:
         import psycopg
@@ -178,15 +193,52 @@ class ClusterLimits:
         self.close()
 
 
+class _SharedSession:
+    """One connection of the process shared by all its threads (one statement
+    at a time), for slots held by objects that outlive the thread that took
+    them. The same ``held``/``execute`` as :class:`ClusterLimits`' per-thread ones."""
+
+    def __init__(self, limits: ClusterLimits) -> None:
+        self._limits = limits
+        self._conn: Any = None
+        self._held: set[int] = set()
+        self._mutex = threading.RLock()
+
+    def held(self) -> set[int]:
+        return self._held
+
+    def exclusive(self) -> threading.RLock:
+        """Held across "which keys are mine" and taking one, so that two threads
+        cannot both get the same key (advisory locks are re-entrant per session)."""
+        return self._mutex
+
+    def execute(self, sql: str, params: dict[str, Any]) -> Any:
+        import psycopg
+
+        with self._mutex:
+            if self._conn is None or self._conn.closed:
+                self._conn = self._limits.connect()
+                self._held.clear()
+            try:
+                return self._conn.execute(sql, params).fetchone()
+            except psycopg.OperationalError as error:
+                self._conn.close()
+                self._conn = None
+                self._held.clear()
+                raise ClusterLimitError(f"the queue database failed: {mask_url(str(error))}") from None
+
+
 class ClusterSlots:
     """At most ``capacity`` holders of :meth:`slot` at once, over every process
     using the same database and name."""
 
-    def __init__(self, limits: ClusterLimits, name: str, capacity: int) -> None:
+    def __init__(self, limits: ClusterLimits, name: str, capacity: int, *, session: Any = None) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.name = name
         self.capacity = capacity
+        # Where the locks are taken: this thread's session, or the shared one.
+        self._session = session or limits
         self._limits = limits
         self._keys = [advisory_key(limits.namespace, "slot", name, str(i)) for i in range(capacity)]
 
@@ -197,15 +249,16 @@ class ClusterSlots:
         start = random.randrange(self.capacity)
         # Advisory locks are re-entrant within a session: skip the slots this
         # thread's session holds already, or a second acquire would "get" one.
-        held = self._limits.held()
-        order = [key for key in self._keys[start:] + self._keys[:start] if key not in held]
-        if not order:
-            return None
-        row = self._limits.execute(_TAKE_ONE, {"keys": order})
-        if row is None:
-            return None
-        held.add(row[0])
-        return row[0]
+        with self._session.exclusive():
+            held = self._session.held()
+            order = [key for key in self._keys[start:] + self._keys[:start] if key not in held]
+            if not order:
+                return None
+            row = self._session.execute(_TAKE_ONE, {"keys": order})
+            if row is None:
+                return None
+            held.add(row[0])
+            return row[0]
 
     def acquire(
         self, stop: threading.Event | None = None, timeout: float | None = None
@@ -229,9 +282,10 @@ class ClusterSlots:
             pause = min(MAX_POLL, pause * 2)
 
     def release(self, key: int) -> None:
-        self._limits.held().discard(key)
         try:
-            row = self._limits.execute("SELECT pg_advisory_unlock(%(key)s)", {"key": key})
+            with self._session.exclusive():
+                self._session.held().discard(key)
+                row = self._session.execute("SELECT pg_advisory_unlock(%(key)s)", {"key": key})
         except ClusterLimitError as error:
             log.warning(
                 "%s: giving back a slot failed (%s); the server drops it with the connection",

@@ -590,3 +590,35 @@ class PostgresJobState(JobState):
             ) from None
         self._db = _PostgresConnection(conn)
 
+
+    def job_id(self) -> str:
+        """This job's id, made when first asked: the queue executor puts it
+        into every step's workflow id, so a new job's steps are never taken
+        for an earlier job's (its run ids start at 1 again)."""
+        import uuid
+
+        with self.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", ("job", uuid.uuid4().hex[:12]))
+            return str(db.execute("SELECT value FROM meta WHERE key = ?", ("job",)).fetchone()[0])
+
+    @staticmethod
+    def set_aside(conn: Any) -> str | None:
+        """Move the job in this database (schema ``dqr``) aside to schema
+        ``dqr_<date>_<time>``, kept as it was (as ``--new-job`` renames a
+        SQLite state); the next :class:`PostgresJobState` starts an empty job.
+        The new schema's name, or None if there was no job. ``conn``: an
+        autocommit psycopg connection."""
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('dqr-state-schema'))")
+            exists = conn.execute(
+                "SELECT 1 FROM information_schema.schemata WHERE schema_name = %s", (POSTGRES_SCHEMA_NAME,)
+            ).fetchone()
+            if not exists:
+                return None
+            stamp = time.strftime("%Y%m%d_%H%M%S")
+            aside, n = f"{POSTGRES_SCHEMA_NAME}_{stamp}", 1
+            while conn.execute("SELECT 1 FROM information_schema.schemata WHERE schema_name = %s", (aside,)).fetchone():
+                n += 1
+                aside = f"{POSTGRES_SCHEMA_NAME}_{stamp}_{n}"
+            conn.execute(f'ALTER SCHEMA {POSTGRES_SCHEMA_NAME} RENAME TO "{aside}"')
+        return aside

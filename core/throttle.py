@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 from tenacity import Retrying, retry_if_exception, stop_after_attempt
 
@@ -295,6 +295,84 @@ class Guard:
         """One retrieval attempt, within ``max_retrievals``, not retried
         (the caller has a cheaper way to finish what it leaves undone)."""
         return call_with_retries(action, self.limits.merged({"retries": 0}), self.retrievals, None, self.breaker)
+
+
+class ConnectionSlots(Protocol):
+    """Slots any thread may give back (``dqr.cluster_limits.ClusterSlots``
+    taken with ``shared=True``): what a connection holds while it is open."""
+
+    def acquire(self, stop: threading.Event | None = None, timeout: float | None = None) -> Any: ...
+
+    def release(self, key: Any) -> None: ...
+
+
+#: ``cap(name, capacity)``: the cluster-wide slots named ``name`` (scoped to
+#: the source or destination by the executor) that a backend's or
+#: destination's open connections hold. Given to ``cap_connections(cap)``.
+ConnectionCapFactory = Callable[[str, int], ConnectionSlots]
+
+#: Under a cluster-wide cap, a connection kept open idle holds a slot that
+#: another process may be waiting for: it is closed after this long idle...
+CAPPED_IDLE = 1.0
+#: ...and given back (closed) instead of kept once it has been open this long,
+#: so that a busy process cannot keep every slot while peers wait.
+CAPPED_TURN = 5.0
+
+
+class ConnectionCap:
+    """Open connections (associations) to one remote, each holding one
+    cluster-wide slot from the moment it is opened until it is closed: idle
+    pooled connections count against the cap as the remote counts them.
+
+    A pool opens through :meth:`open`, reports every close to :meth:`closed`,
+    asks :meth:`keep_idle` before pooling one, and closes what
+    :meth:`expired` says from a reaper (:meth:`start_reaper`)."""
+
+    def __init__(self, slots: ConnectionSlots, idle: float = CAPPED_IDLE, turn: float = CAPPED_TURN) -> None:
+        self.slots = slots
+        self.idle = idle
+        self.turn = turn
+        self._held: dict[int, tuple[Any, float]] = {}
+        self._lock = threading.Lock()
+
+    def open(self, connect: Callable[[], T], stop: threading.Event | None = None) -> T:
+        """``connect()`` holding a slot that stays with the connection."""
+        key = self.slots.acquire(stop)
+        if key is None:
+            raise RemoteError("stopped while waiting for a connection slot", retriable=True)
+        try:
+            connection = connect()
+        except BaseException:
+            self.slots.release(key)
+            raise
+        with self._lock:
+            self._held[id(connection)] = (key, time.monotonic())
+        return connection
+
+    def closed(self, connection: object) -> None:
+        """The connection is closed (or dead): its slot goes back."""
+        with self._lock:
+            held = self._held.pop(id(connection), None)
+        if held is not None:
+            self.slots.release(held[0])
+
+    def keep_idle(self, connection: object) -> bool:
+        """Whether to pool it: not once it has had its turn."""
+        with self._lock:
+            held = self._held.get(id(connection))
+        return held is not None and time.monotonic() - held[1] < self.turn
+
+    def start_reaper(self, reap: Callable[[], bool]) -> None:
+        """Call ``reap()`` (which closes idle connections older than
+        :attr:`idle`) every half of it until ``reap`` returns False."""
+
+        def loop() -> None:
+            while True:
+                time.sleep(self.idle / 2)
+                if not reap():
+                    return
+
+        threading.Thread(target=loop, name="dqr-connection-reaper", daemon=True).start()
 
 
 class Deadline:

@@ -15,7 +15,7 @@ How it works (docs/scale-out.md has the operator's view):
   calls ``STEPS[kind](ctx, key)``: the step reads its inputs from the job
   state and records its outcome there.
 - :meth:`QueueExecutor.run` (the driver in ``dqr run``) enqueues one workflow
-  per key on a queue per source and step kind whose global concurrency is the
+  per key on the source's queue, whose global concurrency it sets to the
   phase's ``workers`` (``max_queries`` / ``max_retrievals``), waits until all
   are done while this process works on them too, and reports the whole
   job's progress. The connections a step opens to the PACS are also capped
@@ -58,8 +58,10 @@ log = logging.getLogger("dqr.queue")
 #: How often a node looks for peers that died with steps in hand, seconds.
 RECOVERY_INTERVAL = 1.0
 #: How often the driver reads the whole job's progress, seconds.
-PROGRESS_INTERVAL = 0.2
+PROGRESS_INTERVAL = 0.1
 WORKFLOW_NAME = "dqr-step"
+#: The application name of each node's liveness connection (counted by --new-job).
+LIVENESS_APPLICATION = "dqr-liveness"
 #: Every node of a cluster must agree on it (DBOS dequeues a workflow only
 #: on executors of the version it was enqueued with).
 APP_VERSION = f"dqr-{dqr.__version__}"
@@ -121,6 +123,8 @@ class Node:
         self.executor_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.stopping = threading.Event()
         self._contexts: dict[str, Any] = {}
+        #: contexts of a driver in this process (its own; it closes them)
+        self._borrowed: set[str] = set()
         self._contexts_lock = threading.Lock()
         self._active = 0
         self._active_lock = threading.Condition()
@@ -146,7 +150,7 @@ class Node:
 
         try:
             self._liveness = psycopg.connect(
-                self.url, autocommit=True, application_name="dqr-liveness"
+                self.url, autocommit=True, application_name=LIVENESS_APPLICATION
             )
             self._liveness.execute(
                 "SELECT pg_advisory_lock(%s)", (_liveness_key(self.executor_id),)
@@ -178,6 +182,11 @@ class Node:
             raise QueueConfigError(
                 Problem(str(self.config.path), f"the queue database failed: {mask_url(str(error))}")
             ) from None
+        # Every source's queue, so that this process already listens to it when
+        # a driver enqueues there (the driver sets its concurrency per phase).
+        for source in self.config.sources:
+            limits = self.config.limits_for(source, {})
+            _register_queue(queue_name(source), limits.max_retrievals, self.config, on_conflict="never_update")
         threading.Thread(target=self._recover_dead_peers, name="dqr-recovery", daemon=True).start()
         log.info("queue node %s started", self.executor_id)
 
@@ -273,9 +282,10 @@ class Node:
             return ctx
 
     def _cap_cluster_wide(self, ctx) -> None:
-        """The source's limits bound the sum over every process: each query
-        and retrieval attempt holds a cluster slot (inside this process's
-        adaptive limit), and the query rate is booked in the database."""
+        """The source's and the destination's limits bound the sum over every
+        process: each query and retrieval attempt holds a cluster slot (inside
+        this process's adaptive limit), the query rate is booked in the
+        database, and pooled connections hold a slot while open."""
         from dqr.cluster_limits import CappedLimit
 
         if self._limits is None:
@@ -290,6 +300,20 @@ class Node:
         )
         if limits.requests_per_second:
             guard.rate = self._limits.rate(f"{scope}/requests", limits.requests_per_second)
+        # Connections a backend or destination keeps open between calls (pooled
+        # associations) hold their own slots while open, idle or not; a
+        # destination's limits are its own, shared by every source sending to it.
+        cluster = self._limits
+        parts = (
+            (ctx.backend, scope),
+            (ctx.destination, f"{self.config.site.project}/destination/{ctx.destination.describe()}"),
+        )
+        for part, prefix in parts:
+            cap_connections = getattr(part, "cap_connections", None)
+            if cap_connections is not None:
+                cap_connections(
+                    lambda name, capacity, prefix=prefix: cluster.slots(f"{prefix}/{name}", capacity, shared=True)
+                )
 
     def run_step(self, kind: str, key: Any, options: dict[str, Any], run_id: int) -> None:
         from dqr.steps import STEPS, StepKind
@@ -315,19 +339,39 @@ class Node:
             # Stopped mid-step: leave the workflow PENDING for a peer to rerun.
             _abandon()
 
-    def release_context(self, options: dict[str, Any], run_id: int) -> None:
-        """Close this process's context for a run (its backend's idle
-        associations would otherwise keep the process alive until the PACS
-        times them out); the next step of that run opens it again."""
-        cache_key = json.dumps([options, run_id], sort_keys=True)
+    def adopt(self, options: dict[str, Any], ctx) -> None:
+        """The driver's steps run on the driver's own context (its backend,
+        destination, state and guard), as the local executor's do, instead of
+        opening a second one: no context to open per run here, and none left
+        open after it (the driver closes its own). Its progress is the
+        driver's to count from the cluster's, so the steps report to a silent
+        reporter; its stop is the node's."""
+        from dataclasses import replace
+
+        from dqr.context import Reporter
+
+        cache_key = json.dumps([options, ctx.run_id], sort_keys=True)
         with self._contexts_lock:
-            ctx = self._contexts.pop(cache_key, None)
-        if ctx is not None:
-            ctx.close()
+            if cache_key in self._contexts:
+                return
+            steps_ctx = replace(ctx, reporter=Reporter(), stop=threading.Event())
+            self._cap_cluster_wide(steps_ctx)
+            if self.stopping.is_set():
+                steps_ctx.stop.set()
+            self._contexts[cache_key] = steps_ctx
+            self._borrowed.add(cache_key)
+
+    def stop_borrowed(self) -> None:
+        """The driver was interrupted: its steps running here stop too."""
+        with self._contexts_lock:
+            for key in self._borrowed:
+                if key in self._contexts:
+                    self._contexts[key].stop.set()
 
     def close_contexts(self) -> None:
         with self._contexts_lock:
-            contexts, self._contexts = list(self._contexts.values()), {}
+            contexts = [ctx for key, ctx in self._contexts.items() if key not in self._borrowed]
+            self._contexts = {}
         for ctx in contexts:
             ctx.close()
 
@@ -361,6 +405,18 @@ def _register_workflow():
     return _workflow
 
 
+def _register_queue(name: str, workers: int, config: LoadedConfig, on_conflict: str) -> None:
+    from dbos import DBOS
+
+    DBOS.register_queue(
+        name,
+        global_concurrency=workers,
+        worker_concurrency=min(workers, config.executor.threads),
+        polling_interval_sec=config.executor.polling_interval,
+        on_conflict=on_conflict,
+    )
+
+
 def node(config: LoadedConfig) -> Node:
     """This process's node, started on first use."""
     global _node
@@ -372,8 +428,12 @@ def node(config: LoadedConfig) -> Node:
         return _node
 
 
-def queue_name(source: str, kind: str) -> str:
-    return f"dqr-{kind}-{source}"
+def queue_name(source: str) -> str:
+    """One queue per source for every kind of step: the driver runs one phase
+    at a time and sets the queue's concurrency to that phase's limit, and a
+    queue every process already listens to needs no discovery (DBOS looks for
+    new queues once a second: a queue per phase cost ~1 s per phase)."""
+    return f"dqr-{source}"
 
 
 class QueueExecutor:
@@ -385,18 +445,11 @@ class QueueExecutor:
         every process of the cluster reads and writes it."""
         from dqr.state import PostgresJobState
 
+        url = database_url(config)
         if new_job:
-            raise QueueConfigError(
-                Problem(
-                    str(config.path),
-                    "--new-job cannot set aside a job kept in the queue database: "
-                    "point the queue's environment variable at a new database instead",
-                )
-            )
+            set_job_aside(config, url)
         env = config.executor.database_url_env
-        return PostgresJobState(
-            database_url(config), label=f"the job state in the queue database (${env})"
-        )
+        return PostgresJobState(url, label=f"the job state in the queue database (${env})")
 
     def run(self, step, keys: Sequence[Any], workers: int, stop: threading.Event) -> None:
         from dbos import DBOS, SetWorkflowID
@@ -406,14 +459,8 @@ class QueueExecutor:
         ctx = step.ctx
         here = node(ctx.config)
         kind = str(step.kind)
-        name = queue_name(ctx.source_name, kind)
-        DBOS.register_queue(
-            name,
-            global_concurrency=workers,
-            worker_concurrency=min(workers, ctx.config.executor.threads),
-            polling_interval_sec=ctx.config.executor.polling_interval,
-            on_conflict="always_update",
-        )
+        name = queue_name(ctx.source_name)
+        _register_queue(name, workers, ctx.config, on_conflict="always_update")
         options = {
             "source": ctx.source_name,
             "limits": ctx.options.limits,
@@ -421,7 +468,9 @@ class QueueExecutor:
             "include": ctx.options.include,
             "exclude": ctx.options.exclude,
         }
-        prefix = f"{ctx.config.site.project}/{ctx.source_name}/{ctx.run_id}/{kind}/"
+        job = ctx.state.job_id()
+        prefix = f"{ctx.config.site.project}/{ctx.source_name}/{job}/{ctx.run_id}/{kind}/"
+        here.adopt(options, ctx)
         workflow = _register_workflow()
         ids = []
         for key in keys:
@@ -429,11 +478,7 @@ class QueueExecutor:
             with SetWorkflowID(workflow_id):
                 DBOS.enqueue_workflow(name, workflow, kind, key, options, ctx.run_id)
             ids.append(workflow_id)
-        try:
-            self._wait(here, ctx, kind, prefix, len(ids), stop)
-        finally:
-            # The phase is over here; the driver's next phase opens it anew.
-            here.release_context(options, ctx.run_id)
+        self._wait(here, ctx, kind, prefix, len(ids), stop)
 
     def _wait(
         self, here: Node, ctx, kind: str, prefix: str, total: int, stop: threading.Event
@@ -462,10 +507,93 @@ class QueueExecutor:
             if done >= total:
                 return
             if stop.wait(PROGRESS_INTERVAL):
-                # Interrupted: what is still queued is not started anywhere.
+                # Interrupted: what is still queued is not started anywhere,
+                # and this process's running steps stop at their next instance.
                 for workflow_id in here.probe_unfinished(pattern):
                     DBOS.cancel_workflow(workflow_id)
+                here.stop_borrowed()
                 return
+
+
+def live_nodes(conn) -> int:
+    """How many dqr processes (``dqr run``, ``dqr worker``) are members of
+    the cluster on this database now: each holds a liveness connection."""
+    (count,) = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND datname = current_database()",
+        (LIVENESS_APPLICATION,),
+    ).fetchone()
+    return int(count)
+
+
+def set_job_aside(config: LoadedConfig, url: str) -> None:
+    """``dqr run --new-job``: the job in the queue database is moved aside
+    (schema ``dqr`` renamed, kept) and its unfinished steps are cancelled, so
+    that the run starts a fresh job. Refused while any other dqr process is
+    on the database: it would go on working on the old job's steps."""
+    import psycopg
+
+    from dqr.state import PostgresJobState
+
+    env = config.executor.database_url_env
+    try:
+        with psycopg.connect(url, autocommit=True, application_name="dqr-new-job") as conn:
+            others = live_nodes(conn)
+            if others:
+                raise QueueConfigError(
+                    Problem(
+                        str(config.path),
+                        f"--new-job: {others} dqr process(es) (dqr run or dqr worker) are working on the job "
+                        f"in the queue database (${env}); stop them first (SIGTERM), then run again. "
+                        "Nothing was changed.",
+                    )
+                )
+            aside = PostgresJobState.set_aside(conn)
+            unfinished = []
+            if conn.execute("SELECT to_regclass('dbos.workflow_status')").fetchone()[0]:
+                unfinished = [
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT workflow_uuid FROM dbos.workflow_status WHERE name = %s AND NOT status = ANY(%s)",
+                        (WORKFLOW_NAME, list(_DONE)),
+                    ).fetchall()
+                ]
+    except psycopg.Error as error:
+        raise QueueConfigError(
+            Problem(str(config.path), f"--new-job: the queue database failed: {mask_url(str(error))}")
+        ) from None
+    if unfinished:
+        from dbos import DBOSClient
+
+        client = DBOSClient(system_database_url=url)
+        try:
+            client.cancel_workflows(unfinished)
+        finally:
+            client.destroy()
+    if aside:
+        log.warning(
+            "--new-job: the previous job is kept in schema %s of the queue database (%d unfinished steps cancelled)",
+            aside,
+            len(unfinished),
+        )
+
+
+def leave_now(code: int | str | None) -> None:
+    """End a process whose command has finished (``dqr run``'s summary is
+    out, every step's outcome committed) without the interpreter's teardown,
+    which waits on DBOS's threads for a second or two. Returns if this
+    process never started a node."""
+    if _node is None:
+        return
+    import sys
+
+    _node.close()
+    logging.shutdown()
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 def run_worker(config: LoadedConfig, stop: threading.Event) -> Node:

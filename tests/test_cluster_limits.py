@@ -204,6 +204,33 @@ def test_capped_limit_holds_a_cluster_slot_inside_the_local_one(limits: ClusterL
     assert capped.cluster.holders() == 0
 
 
+def test_a_shared_slot_is_given_back_by_another_thread(limits: ClusterLimits) -> None:
+    slots = limits.slots("pacs:associations", 1, shared=True)
+    key = slots.acquire()
+    assert slots.try_acquire() is None  # held once, by the process, not per thread
+
+    releaser = threading.Thread(target=slots.release, args=(key,))
+    releaser.start()
+    releaser.join()
+
+    assert slots.holders() == 0
+    assert slots.try_acquire() is not None
+
+
+def test_shared_slots_taken_by_many_threads_at_once_never_exceed_the_capacity(limits: ClusterLimits) -> None:
+    slots = limits.slots("pacs:associations", 2, shared=True)
+    got: list[int | None] = []
+    threads = [threading.Thread(target=lambda: got.append(slots.try_acquire())) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    taken = [key for key in got if key is not None]
+    assert len(taken) == 2 and len(set(taken)) == 2
+    assert slots.holders() == 2
+
+
 def test_closing_releases_every_slot(postgres_url: str, limits: ClusterLimits) -> None:
     other = ClusterLimits(postgres_url)
     other.slots("pacs:retrieve", 1).acquire()

@@ -253,3 +253,177 @@ def test_run_and_two_workers_survive_a_sigkill_mid_retrieval_within_the_cluster_
     assert proxy.maximum_by_tag["get"] <= 2
     retrieving = {c.pid for c in proxy.connections if c.tag == "get"}
     assert len(retrieving) >= 2, retrieving
+
+
+def _run_with_workers(config: Path, env: dict[str, str], workers: int, *run_args: str) -> str:
+    """``dqr run`` (with ``run_args``) beside ``workers`` ``dqr worker``
+    processes on ``config``; asserts it exits 0, stops the workers by SIGTERM
+    and returns its stderr."""
+
+    def start(*args: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "dqr", *args, "--config", str(config)],
+            env={**os.environ, **env}, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    started = [start("worker") for _ in range(workers)]
+    try:
+        run = start("run", *run_args)
+        started.append(run)
+        _, errors = run.communicate(timeout=240)
+        assert run.returncode == 0, errors[-3000:]
+        for worker in started[:-1]:
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(timeout=15) == 0
+        return errors
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+
+
+@pytest.mark.slow
+def test_a_c_store_destinations_max_associations_bounds_all_processes_together(
+    tmp_path: Path, postgres_url: str, mock_store_scp_factory
+) -> None:
+    from dqr.plugins.testpacs.memory.synthetic import generate_cohort
+    from dqr.testing.tcp_counter import CountingProxy
+
+    scp = mock_store_scp_factory()
+    # Every association to the Storage SCP passes the proxy, which names the
+    # process that opened it; slow answers make the processes' sends overlap.
+    with CountingProxy(("127.0.0.1", scp.port), identify=True, delay=0.005) as proxy:
+        destination = {
+            "type": "dimse", "host": "127.0.0.1", "port": proxy.port, "called_aet": scp.aet,
+            "limits": {"max_associations": 1},
+        }  # fmt: skip
+        config = write_site(
+            tmp_path,
+            {"type": "queue", "database_url_env": "DQR_TEST_QUEUE_URL"},
+            destination=destination,
+        )
+        csv = all_studies_csv(tmp_path)
+        _run_with_workers(config, {"DQR_TEST_QUEUE_URL": postgres_url}, 2, "--csv", str(csv))
+
+    expected = {d.SOPInstanceUID for d in generate_cohort(CohortSpec(patients=4))}
+    assert set(scp.received) == expected
+    assert len({c.pid for c in proxy.connections}) >= 2  # more than one process sent
+    assert proxy.maximum == 1
+
+
+@pytest.mark.slow
+def test_a_stow_destinations_max_requests_bounds_all_processes_together(
+    tmp_path: Path, postgres_url: str, mock_stow_factory
+) -> None:
+    from dqr.plugins.testpacs.memory.synthetic import generate_cohort
+
+    server = mock_stow_factory()
+    server.faults.delay = 0.05
+    config = write_site(
+        tmp_path,
+        {"type": "queue", "database_url_env": "DQR_TEST_QUEUE_URL"},
+        destination={"type": "dicomweb", "url": server.url, "limits": {"max_requests": 1}},
+    )
+    csv = all_studies_csv(tmp_path)
+    _run_with_workers(config, {"DQR_TEST_QUEUE_URL": postgres_url}, 2, "--csv", str(csv))
+
+    expected = {d.SOPInstanceUID for d in generate_cohort(CohortSpec(patients=4))}
+    assert set(server.received) == expected
+    assert server.max_concurrent_requests == 1
+
+
+@pytest.mark.slow
+def test_idle_pooled_query_associations_count_against_max_queries_over_all_processes(
+    tmp_path: Path, postgres_url: str, mock_dimse_factory
+) -> None:
+    from dqr.testing.tcp_counter import CountingProxy, dimse_kind
+
+    pacs = mock_dimse_factory()
+    pacs.faults.delay = 0.02
+    # Query associations ("other") are told from C-GET ones at the proxy.
+    with CountingProxy(
+        ("127.0.0.1", pacs.port), classify=dimse_kind, identify=True
+    ) as proxy:
+        source = {
+            "type": "dimse", "host": "127.0.0.1", "port": proxy.port, "called_aet": pacs.aet,
+            "calling_aet": "DQR", "retrieve": "c-get",
+            "limits": {"max_queries": 1, "max_retrievals": 2},
+        }  # fmt: skip
+        config = write_site(
+            tmp_path,
+            {"type": "queue", "database_url_env": "DQR_TEST_QUEUE_URL"},
+            sources={"pacs": source},
+        )
+        csv = all_studies_csv(tmp_path)
+        _run_with_workers(config, {"DQR_TEST_QUEUE_URL": postgres_url}, 2, "--csv", str(csv))
+
+    querying = {c.pid for c in proxy.connections if c.tag == "other"}
+    assert len(querying) >= 2, querying  # more than one process queried
+    assert proxy.maximum_by_tag["other"] == 1
+
+
+def _job_schemas(url: str) -> list[str]:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT schema_name FROM information_schema.schemata WHERE schema_name LIKE 'dqr%' ORDER BY 1"
+        ).fetchall()
+    return [row[0] for row in rows]
+
+
+@pytest.mark.slow
+def test_new_job_sets_the_job_in_the_queue_database_aside_and_runs_a_fresh_one(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    queued = write_site(tmp_path, {"type": "queue", "database_url_env": "DQR_TEST_QUEUE_URL"})
+    env = {"DQR_TEST_QUEUE_URL": postgres_url}
+    assert dqr("run", "--config", queued, "--csv", all_studies_csv(tmp_path), env=env).returncode == 0
+    one_study = tmp_path / "one.csv"
+    one_study.write_text(
+        "Accession Number\n" + accession_number(CohortSpec(patients=4), 0, 0) + "\n", encoding="utf-8"
+    )
+
+    fresh = dqr("run", "--config", queued, "--csv", one_study, "--new-job", env=env)
+
+    assert fresh.returncode == 0, fresh.stderr
+    status = dqr("status", "--config", queued, "--json", env=env)
+    # The new job holds only its own study, and its steps ran (the old job's
+    # finished steps did not stand in for them).
+    assert json.loads(status.stdout)["counts"]["studies"] == {"stored": 1}
+    schemas = _job_schemas(postgres_url)
+    assert "dqr" in schemas and len(schemas) == 2  # the old job kept beside it
+    assert "previous job is kept in schema dqr_" in fresh.stderr
+
+
+@pytest.mark.slow
+def test_new_job_is_refused_while_a_worker_is_on_the_job(tmp_path: Path, postgres_url: str) -> None:
+    queued = write_site(tmp_path, {"type": "queue", "database_url_env": "DQR_TEST_QUEUE_URL"})
+    env = {"DQR_TEST_QUEUE_URL": postgres_url}
+    csv = all_studies_csv(tmp_path)
+    assert dqr("run", "--config", queued, "--csv", csv, env=env).returncode == 0
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "dqr", "worker", "--config", str(queued)],
+        env={**os.environ, **env}, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        import psycopg
+
+        from dqr.plugins.queue_executor import live_nodes
+
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            _wait(lambda: live_nodes(conn) == 1, 60, "the worker to join")
+        refused = dqr("run", "--config", queued, "--csv", csv, "--new-job", env=env)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=15)
+
+    assert refused.returncode == 2
+    assert "1 dqr process(es)" in refused.stderr and "stop them first" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert _job_schemas(postgres_url) == ["dqr"]  # nothing set aside
+    status = dqr("status", "--config", queued, "--json", env=env)
+    assert json.loads(status.stdout)["counts"]["studies"] == {"stored": 8}

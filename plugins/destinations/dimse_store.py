@@ -103,6 +103,30 @@ class AssociationPool:
         self._open = 0
         self._condition = threading.Condition()
         self._ae = peer.new_ae()
+        #: Cluster-wide (the queue executor): each open association holds a slot.
+        self.cap: Any = None  # a dqr.throttle.ConnectionCap
+        self._idle_since: dict[int, float] = {}
+        self._closed = False
+
+    def capped(self, cap: Any) -> None:
+        """Hold one of ``cap``'s slots per open association; idle ones are
+        closed after ``cap.idle`` seconds so that peers waiting get the slot."""
+        self.cap = cap
+        cap.start_reaper(self._reap)
+
+    def _reap(self) -> bool:
+        now = time.monotonic()
+        with self._condition:
+            if self._closed:
+                return False
+            stale = [c for c in self._idle if now - self._idle_since.get(id(c), now) >= self.cap.idle]
+            for connection in stale:
+                self._idle.remove(connection)
+                self._open -= 1
+            self._condition.notify_all()
+        for connection in stale:
+            self._close(connection)
+        return True
 
     def acquire(self, pair: tuple[str, str] | None) -> _Connection:
         """An association carrying ``pair`` (any, for ``None``); waits while all are busy."""
@@ -135,6 +159,8 @@ class AssociationPool:
 
     def _forget(self, connection: _Connection) -> bool:
         self._open -= 1
+        if self.cap is not None:
+            self.cap.closed(connection)
         return False
 
     def _new_connection(self) -> _Connection:
@@ -144,18 +170,26 @@ class AssociationPool:
             pairs = list(self._known)[-(MAX_CONTEXTS - len(self._service_classes)) :]
         contexts = [build_context(uid) for uid in self._service_classes]
         contexts += [build_context(sop_class, [syntax]) for sop_class, syntax in pairs]
+        if self.cap is not None:
+            return self.cap.open(lambda: _Connection(self.peer.associate(self._ae, contexts)))
         return _Connection(self.peer.associate(self._ae, contexts))
 
     def release(self, connection: _Connection, broken: bool = False) -> None:
+        if self.cap is not None and connection.alive and not broken and not self.cap.keep_idle(connection):
+            self._close(connection)  # it had its turn: the slot goes back to the cluster
+            broken = True
         if broken or not connection.alive:
             if connection.alive:
                 connection.assoc.abort()
+            if self.cap is not None:
+                self.cap.closed(connection)
             with self._condition:
                 self._open -= 1
                 self._condition.notify_all()
             return
         with self._condition:
             self._idle.append(connection)
+            self._idle_since[id(connection)] = time.monotonic()
             self._condition.notify_all()
 
     def _close(self, connection: _Connection) -> None:
@@ -163,9 +197,12 @@ class AssociationPool:
             connection.assoc.release()
         except Exception:  # noqa: BLE001 - closing a connection the peer already dropped
             connection.assoc.abort()
+        if self.cap is not None:
+            self.cap.closed(connection)
 
     def close(self) -> None:
         with self._condition:
+            self._closed = True
             idle, self._idle = self._idle, []
             self._open -= len(idle)
         for connection in idle:
@@ -284,6 +321,13 @@ class DimseDestination:
         if missing and manifest is not None:
             record_missing(manifest, self.describe(), study, series, missing)
         return missing
+
+    def cap_connections(self, cap) -> None:
+        """Cluster-wide: every open association, idle ones included, holds one
+        of the cluster's ``max_associations`` slots."""
+        from dqr.throttle import ConnectionCap
+
+        self.pool.capped(ConnectionCap(cap("associations", self.config.limits.max_associations)))
 
     def close(self) -> None:
         self.pool.close()

@@ -169,6 +169,13 @@ class StowDestination:
             record_missing(manifest, self.describe(), study, series, missing)
         return missing
 
+    def cap_connections(self, cap) -> None:
+        """Cluster-wide: each request in flight holds one of the cluster's
+        ``max_requests`` slots (inside this process's adaptive limit)."""
+        from dqr.cluster_limits import CappedLimit
+
+        self.limit = CappedLimit(self.limit, cap("requests", self.config.limits.max_requests))
+
     def close(self) -> None:
         self.session.close()
 

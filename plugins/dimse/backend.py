@@ -625,6 +625,13 @@ class DimseBackend:
             missing=max(missing, report.failed or 0),
         )
 
+    def cap_connections(self, cap) -> None:
+        """Cluster-wide: the pooled query associations, idle ones included,
+        hold one of the cluster's ``max_queries`` slots each while open."""
+        from dqr.throttle import ConnectionCap
+
+        self.pool.cap(ConnectionCap(cap("query-associations", self.limits.max_queries)))
+
     def learnt(self) -> dict[str, str]:
         """What ``retrieve: auto`` found, kept in the job state for the next run."""
         return {"retrieve_mode": self.retrieve_mode} if self.config.retrieve == "auto" and self.retrieve_mode else {}

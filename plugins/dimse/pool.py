@@ -3,6 +3,12 @@
 Opening an association costs a TCP connect plus an A-ASSOCIATE round trip
 (~3x the time of a C-FIND on a fast PACS), so queries reuse them; the bound
 is the source's ``limits.max_queries``, which is also what the PACS sees.
+
+Under a cluster-wide cap (:meth:`AssociationPool.cap`, the queue executor)
+every open association -- idle ones included -- holds one of the cluster's
+``max_queries`` slots, so all processes together never have more query
+associations open to the PACS; idle ones are closed within about a second so
+that a peer waiting for a slot gets it.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from pynetdicom.association import Association
+
+from dqr.throttle import ConnectionCap
 
 
 class AssociationPool:
@@ -28,6 +36,30 @@ class AssociationPool:
         #: An association idle for longer may have been closed by the PACS
         #: (Orthanc: 30 s by default); using it would lose a request.
         self.max_idle = max_idle
+        self._cap: ConnectionCap | None = None
+
+    def cap(self, cap: ConnectionCap) -> None:
+        """Hold one of ``cap``'s slots per open association (before any is open)."""
+        self._cap = cap
+        self.max_idle = min(self.max_idle, cap.idle)
+        cap.start_reaper(self._reap)
+
+    def _reap(self) -> bool:
+        """Close the associations idle for longer than ``max_idle``; False once closed."""
+        now = time.monotonic()
+        with self._lock:
+            if self._closed:
+                return False
+            stale = [entry for entry in self._idle if now - entry[1] >= self.max_idle or not entry[0].is_established]
+            self._idle = [entry for entry in self._idle if entry not in stale]
+        for assoc, _ in stale:
+            self._discard(assoc)
+        return True
+
+    def _discard(self, assoc: Association) -> None:
+        _release_quietly(assoc)
+        if self._cap is not None:
+            self._cap.closed(assoc)
 
     @contextmanager
     def lease(self, fresh: bool = False) -> Iterator[tuple[Association, bool]]:
@@ -39,7 +71,7 @@ class AssociationPool:
             assoc = None if fresh else self._take_idle()
             reused = assoc is not None
             if assoc is None:
-                assoc = self._open()
+                assoc = self._open() if self._cap is None else self._cap.open(self._open)
             with self._lock:
                 self._in_use += 1
             try:
@@ -59,13 +91,14 @@ class AssociationPool:
                 assoc, since = self._idle.pop()
                 if assoc.is_established and now - since < self.max_idle:
                     return assoc
-                _release_quietly(assoc)
+                self._discard(assoc)
         return None
 
     def _give_back(self, assoc: Association) -> None:
         surplus: list[Association] = []
         with self._lock:
-            if assoc.is_established and not self._closed:
+            had_turn = self._cap is not None and not self._cap.keep_idle(assoc)
+            if assoc.is_established and not self._closed and not had_turn:
                 self._idle.append((assoc, time.monotonic()))
                 # Keep as many idle as are busy now (they will be wanted
                 # back soon), at least one. Idle associations still hold a
@@ -77,7 +110,7 @@ class AssociationPool:
             else:
                 surplus.append(assoc)
         for extra in surplus:
-            _release_quietly(extra)
+            self._discard(extra)
 
     def drop_idle(self) -> None:
         """Release the idle associations now: the PACS counts them against
@@ -85,14 +118,14 @@ class AssociationPool:
         with self._lock:
             idle, self._idle = self._idle, []
         for assoc, _ in idle:
-            _release_quietly(assoc)
+            self._discard(assoc)
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
         for assoc, _ in idle:
-            _release_quietly(assoc)
+            self._discard(assoc)
 
 
 def _release_quietly(assoc: Association) -> None:
