@@ -8,10 +8,13 @@ transcoding); a pair the SCP does not accept is a final error naming the
 SOP class. A new pair closes an idle association and opens one proposing
 every pair seen so far.
 
-The dataset bytes are sent as they are, without decoding: pynetdicom's
-``send_c_store`` only does that for a file on disk, so :func:`_send_raw`
-builds the C-STORE request itself (the same steps, on pynetdicom's
-association internals; pinned by the tests against Orthanc).
+The dataset bytes are sent as they are, without decoding. Two DIMSE stacks
+(``transport:``): ``native`` (the default) is dqr's own blocking-socket
+requestor (:mod:`dqr.plugins.dimse.native_store`: one write and one read per
+C-STORE, in the sending thread); ``pynetdicom`` builds the C-STORE request
+on pynetdicom's association internals (:func:`_send_raw`: its
+``send_c_store`` only sends undecoded bytes for a file on disk), and is the
+default with ``tls:``.
 """
 
 from __future__ import annotations
@@ -92,17 +95,20 @@ class AssociationPool:
     """At most ``size`` associations to one peer, opened on demand with the
     pairs seen so far, kept open between series."""
 
-    def __init__(self, peer: DestinationPeer, size: int, service_classes: list[str] = ()) -> None:
+    def __init__(
+        self, peer: DestinationPeer, size: int, service_classes: list[str] = (), native: bool = False
+    ) -> None:
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 
         self.peer = peer
         self.size = size
+        self.native = native
         self._service_classes = [str(Verification), str(StudyRootQueryRetrieveInformationModelFind), *service_classes]
         self._known: dict[tuple[str, str], None] = {}
         self._idle: list[_Connection] = []
         self._open = 0
         self._condition = threading.Condition()
-        self._ae = peer.new_ae()
+        self._ae = None if native else peer.new_ae()
 
     def acquire(self, pair: tuple[str, str] | None) -> _Connection:
         """An association carrying ``pair`` (any, for ``None``); waits while all are busy."""
@@ -144,6 +150,15 @@ class AssociationPool:
             pairs = list(self._known)[-(MAX_CONTEXTS - len(self._service_classes)) :]
         contexts = [build_context(uid) for uid in self._service_classes]
         contexts += [build_context(sop_class, [syntax]) for sop_class, syntax in pairs]
+        if self.native:
+            from dqr.plugins.dimse.native import Timeouts
+            from dqr.plugins.dimse.native_store import associate
+
+            peer = self.peer
+            return _Connection(
+                associate(peer.host, peer.port, peer.calling_aet, peer.called_aet, peer.where, contexts,
+                          Timeouts(**peer.timeouts), peer.tls)
+            )
         return _Connection(self.peer.associate(self._ae, contexts))
 
     def release(self, connection: _Connection, broken: bool = False) -> None:
@@ -172,8 +187,24 @@ class AssociationPool:
             self._close(connection)
 
 
+def _send(connection: _Connection, context_id: int, part: Part10, data: bytes, where: str, timeout: float) -> tuple[int, str]:
+    """One C-STORE of a dataset's encoded bytes, on either transport: (status, error comment)."""
+    from dqr.plugins.dimse.native_store import StoreAssociation
+
+    assoc = connection.assoc
+    if isinstance(assoc, StoreAssociation):
+        return assoc.send_c_store(
+            context_id, part.sop_class_uid, part.sop_instance_uid, memoryview(data)[part.dataset_offset :],
+            connection.next_message_id(),
+        )
+    status = _send_raw(connection, context_id, part, data, where, timeout)
+    if "Status" not in status:
+        raise lost_response_error("C-STORE", where, timeout, aborted=True)
+    return int(status.Status), str(status.get("ErrorComment", "") or "")
+
+
 def _send_raw(connection: _Connection, context_id: int, part: Part10, data: bytes, where: str, timeout: float) -> Any:
-    """One C-STORE of a dataset's encoded bytes; the response's status Dataset."""
+    """One C-STORE on pynetdicom's association internals; the response's status Dataset."""
     from pynetdicom.dimse_primitives import C_STORE
 
     request = C_STORE()
@@ -226,7 +257,9 @@ class DimseDestination:
         from dqr.plugins.destinations.commitment import STORAGE_COMMITMENT_PUSH
 
         commitment = [STORAGE_COMMITMENT_PUSH] if self.verify_mode is VerifyMode.COMMITMENT else []
-        self.pool = AssociationPool(self.peer, config.limits.max_associations, commitment)
+        self.pool = AssociationPool(
+            self.peer, config.limits.max_associations, commitment, native=config.effective_transport == "native"
+        )
         self.retry_limits = config.limits.retry_limits()
         self.limit = AdaptiveLimit(config.limits.max_associations, f"{self.peer.where} C-STOREs")
         self.breaker = CircuitBreaker(
@@ -339,16 +372,12 @@ class DimseDestination:
                 self._refused_pairs[pair] = reason
                 raise self._refusal(part, reason)
             try:
-                status = _send_raw(connection, context_id, part, data, self.peer.where, self.config.dimse_timeout)
+                code, comment = _send(connection, context_id, part, data, self.peer.where, self.config.dimse_timeout)
             except RemoteError:
                 broken = True
                 raise
         finally:
             self.pool.release(connection, broken)
-        code = int(status.Status) if "Status" in status else None
-        if code is None:
-            raise lost_response_error("C-STORE", self.peer.where, self.config.dimse_timeout, aborted=True)
-        comment = str(status.get("ErrorComment", "") or "")
         if code == SUCCESS:
             return None
         if code in STORE_WARNINGS:
