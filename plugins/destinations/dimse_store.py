@@ -28,21 +28,18 @@ from typing import Any
 
 from dqr.backend import DestinationContext, VerifyMode
 from dqr.errors import DestinationRefusedError, RemoteError
-from dqr.model import Labels, Series, Study
+from dqr.model import Series, Study
 from dqr.plugins.destinations import DimseDestinationConfig
 from dqr.plugins.destinations.common import (
     STORE_WARNINGS,
-    AcknowledgedSeries,
+    AcknowledgingWriter,
+    NetworkDestination,
     Part10,
     describe_store_status,
-    manifest_root,
     parse_part10,
-    record_missing,
-    session_manifest,
 )
 from dqr.plugins.dimse.network import Peer, tls_client_context
 from dqr.plugins.dimse.status import lost_response_error, status_error
-from dqr.throttle import AdaptiveLimit, CircuitBreaker, SourceDownError, call_with_retries
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +53,6 @@ def _uid_name(uid: str) -> str:
 
     name = UID(uid).name
     return f"{name} ({uid})" if name != uid else uid
-
-
-class DestinationDownError(SourceDownError):
-    """The destination stayed unreachable through every cool-down: the job
-    stops (what it acknowledged is kept; the next run resumes)."""
 
 
 class DestinationPeer(Peer):
@@ -231,12 +223,11 @@ def _send_raw(connection: _Connection, context_id: int, part: Part10, data: byte
     return assoc._check_received_status(response)
 
 
-class DimseDestination:
+class DimseDestination(NetworkDestination):
     """A :class:`dqr.backend.Destination` sending by C-STORE."""
 
     def __init__(self, config: DimseDestinationConfig, context: DestinationContext) -> None:
         self.config = config
-        self.project = context.project
         self.xnat_routing = config.xnat_routing
         self.verify_mode = (
             VerifyMode.COMMITMENT if config.verify == "commitment" else VerifyMode.QUERY if config.verify else VerifyMode.OFF
@@ -260,14 +251,8 @@ class DimseDestination:
         self.pool = AssociationPool(
             self.peer, config.limits.max_associations, commitment, native=config.effective_transport == "native"
         )
-        self.retry_limits = config.limits.retry_limits()
-        self.limit = AdaptiveLimit(config.limits.max_associations, f"{self.peer.where} C-STOREs")
-        self.breaker = CircuitBreaker(
-            self.retry_limits.breaker_failures, self.retry_limits.breaker_cooldown, self.retry_limits.breaker_max_cooldowns
-        )
-        self.manifests = manifest_root(context)
+        self._share(context, config.limits, config.limits.max_associations, f"{self.peer.where} C-STOREs")
         self._refused_pairs: dict[tuple[str, str], str] = {}
-        self._series_manifest: dict[str, Path] = {}
         self._commitment: Any = None
         self._sop_classes: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -276,13 +261,6 @@ class DimseDestination:
 
     def describe(self) -> str:
         return f"{self.peer.where} (C-STORE)"
-
-    def open_series(
-        self, study: Study, series: Series, subject: str, session: str, labels: Labels | None = None
-    ) -> DimseSeriesWriter:
-        manifest = session_manifest(self.manifests, self.project, subject, session)
-        self._series_manifest[series.series_uid] = manifest
-        return DimseSeriesWriter(self, AcknowledgedSeries(manifest, self.describe(), study, series))
 
     def echo(self) -> str:
         def once() -> str:
@@ -313,10 +291,7 @@ class DimseDestination:
         else:
             held = self._call(lambda: self._find_instances(study, series))
             missing = [uid for uid in sop_instance_uids if uid not in held]
-        manifest = self._series_manifest.get(series.series_uid)
-        if missing and manifest is not None:
-            record_missing(manifest, self.describe(), study, series, missing)
-        return missing
+        return self._note_missing(study, series, missing)
 
     def close(self) -> None:
         self.pool.close()
@@ -345,15 +320,6 @@ class DimseDestination:
         part = parse_part10(data)
         self._sop_classes[part.sop_instance_uid] = part.sop_class_uid
         return self._call(lambda: self._store_once(part, data))
-
-    def _call(self, action):
-        try:
-            return call_with_retries(action, self.retry_limits, self.limit, breaker=self.breaker)
-        except SourceDownError as error:
-            raise DestinationDownError(
-                f"{self.describe()} could not be reached: {error.__str__().replace('the source', 'it', 1)}",
-                unreachable=True,
-            ) from error
 
     def _store_once(self, part: Part10, data: bytes) -> str | None:
         pair = (part.sop_class_uid, part.transfer_syntax)
@@ -425,20 +391,8 @@ class DimseDestination:
         return held
 
 
-class DimseSeriesWriter:
+class DimseSeriesWriter(AcknowledgingWriter):
     """Sends one series' instances as they come (a :class:`dqr.backend.SeriesWriter`)."""
-
-    def __init__(self, destination: DimseDestination, acknowledged: AcknowledgedSeries) -> None:
-        self.destination = destination
-        self.acknowledged = acknowledged
-
-    @property
-    def warnings(self) -> dict[str, str]:
-        """SOP Instance UID -> the destination's warning, for instances stored with one."""
-        return self.acknowledged.warnings
-
-    def exists(self, sop_instance_uid: str) -> bool:
-        return self.acknowledged.held_earlier(sop_instance_uid)
 
     def write(self, sop_instance_uid: str, part10: bytes, replaced: dict[str, str]) -> None:
         warning = self.destination.store(part10)
@@ -450,3 +404,6 @@ class DimseSeriesWriter:
 
     def commit(self) -> list[str]:
         return self.acknowledged.take()
+
+
+DimseDestination.writer = DimseSeriesWriter

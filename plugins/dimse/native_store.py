@@ -319,10 +319,14 @@ class StoreAssociation:
                 retriable=True,
             ) from None
         except OSError as exc:
-            self.state, self.why = "lost", f"the connection failed ({exc})"
-            self._close()
-            raise RemoteError(f"{operation} to {self.where} got no answer: {self.why}", retriable=True) from None
+            raise self._lost(operation, f"the connection failed ({exc})") from None
         self.last_used = time.monotonic()
+
+    def _lost(self, operation: str, why: str) -> RemoteError:
+        """The connection is gone: closed, and the (retriable) error naming why."""
+        self.state, self.why = "lost", why
+        self._close()
+        return RemoteError(f"{operation} to {self.where} got no answer: {why}", retriable=True)
 
     def _recv_exactly(self, n: int, deadline: float, operation: str) -> bytes:
         chunks = []
@@ -333,9 +337,7 @@ class StoreAssociation:
             self.sock.settimeout(left)
             chunk = self.sock.recv(min(n, 1 << 20))
             if not chunk:
-                self.state, self.why = "lost", "the destination closed the connection without releasing the association"
-                self._close()
-                raise RemoteError(f"{operation} to {self.where} got no answer: {self.why}", retriable=True)
+                raise self._lost(operation, "the destination closed the connection without releasing the association")
             chunks.append(chunk)
             n -= len(chunk)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -355,9 +357,7 @@ class StoreAssociation:
                 retriable=True,
             ) from None
         except OSError as exc:
-            self.state, self.why = "lost", f"the connection failed ({exc})"
-            self._close()
-            raise RemoteError(f"{operation} to {self.where} got no answer: {self.why}", retriable=True) from None
+            raise self._lost(operation, f"the connection failed ({exc})") from None
         self.last_used = time.monotonic()
         pdu_type = header[0]
         if pdu_type == P_DATA:
