@@ -424,6 +424,18 @@ def _forwarding(world: World, case: str, name: str, destination: dict, descripti
     return Variant(case, name, command, description, check=_holds(server, world.instances(n)), units=n)
 
 
+def _forwarding_baseline(world: World, case: str) -> Variant:
+    """The same dqr run into the local archive: what the memory source
+    (indexing the folder), start-up, relabeling and the job state cost
+    without any destination, so that the forwarding part can be told apart."""
+    n = world.sizes.retrieve_studies
+    folder = write_local_cohort(world)
+    csv = labelled_csv(world.inputs / f"retrieve-{n}.csv", world.first(n))
+    return dqr_run(world, case, "dqr run memory->archive (same source, no network)",
+                   {"type": "memory", "path": str(folder)}, csv, n,
+                   description="the same memory source and relabeling into the local archive: dqr's cost without a destination")
+
+
 def cstore_case(world: World) -> list[Variant]:
     import shutil
 
@@ -448,6 +460,7 @@ def cstore_case(world: World) -> list[Variant]:
                     "dqr run: memory source, relabel, C-STORE to a second Orthanc (max_associations 2), no verify"),
         _forwarding(world, "cstore", "dqr run memory->C-STORE verified", target,
                     "the same, verified by C-FIND at IMAGE level after each series"),
+        _forwarding_baseline(world, "cstore"),
         Variant("cstore", "storescu +sd", storescu_command,
                 "dcmtk storescu +sd +r on the same files (not relabeled), one association (TCP_NODELAY=1)",
                 role="reference", check=_holds(server, world.instances(n)), units=n,
@@ -470,6 +483,7 @@ def stow_case(world: World) -> list[Variant]:
                     "dqr run: memory source, relabel, STOW-RS per series to a second Orthanc (max_requests 2), no verify"),
         _forwarding(world, "stow", "dqr run memory->STOW verified", target,
                     "the same, verified by QIDO-RS after each series"),
+        _forwarding_baseline(world, "stow"),
         Variant("stow", "raw STOW loop", raw_command,
                 "requests, one STOW-RS POST per series folder, the same files (not relabeled), in sequence",
                 role="floor", check=_holds(server, world.instances(n)), units=n),

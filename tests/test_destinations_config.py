@@ -87,3 +87,16 @@ def test_every_destination_key_is_documented(model):
     text = (DOCS / "destinations.md").read_text(encoding="utf-8")
     undocumented = [key for key in _keys(model) if f"`{key.rsplit('.', 1)[-1]}`" not in text]
     assert undocumented == []
+
+
+def test_a_dimse_destination_sends_natively_unless_told_or_given_tls():
+    assert DimseDestinationConfig(**DIMSE).effective_transport == "native"
+    assert DimseDestinationConfig(**DIMSE, transport="pynetdicom").effective_transport == "pynetdicom"
+    assert DimseDestinationConfig(**DIMSE, tls={"ca_file": "ca.pem"}).effective_transport == "pynetdicom"
+
+
+def test_native_destination_transport_with_tls_exits_2_naming_the_way_out(site, dqr, queries):
+    destination = {**DIMSE, "transport": "native", "tls": {"ca_file": "ca.pem"}}
+    result = dqr("validate", "--csv", queries, "--config", site(destination=destination))
+    assert result.exit_code == 2
+    assert "transport: native does not speak TLS" in result.stderr and "transport: pynetdicom" in result.stderr

@@ -16,10 +16,15 @@ pytestmark = pytest.mark.orthanc
 PET_STUDY = "0425454454"  # SMITH^JOHN, PAT00001, StudyID 2, CT AC + PET WB, 3 instances each
 RELABELED = {"PatientName", "PatientID", "StudyID", "AccessionNumber"}
 ROUTING = "Project: Test Subject: Subj042 Session: Subj042_PET"
+#: Every C-STORE test runs on both DIMSE stacks of the dimse destination.
+over_transports = pytest.mark.parametrize("transport", ["native", "pynetdicom"])
 
 
-def dimse_destination(orthanc, **keys):
-    return {"type": "dimse", "host": "127.0.0.1", "port": orthanc.dicom_port, "called_aet": orthanc.aet, **keys}
+def dimse_destination(orthanc, transport="native", **keys):
+    return {
+        "type": "dimse", "host": "127.0.0.1", "port": orthanc.dicom_port, "called_aet": orthanc.aet,
+        "transport": transport, **keys,
+    }
 
 
 def dicomweb_destination(orthanc, **keys):
@@ -67,9 +72,10 @@ def assert_holds_exactly_relabeled(orthanc, changed_expected: set[str], patient_
         assert held.get("PatientComments") == patient_comments
 
 
-def test_c_store_destination_holds_exactly_the_study_relabeled(dqr, site, write_csv, orthanc_factory):
+@over_transports
+def test_c_store_destination_holds_exactly_the_study_relabeled(transport, dqr, site, write_csv, orthanc_factory):
     destination = orthanc_factory(aet="DEST", dicomweb=False)
-    run_into(dqr, site, write_csv, dimse_destination(destination))
+    run_into(dqr, site, write_csv, dimse_destination(destination, transport))
     assert_holds_exactly_relabeled(destination, RELABELED)
 
 
@@ -79,13 +85,14 @@ def test_stow_destination_holds_exactly_the_study_relabeled(dqr, site, write_csv
     assert_holds_exactly_relabeled(destination, RELABELED)
 
 
+@over_transports
 def test_xnat_routing_writes_patient_comments_and_the_manifest_keeps_the_original(
-    dqr, site, write_csv, orthanc_factory, tmp_path
+    transport, dqr, site, write_csv, orthanc_factory, tmp_path
 ):
     import json
 
     destination = orthanc_factory(aet="XNAT", dicomweb=False)
-    run_into(dqr, site, write_csv, dimse_destination(destination, xnat_routing=True))
+    run_into(dqr, site, write_csv, dimse_destination(destination, transport, xnat_routing=True))
     assert_holds_exactly_relabeled(destination, RELABELED | {"PatientComments"}, ROUTING)
     manifest = tmp_path / "archive-job-manifest" / "Test" / "Subj042" / "Subj042_PET" / "manifest.jsonl"
     records = [json.loads(line) for line in manifest.read_text().splitlines()]
@@ -93,7 +100,8 @@ def test_xnat_routing_writes_patient_comments_and_the_manifest_keeps_the_origina
     assert all(r["replaced"]["PatientComments"] == "" and r["replaced"]["PatientName"] == "SMITH^JOHN" for r in records)
 
 
-def test_verify_by_c_find_and_by_qido_names_the_instances_not_held(orthanc_factory, tmp_path):
+@over_transports
+def test_verify_by_c_find_and_by_qido_names_the_instances_not_held(transport, orthanc_factory, tmp_path):
     from dqr.backend import DestinationContext
     from dqr.model import Series, Study
     from dqr.plugins.destinations import DicomwebDestinationConfig, DimseDestinationConfig
@@ -109,7 +117,7 @@ def test_verify_by_c_find_and_by_qido_names_the_instances_not_held(orthanc_facto
     asked = sorted(uid for uid, d in originals.items() if d.SeriesInstanceUID == held.SeriesInstanceUID)
     context = DestinationContext(tmp_path / "archive", "Test", tmp_path / "job.sqlite", tmp_path)
     for destination in (
-        DimseDestination(DimseDestinationConfig.model_validate(dimse_destination(server)), context),
+        DimseDestination(DimseDestinationConfig.model_validate(dimse_destination(server, transport)), context),
         StowDestination(DicomwebDestinationConfig.model_validate(dicomweb_destination(server)), context),
     ):
         try:
@@ -118,7 +126,8 @@ def test_verify_by_c_find_and_by_qido_names_the_instances_not_held(orthanc_facto
             destination.close()
 
 
-def test_echo_reaches_both_kinds_of_destination(orthanc_factory, tmp_path):
+@over_transports
+def test_echo_reaches_both_kinds_of_destination(transport, orthanc_factory, tmp_path):
     from dqr.backend import DestinationContext
     from dqr.plugins.destinations import DicomwebDestinationConfig, DimseDestinationConfig
     from dqr.plugins.destinations.dimse_store import DimseDestination
@@ -126,7 +135,7 @@ def test_echo_reaches_both_kinds_of_destination(orthanc_factory, tmp_path):
 
     server = orthanc_factory(aet="DEST")
     context = DestinationContext(tmp_path / "archive", "Test", tmp_path / "job.sqlite", tmp_path)
-    dimse = DimseDestination(DimseDestinationConfig.model_validate(dimse_destination(server)), context)
+    dimse = DimseDestination(DimseDestinationConfig.model_validate(dimse_destination(server, transport)), context)
     stow = StowDestination(DicomwebDestinationConfig.model_validate(dicomweb_destination(server)), context)
     try:
         assert "DEST at 127.0.0.1" in dimse.echo()
@@ -142,7 +151,8 @@ def _part10(dataset) -> bytes:
     return buffer.getvalue()
 
 
-def test_storage_commitment_from_orthanc_confirms_what_was_sent(orthanc_factory, tmp_path, free_loopback_port):
+@over_transports
+def test_storage_commitment_from_orthanc_confirms_what_was_sent(transport, orthanc_factory, tmp_path, free_loopback_port):
     from dqr.backend import DestinationContext, VerifyMode
     from dqr.model import Series, Study
     from dqr.plugins.destinations import DimseDestinationConfig
@@ -153,7 +163,7 @@ def test_storage_commitment_from_orthanc_confirms_what_was_sent(orthanc_factory,
     first = originals[sorted(originals)[0]]
     series_uids = sorted(uid for uid, d in originals.items() if d.SeriesInstanceUID == first.SeriesInstanceUID)
     config = DimseDestinationConfig.model_validate(
-        dimse_destination(server, verify="commitment", commitment_port=free_loopback_port, commitment_timeout=10)
+        dimse_destination(server, transport, verify="commitment", commitment_port=free_loopback_port, commitment_timeout=10)
     )
     context = DestinationContext(tmp_path / "archive", "Test", tmp_path / "job.sqlite", tmp_path)
     destination = DimseDestination(config, context)

@@ -17,8 +17,16 @@ def ct_instances() -> list[str]:
     return sorted(d.SOPInstanceUID for d in generate_cohort(CohortSpec(patients=4)) if d.AccessionNumber == CT_STUDY)
 
 
-def dimse_to(scp, **keys):
-    return {"type": "dimse", "host": "127.0.0.1", "port": scp.port, "called_aet": scp.aet, **keys}
+@pytest.fixture(params=["native", "pynetdicom"])
+def dimse_to(request):
+    """``dimse_to(scp, **keys)``: a dimse destination section; every test
+    using it runs on both DIMSE stacks of the destination."""
+
+    def section(scp, **keys):
+        return {"type": "dimse", "host": "127.0.0.1", "port": scp.port, "called_aet": scp.aet,
+                "transport": request.param, **keys}
+
+    return section
 
 
 def stow_to(server, **keys):
@@ -38,7 +46,7 @@ def ct_config(site, write_csv):
 
 
 @pytest.mark.parametrize("kind", ["dimse", "dicomweb"])
-def test_a_rerun_sends_nothing_again(kind, ct_config, dqr, mock_store_scp_factory, mock_stow_factory):
+def test_a_rerun_sends_nothing_again(dimse_to, kind, ct_config, dqr, mock_store_scp_factory, mock_stow_factory):
     server = mock_store_scp_factory() if kind == "dimse" else mock_stow_factory()
     config = ct_config(dimse_to(server) if kind == "dimse" else stow_to(server))
     assert dqr("run", "--config", config).exit_code == 0
@@ -50,7 +58,7 @@ def test_a_rerun_sends_nothing_again(kind, ct_config, dqr, mock_store_scp_factor
 
 
 def test_instances_acknowledged_but_not_recorded_in_the_job_state_are_not_sent_again(
-    ct_config, dqr, mock_store_scp_factory, tmp_path
+    dimse_to, ct_config, dqr, mock_store_scp_factory, tmp_path
 ):
     """As after a kill -9 between the acknowledgement and the job state:
     the local manifest already has them."""
@@ -83,7 +91,7 @@ def test_a_destination_that_is_down_fails_the_study_naming_it_and_the_rerun_comp
 
 @pytest.mark.parametrize(("kind", "status"), [("dimse", 0xA900), ("dicomweb", 0xC000)])
 def test_instances_the_destination_refuses_are_failures_and_only_they_are_sent_next_run(
-    kind, status, ct_config, dqr, mock_store_scp_factory, mock_stow_factory
+    dimse_to, kind, status, ct_config, dqr, mock_store_scp_factory, mock_stow_factory
 ):
     """C-STORE: a failure status; STOW-RS: the instance in FailedSOPSequence."""
     refused = ct_instances()[1]
@@ -117,7 +125,7 @@ def test_stow_retries_a_busy_server_and_a_cut_connection(ct_config, dqr, mock_st
     assert sorted(server.received) == ct_instances()
 
 
-def test_c_store_retries_after_an_abort_mid_series(ct_config, dqr, mock_store_scp_factory):
+def test_c_store_retries_after_an_abort_mid_series(dimse_to, ct_config, dqr, mock_store_scp_factory):
     server = mock_store_scp_factory()
     server.faults.abort_after = 2
     config = ct_config(dimse_to(server, limits={"retries": 3, "backoff_initial": 0.01, "backoff_max": 0.02}))
@@ -126,7 +134,7 @@ def test_c_store_retries_after_an_abort_mid_series(ct_config, dqr, mock_store_sc
 
 
 def test_a_warning_status_counts_as_stored_with_the_warning_in_the_manifest(
-    ct_config, dqr, mock_store_scp_factory, tmp_path
+    dimse_to, ct_config, dqr, mock_store_scp_factory, tmp_path
 ):
     warned = ct_instances()[0]
     server = mock_store_scp_factory()
@@ -140,7 +148,7 @@ def test_a_warning_status_counts_as_stored_with_the_warning_in_the_manifest(
 
 
 def test_a_warning_status_is_kept_in_the_job_state_and_shown_by_the_summary_and_status(
-    ct_config, dqr, mock_store_scp_factory
+    dimse_to, ct_config, dqr, mock_store_scp_factory
 ):
     warned = ct_instances()[2]
     server = mock_store_scp_factory()
@@ -164,7 +172,7 @@ def test_a_sop_class_the_scp_does_not_accept_is_a_final_error_naming_it(ct_confi
     assert server.stores == {}
 
 
-def test_the_destination_never_sees_more_than_max_associations(site, write_csv, dqr, mock_store_scp_factory):
+def test_the_destination_never_sees_more_than_max_associations(dimse_to, site, write_csv, dqr, mock_store_scp_factory):
     server = mock_store_scp_factory()
     server.faults.delay = 0.02
     csv = write_csv("Patient ID\nPAT00000\nPAT00001\nPAT00002\nPAT00003\n")
@@ -192,7 +200,7 @@ def test_stow_never_has_more_than_max_requests_in_flight(site, write_csv, dqr, m
     assert server.max_concurrent_requests == 2
 
 
-def test_a_run_leaves_no_association_open_at_the_destination(ct_config, dqr, mock_store_scp_factory):
+def test_a_run_leaves_no_association_open_at_the_destination(dimse_to, ct_config, dqr, mock_store_scp_factory):
     """Series sent in parallel share one destination (and its pool), closed at the end."""
     import time
 
@@ -206,7 +214,7 @@ def test_a_run_leaves_no_association_open_at_the_destination(ct_config, dqr, moc
 
 @pytest.mark.parametrize("kind", ["dimse", "dicomweb"])
 def test_verify_names_what_the_destination_lost_and_the_next_writer_sends_it_again(
-    kind, mock_store_scp_factory, mock_stow_factory, tmp_path
+    dimse_to, kind, mock_store_scp_factory, mock_stow_factory, tmp_path
 ):
     from io import BytesIO
 
@@ -252,7 +260,7 @@ def test_stow_sends_one_request_per_series_within_the_size_bound(
 
 @pytest.mark.slow
 def test_kill_9_mid_send_then_rerun_loses_nothing_and_resends_only_what_was_in_flight(
-    site, write_csv, dqr, mock_store_scp_factory, tmp_path
+    dimse_to, site, write_csv, dqr, mock_store_scp_factory, tmp_path
 ):
     import os
     import signal

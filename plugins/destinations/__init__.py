@@ -30,7 +30,7 @@ from pydantic import Field, field_validator, model_validator
 import dqr
 from dqr.config import DestinationConfig, Limits, Strict
 from dqr.plugins.dicomweb import AuthConfig, NoAuth, check_service_url
-from dqr.plugins.dimse import AETitle, TlsOptions
+from dqr.plugins.dimse import DEFAULT_TRANSPORT, AETitle, TlsOptions
 
 if TYPE_CHECKING:
     from dqr.backend import DestinationContext
@@ -82,6 +82,10 @@ class DimseDestinationConfig(DestinationConfig):
         False, description="write 'Project: <p> Subject: <s> Session: <e>' into Patient Comments (0010,4000)"
     )
     tls: TlsOptions | None = None
+    transport: Literal["native", "pynetdicom"] | None = Field(
+        None,
+        description="DIMSE stack: native (dqr's own C-STORE requestor; default) or pynetdicom (default with tls)",
+    )
     limits: DimseDestinationLimits = DimseDestinationLimits()
     verify: bool | Literal["commitment"] = Field(
         True, description="true: C-FIND at IMAGE level after each series; commitment: Storage Commitment; false: none"
@@ -95,6 +99,22 @@ class DimseDestinationConfig(DestinationConfig):
     acse_timeout: float = Field(30.0, gt=0, description="association negotiation and release, seconds")
     dimse_timeout: float = Field(60.0, gt=0, description="waiting for one C-STORE/C-FIND response, seconds")
     network_timeout: float = Field(60.0, gt=0, description="an idle association is closed after, seconds")
+
+    @model_validator(mode="after")
+    def _native_has_no_tls(self) -> DimseDestinationConfig:
+        if self.transport == "native" and self.tls is not None:
+            raise ValueError(
+                "transport: native does not speak TLS yet: use `transport: pynetdicom` with `tls:` "
+                "(or leave `transport` out: it then defaults to pynetdicom when tls is set)"
+            )
+        return self
+
+    @property
+    def effective_transport(self) -> str:
+        """As for a dimse source: native unless named, or pynetdicom with tls."""
+        if self.transport is not None:
+            return self.transport
+        return "pynetdicom" if self.tls is not None else DEFAULT_TRANSPORT
 
 
 class DicomwebDestinationConfig(DestinationConfig):

@@ -16,11 +16,13 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dqr.backend import DestinationContext
 from dqr.manifest import MANIFEST, append_records, held_instances
 from dqr.manifest import now as manifest_now
-from dqr.model import Series, Study
+from dqr.model import Labels, Series, Study
+from dqr.throttle import AdaptiveLimit, CircuitBreaker, SourceDownError, call_with_retries
 
 #: Explicit-VR element headers with a 4-byte length (PS3.5 7.1.2).
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
@@ -188,3 +190,69 @@ def record_missing(manifest: Path, destination: str, study: Study, series: Serie
 
 def session_manifest(root: Path, project: str, subject: str, session: str) -> Path:
     return root / project / subject / session / MANIFEST
+
+
+class DestinationDownError(SourceDownError):
+    """The destination stayed unreachable through every cool-down: the job
+    stops (what it acknowledged is kept; the next run resumes)."""
+
+
+class NetworkDestination:
+    """What the dimse and dicomweb destinations share: their limits, retries
+    and breaker, one local manifest per session, series writers that only
+    report acknowledged instances, and noting what verification found
+    missing. A subclass names its ``writer`` class and ``describe()``s itself."""
+
+    writer: type
+
+    def _share(self, context: DestinationContext, limits: Any, concurrency: int, what: str) -> None:
+        self.project = context.project
+        self.retry_limits = limits.retry_limits()
+        self.limit = AdaptiveLimit(concurrency, what)
+        self.breaker = CircuitBreaker(
+            self.retry_limits.breaker_failures, self.retry_limits.breaker_cooldown, self.retry_limits.breaker_max_cooldowns
+        )
+        self.manifests = manifest_root(context)
+        self._series_manifest: dict[str, Path] = {}
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def open_series(self, study: Study, series: Series, subject: str, session: str, labels: Labels | None = None):
+        manifest = session_manifest(self.manifests, self.project, subject, session)
+        self._series_manifest[series.series_uid] = manifest
+        return self.writer(self, AcknowledgedSeries(manifest, self.describe(), study, series))
+
+    def _call(self, action):
+        """``action`` with the destination's retries, limit and breaker."""
+        try:
+            return call_with_retries(action, self.retry_limits, self.limit, breaker=self.breaker)
+        except SourceDownError as error:
+            raise DestinationDownError(
+                f"{self.describe()} could not be reached: {str(error).replace('the source', 'it', 1)}",
+                unreachable=True,
+            ) from error
+
+    def _note_missing(self, study: Study, series: Series, missing: list[str]) -> list[str]:
+        """Verification found these gone: noted in the manifest, so later runs send them again."""
+        manifest = self._series_manifest.get(series.series_uid)
+        if missing and manifest is not None:
+            record_missing(manifest, self.describe(), study, series, missing)
+        return missing
+
+
+class AcknowledgingWriter:
+    """The part of both series writers that is bookkeeping: what an earlier
+    run had acknowledged, and the warnings the destination gave."""
+
+    def __init__(self, destination: NetworkDestination, acknowledged: AcknowledgedSeries) -> None:
+        self.destination = destination
+        self.acknowledged = acknowledged
+
+    @property
+    def warnings(self) -> dict[str, str]:
+        """SOP Instance UID -> the destination's warning, for instances stored with one."""
+        return self.acknowledged.warnings
+
+    def exists(self, sop_instance_uid: str) -> bool:
+        return self.acknowledged.held_earlier(sop_instance_uid)

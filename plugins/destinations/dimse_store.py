@@ -8,10 +8,13 @@ transcoding); a pair the SCP does not accept is a final error naming the
 SOP class. A new pair closes an idle association and opens one proposing
 every pair seen so far.
 
-The dataset bytes are sent as they are, without decoding: pynetdicom's
-``send_c_store`` only does that for a file on disk, so :func:`_send_raw`
-builds the C-STORE request itself (the same steps, on pynetdicom's
-association internals; pinned by the tests against Orthanc).
+The dataset bytes are sent as they are, without decoding. Two DIMSE stacks
+(``transport:``): ``native`` (the default) is dqr's own blocking-socket
+requestor (:mod:`dqr.plugins.dimse.native_store`: one write and one read per
+C-STORE, in the sending thread); ``pynetdicom`` builds the C-STORE request
+on pynetdicom's association internals (:func:`_send_raw`: its
+``send_c_store`` only sends undecoded bytes for a file on disk), and is the
+default with ``tls:``.
 """
 
 from __future__ import annotations
@@ -25,21 +28,18 @@ from typing import Any
 
 from dqr.backend import DestinationContext, VerifyMode
 from dqr.errors import DestinationRefusedError, RemoteError
-from dqr.model import Labels, Series, Study
+from dqr.model import Series, Study
 from dqr.plugins.destinations import DimseDestinationConfig
 from dqr.plugins.destinations.common import (
     STORE_WARNINGS,
-    AcknowledgedSeries,
+    AcknowledgingWriter,
+    NetworkDestination,
     Part10,
     describe_store_status,
-    manifest_root,
     parse_part10,
-    record_missing,
-    session_manifest,
 )
 from dqr.plugins.dimse.network import Peer, tls_client_context
 from dqr.plugins.dimse.status import lost_response_error, status_error
-from dqr.throttle import AdaptiveLimit, CircuitBreaker, SourceDownError, call_with_retries
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +53,6 @@ def _uid_name(uid: str) -> str:
 
     name = UID(uid).name
     return f"{name} ({uid})" if name != uid else uid
-
-
-class DestinationDownError(SourceDownError):
-    """The destination stayed unreachable through every cool-down: the job
-    stops (what it acknowledged is kept; the next run resumes)."""
 
 
 class DestinationPeer(Peer):
@@ -92,17 +87,20 @@ class AssociationPool:
     """At most ``size`` associations to one peer, opened on demand with the
     pairs seen so far, kept open between series."""
 
-    def __init__(self, peer: DestinationPeer, size: int, service_classes: list[str] = ()) -> None:
+    def __init__(
+        self, peer: DestinationPeer, size: int, service_classes: list[str] = (), native: bool = False
+    ) -> None:
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 
         self.peer = peer
         self.size = size
+        self.native = native
         self._service_classes = [str(Verification), str(StudyRootQueryRetrieveInformationModelFind), *service_classes]
         self._known: dict[tuple[str, str], None] = {}
         self._idle: list[_Connection] = []
         self._open = 0
         self._condition = threading.Condition()
-        self._ae = peer.new_ae()
+        self._ae = None if native else peer.new_ae()
         #: Cluster-wide (the queue executor): each open association holds a slot.
         self.cap: Any = None  # a dqr.throttle.ConnectionCap
         self._idle_since: dict[int, float] = {}
@@ -170,9 +168,25 @@ class AssociationPool:
             pairs = list(self._known)[-(MAX_CONTEXTS - len(self._service_classes)) :]
         contexts = [build_context(uid) for uid in self._service_classes]
         contexts += [build_context(sop_class, [syntax]) for sop_class, syntax in pairs]
+        if self.native:
+            from dqr.plugins.dimse.native import Timeouts
+            from dqr.plugins.dimse.native_store import associate
+
+            peer = self.peer
+
+            def open_association() -> _Connection:
+                return _Connection(
+                    associate(peer.host, peer.port, peer.calling_aet, peer.called_aet, peer.where, contexts,
+                              Timeouts(**peer.timeouts), peer.tls)
+                )
+        else:
+
+            def open_association() -> _Connection:
+                return _Connection(self.peer.associate(self._ae, contexts))
+
         if self.cap is not None:
-            return self.cap.open(lambda: _Connection(self.peer.associate(self._ae, contexts)))
-        return _Connection(self.peer.associate(self._ae, contexts))
+            return self.cap.open(open_association)
+        return open_association()
 
     def release(self, connection: _Connection, broken: bool = False) -> None:
         if self.cap is not None and connection.alive and not broken and not self.cap.keep_idle(connection):
@@ -209,8 +223,24 @@ class AssociationPool:
             self._close(connection)
 
 
+def _send(connection: _Connection, context_id: int, part: Part10, data: bytes, where: str, timeout: float) -> tuple[int, str]:
+    """One C-STORE of a dataset's encoded bytes, on either transport: (status, error comment)."""
+    from dqr.plugins.dimse.native_store import StoreAssociation
+
+    assoc = connection.assoc
+    if isinstance(assoc, StoreAssociation):
+        return assoc.send_c_store(
+            context_id, part.sop_class_uid, part.sop_instance_uid, memoryview(data)[part.dataset_offset :],
+            connection.next_message_id(),
+        )
+    status = _send_raw(connection, context_id, part, data, where, timeout)
+    if "Status" not in status:
+        raise lost_response_error("C-STORE", where, timeout, aborted=True)
+    return int(status.Status), str(status.get("ErrorComment", "") or "")
+
+
 def _send_raw(connection: _Connection, context_id: int, part: Part10, data: bytes, where: str, timeout: float) -> Any:
-    """One C-STORE of a dataset's encoded bytes; the response's status Dataset."""
+    """One C-STORE on pynetdicom's association internals; the response's status Dataset."""
     from pynetdicom.dimse_primitives import C_STORE
 
     request = C_STORE()
@@ -237,12 +267,11 @@ def _send_raw(connection: _Connection, context_id: int, part: Part10, data: byte
     return assoc._check_received_status(response)
 
 
-class DimseDestination:
+class DimseDestination(NetworkDestination):
     """A :class:`dqr.backend.Destination` sending by C-STORE."""
 
     def __init__(self, config: DimseDestinationConfig, context: DestinationContext) -> None:
         self.config = config
-        self.project = context.project
         self.xnat_routing = config.xnat_routing
         self.verify_mode = (
             VerifyMode.COMMITMENT if config.verify == "commitment" else VerifyMode.QUERY if config.verify else VerifyMode.OFF
@@ -263,15 +292,11 @@ class DimseDestination:
         from dqr.plugins.destinations.commitment import STORAGE_COMMITMENT_PUSH
 
         commitment = [STORAGE_COMMITMENT_PUSH] if self.verify_mode is VerifyMode.COMMITMENT else []
-        self.pool = AssociationPool(self.peer, config.limits.max_associations, commitment)
-        self.retry_limits = config.limits.retry_limits()
-        self.limit = AdaptiveLimit(config.limits.max_associations, f"{self.peer.where} C-STOREs")
-        self.breaker = CircuitBreaker(
-            self.retry_limits.breaker_failures, self.retry_limits.breaker_cooldown, self.retry_limits.breaker_max_cooldowns
+        self.pool = AssociationPool(
+            self.peer, config.limits.max_associations, commitment, native=config.effective_transport == "native"
         )
-        self.manifests = manifest_root(context)
+        self._share(context, config.limits, config.limits.max_associations, f"{self.peer.where} C-STOREs")
         self._refused_pairs: dict[tuple[str, str], str] = {}
-        self._series_manifest: dict[str, Path] = {}
         self._commitment: Any = None
         self._sop_classes: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -280,13 +305,6 @@ class DimseDestination:
 
     def describe(self) -> str:
         return f"{self.peer.where} (C-STORE)"
-
-    def open_series(
-        self, study: Study, series: Series, subject: str, session: str, labels: Labels | None = None
-    ) -> DimseSeriesWriter:
-        manifest = session_manifest(self.manifests, self.project, subject, session)
-        self._series_manifest[series.series_uid] = manifest
-        return DimseSeriesWriter(self, AcknowledgedSeries(manifest, self.describe(), study, series))
 
     def echo(self) -> str:
         def once() -> str:
@@ -317,10 +335,7 @@ class DimseDestination:
         else:
             held = self._call(lambda: self._find_instances(study, series))
             missing = [uid for uid in sop_instance_uids if uid not in held]
-        manifest = self._series_manifest.get(series.series_uid)
-        if missing and manifest is not None:
-            record_missing(manifest, self.describe(), study, series, missing)
-        return missing
+        return self._note_missing(study, series, missing)
 
     def cap_connections(self, cap) -> None:
         """Cluster-wide: every open association, idle ones included, holds one
@@ -357,15 +372,6 @@ class DimseDestination:
         self._sop_classes[part.sop_instance_uid] = part.sop_class_uid
         return self._call(lambda: self._store_once(part, data))
 
-    def _call(self, action):
-        try:
-            return call_with_retries(action, self.retry_limits, self.limit, breaker=self.breaker)
-        except SourceDownError as error:
-            raise DestinationDownError(
-                f"{self.describe()} could not be reached: {error.__str__().replace('the source', 'it', 1)}",
-                unreachable=True,
-            ) from error
-
     def _store_once(self, part: Part10, data: bytes) -> str | None:
         pair = (part.sop_class_uid, part.transfer_syntax)
         if pair in self._refused_pairs:
@@ -383,16 +389,12 @@ class DimseDestination:
                 self._refused_pairs[pair] = reason
                 raise self._refusal(part, reason)
             try:
-                status = _send_raw(connection, context_id, part, data, self.peer.where, self.config.dimse_timeout)
+                code, comment = _send(connection, context_id, part, data, self.peer.where, self.config.dimse_timeout)
             except RemoteError:
                 broken = True
                 raise
         finally:
             self.pool.release(connection, broken)
-        code = int(status.Status) if "Status" in status else None
-        if code is None:
-            raise lost_response_error("C-STORE", self.peer.where, self.config.dimse_timeout, aborted=True)
-        comment = str(status.get("ErrorComment", "") or "")
         if code == SUCCESS:
             return None
         if code in STORE_WARNINGS:
@@ -440,20 +442,8 @@ class DimseDestination:
         return held
 
 
-class DimseSeriesWriter:
+class DimseSeriesWriter(AcknowledgingWriter):
     """Sends one series' instances as they come (a :class:`dqr.backend.SeriesWriter`)."""
-
-    def __init__(self, destination: DimseDestination, acknowledged: AcknowledgedSeries) -> None:
-        self.destination = destination
-        self.acknowledged = acknowledged
-
-    @property
-    def warnings(self) -> dict[str, str]:
-        """SOP Instance UID -> the destination's warning, for instances stored with one."""
-        return self.acknowledged.warnings
-
-    def exists(self, sop_instance_uid: str) -> bool:
-        return self.acknowledged.held_earlier(sop_instance_uid)
 
     def write(self, sop_instance_uid: str, part10: bytes, replaced: dict[str, str]) -> None:
         warning = self.destination.store(part10)
@@ -465,3 +455,6 @@ class DimseSeriesWriter:
 
     def commit(self) -> list[str]:
         return self.acknowledged.take()
+
+
+DimseDestination.writer = DimseSeriesWriter

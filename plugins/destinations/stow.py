@@ -24,19 +24,16 @@ from requests.adapters import HTTPAdapter
 from dqr.backend import DestinationContext, VerifyMode
 from dqr.config import resolve_path
 from dqr.errors import DestinationRefusedError, RemoteError
-from dqr.model import Labels, Series, Study
+from dqr.model import Series, Study
 from dqr.plugins.destinations import DicomwebDestinationConfig
 from dqr.plugins.destinations.common import (
     AcknowledgedSeries,
+    AcknowledgingWriter,
+    NetworkDestination,
     describe_store_status,
-    manifest_root,
-    record_missing,
-    session_manifest,
 )
-from dqr.plugins.destinations.dimse_store import DestinationDownError
 from dqr.plugins.dicomweb.credentials import credential_keys, make_auth
 from dqr.plugins.dicomweb.http_errors import Operation, error_for_exception, error_for_status
-from dqr.throttle import AdaptiveLimit, CircuitBreaker, SourceDownError, call_with_retries
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +108,12 @@ def parse_stow_answer(body: Any) -> tuple[set[str], dict[str, str], dict[str, st
     return acked, failed, warnings
 
 
-class StowDestination:
+class StowDestination(NetworkDestination):
     """A :class:`dqr.backend.Destination` sending by STOW-RS."""
 
     def __init__(self, config: DicomwebDestinationConfig, context: DestinationContext) -> None:
         self.config = config
         self.url = config.url
-        self.project = context.project
         self.xnat_routing = config.xnat_routing
         self.verify_mode = VerifyMode.QUERY if config.verify else VerifyMode.OFF
         base = Path(context.config_dir or Path(context.archive).parent)
@@ -132,13 +128,7 @@ class StowDestination:
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.timeout = (config.connect_timeout, config.read_timeout)
-        self.retry_limits = config.limits.retry_limits()
-        self.limit = AdaptiveLimit(config.limits.max_requests, f"{self.describe()} requests")
-        self.breaker = CircuitBreaker(
-            self.retry_limits.breaker_failures, self.retry_limits.breaker_cooldown, self.retry_limits.breaker_max_cooldowns
-        )
-        self.manifests = manifest_root(context)
-        self._series_manifest: dict[str, Path] = {}
+        self._share(context, config.limits, config.limits.max_requests, f"{self.describe()} requests")
 
     def _operation(self, what: str, path: str) -> Operation:
         return Operation(what, f"{self.url}{path}", "", self.credentials, section="destination")
@@ -148,13 +138,6 @@ class StowDestination:
     def describe(self) -> str:
         return f"DICOMweb destination {self.url} (STOW-RS)"
 
-    def open_series(
-        self, study: Study, series: Series, subject: str, session: str, labels: Labels | None = None
-    ) -> StowSeriesWriter:
-        manifest = session_manifest(self.manifests, self.project, subject, session)
-        self._series_manifest[series.series_uid] = manifest
-        return StowSeriesWriter(self, AcknowledgedSeries(manifest, self.describe(), study, series))
-
     def echo(self) -> str:
         self._call(lambda: self._get("QIDO-RS echo", "/studies", {"limit": "1"}))
         return f"{self.describe()}: QIDO-RS answered"
@@ -163,11 +146,7 @@ class StowDestination:
         if self.verify_mode is VerifyMode.OFF or not sop_instance_uids:
             return []
         held = self._call(lambda: self._instances_of(study, series))
-        missing = [uid for uid in sop_instance_uids if uid not in held]
-        manifest = self._series_manifest.get(series.series_uid)
-        if missing and manifest is not None:
-            record_missing(manifest, self.describe(), study, series, missing)
-        return missing
+        return self._note_missing(study, series, [uid for uid in sop_instance_uids if uid not in held])
 
     def cap_connections(self, cap) -> None:
         """Cluster-wide: each request in flight holds one of the cluster's
@@ -180,15 +159,6 @@ class StowDestination:
         self.session.close()
 
     # -- requests ----------------------------------------------------------------------
-
-    def _call(self, action):
-        try:
-            return call_with_retries(action, self.retry_limits, self.limit, breaker=self.breaker)
-        except SourceDownError as error:
-            raise DestinationDownError(
-                f"{self.describe()} could not be reached: {str(error).replace('the source', 'it', 1)}",
-                unreachable=True,
-            ) from error
 
     def _get(self, what: str, path: str, params: dict[str, str]) -> requests.Response:
         op = self._operation(what, path)
@@ -262,23 +232,15 @@ class StowDestination:
         return acked & sent, {uid: reason for uid, reason in failed.items() if uid in sent}, warnings
 
 
-class StowSeriesWriter:
+class StowSeriesWriter(AcknowledgingWriter):
     """Batches one series' instances into STOW-RS requests (a :class:`dqr.backend.SeriesWriter`)."""
 
     def __init__(self, destination: StowDestination, acknowledged: AcknowledgedSeries) -> None:
-        self.destination = destination
-        self.acknowledged = acknowledged
+        super().__init__(destination, acknowledged)
         self.limit = destination.config.batch_bytes
         self._batch: list[tuple[str, bytes, dict[str, str]]] = []
         self._batch_bytes = 0
         self._lock = threading.Lock()
-
-    @property
-    def warnings(self) -> dict[str, str]:
-        return self.acknowledged.warnings
-
-    def exists(self, sop_instance_uid: str) -> bool:
-        return self.acknowledged.held_earlier(sop_instance_uid)
 
     def write(self, sop_instance_uid: str, part10: bytes, replaced: dict[str, str]) -> None:
         full = None
@@ -319,3 +281,6 @@ class StowSeriesWriter:
                 stored=sorted(acked),
                 failed=failed,
             )
+
+
+StowDestination.writer = StowSeriesWriter
