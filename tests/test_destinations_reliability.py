@@ -164,7 +164,9 @@ def test_a_warning_status_is_kept_in_the_job_state_and_shown_by_the_summary_and_
     assert "0xB007" in kept["warning"]
 
 
-def test_a_sop_class_the_scp_does_not_accept_is_a_final_error_naming_it(ct_config, dqr, mock_store_scp_factory):
+def test_a_sop_class_the_scp_does_not_accept_is_a_final_error_naming_it(
+    dimse_to, ct_config, dqr, mock_store_scp_factory
+):
     server = mock_store_scp_factory(faults={"sop_classes": ["1.2.840.10008.5.1.4.1.1.4"]})  # MR only
     result = dqr("run", "--config", ct_config(dimse_to(server, limits=FAST)))
     assert result.exit_code == 1
