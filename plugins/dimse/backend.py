@@ -36,7 +36,7 @@ from pynetdicom.sop_class import (
 )
 
 from dqr.backend import SourceContext, StoreCallback
-from dqr.errors import IncompleteRetrieveError, RemoteError
+from dqr.errors import ConfigError, IncompleteRetrieveError, Problem, RemoteError
 from dqr.model import (
     Instance,
     RetrieveReport,
@@ -49,7 +49,12 @@ from dqr.model import (
 from dqr.plugins.dimse import DimseSourceConfig, native
 from dqr.plugins.dimse import queries as q
 from dqr.plugins.dimse.arrivals import Arrivals, MoveReceiver, NativeMoveReceiver
-from dqr.plugins.dimse.network import Peer, accepted_transfer_syntaxes, tls_client_context
+from dqr.plugins.dimse.network import (
+    Peer,
+    accepted_transfer_syntaxes,
+    tls_client_context,
+    tls_server_context,
+)
 from dqr.plugins.dimse.pool import AssociationPool
 from dqr.plugins.dimse.status import (
     MOVE_DESTINATION_UNKNOWN,
@@ -117,6 +122,7 @@ class DimseBackend:
             },
             tls=_tls_context(config, context),
         )
+        self._tls_server = _tls_server_context(config, context)
         self.find_model, self.get_model, self.move_model = MODELS[config.query_model]
         self.ae = self.peer.new_ae()
         self.pool = AssociationPool(
@@ -144,7 +150,7 @@ class DimseBackend:
         if self.native:
             return native.associate(
                 self.config.host, self.config.port, self.config.calling_aet, self.config.called_aet,
-                self.peer.where, contexts, self.timeouts, list(roles), inbox,
+                self.peer.where, contexts, self.timeouts, list(roles), inbox, self.peer.tls,
             )
         return self.peer.associate(self.ae, contexts, ext_neg=roles, evt_handlers=evt_handlers)
 
@@ -525,6 +531,7 @@ class DimseBackend:
                     self.config.store_port,
                     self.config.network_timeout,
                     self.config.source_aets,
+                    self._tls_server,
                 )
             return self._receiver
 
@@ -760,13 +767,52 @@ def _release(assoc: Association) -> None:
         assoc.release()
 
 
+def _tls_files(config: DimseSourceConfig, context: SourceContext) -> tuple[Path | None, Path | None, Path | None]:
+    """The ``tls:`` files, resolved; every one that is missing or unreadable
+    is a :class:`ConfigError` (all listed at once)."""
+    assert config.tls is not None
+    problems: list[Problem] = []
+
+    def path(key: str, value: str | None) -> Path | None:
+        if value is None:
+            return None
+        resolved = context.resolve(value)
+        try:
+            with open(resolved, "rb"):
+                pass
+        except OSError as exc:
+            problems.append(Problem(f"sources.{context.name}.tls.{key}", f"{resolved}: {exc.strerror or exc}"))
+        return resolved
+
+    files = (
+        path("ca_file", config.tls.ca_file),
+        path("cert_file", config.tls.cert_file),
+        path("key_file", config.tls.key_file),
+    )
+    if problems:
+        raise ConfigError(problems)
+    return files
+
+
 def _tls_context(config: DimseSourceConfig, context: SourceContext) -> ssl.SSLContext | None:
     if config.tls is None:
         return None
+    files = _tls_files(config, context)
+    return _loaded(context, lambda: tls_client_context(*files))
 
-    def path(value: str | None) -> Path | None:
-        return None if value is None else context.resolve(value)
 
-    return tls_client_context(
-        path(config.tls.ca_file), path(config.tls.cert_file), path(config.tls.key_file)
-    )
+def _tls_server_context(config: DimseSourceConfig, context: SourceContext) -> ssl.SSLContext | None:
+    if config.tls is None or not config.tls.storage_scp:
+        return None
+    ca_file, cert_file, key_file = _tls_files(config, context)
+    assert cert_file is not None and key_file is not None  # checked by TlsOptions
+    return _loaded(context, lambda: tls_server_context(ca_file, cert_file, key_file))
+
+
+def _loaded(context: SourceContext, build: Any) -> ssl.SSLContext:
+    try:
+        return build()
+    except ssl.SSLError as exc:  # not PEM, a key that does not match the certificate, ...
+        raise ConfigError(
+            f"the certificate files could not be loaded: {exc.reason or exc}", file=f"sources.{context.name}.tls"
+        ) from None

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import queue
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -527,20 +528,26 @@ def associate(
     timeouts: Timeouts,
     roles: list[SCP_SCU_RoleSelectionNegotiation] = (),  # type: ignore[assignment]
     inbox: Inbox | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> Association:
-    """Connect and negotiate; raise a classified :class:`RemoteError`."""
+    """Connect (over TLS with ``tls``: the PACS's certificate is checked
+    against ``host``) and negotiate; raise a classified :class:`RemoteError`."""
     inbox = inbox or Inbox()
     loop = event_loop()
     link = Link(inbox.put)
 
     async def connect() -> None:
+        # connect_timeout bounds the TCP connect and the TLS handshake together
         await asyncio.wait_for(
-            loop.loop.create_connection(lambda: link, host, port), timeouts.connect
+            loop.loop.create_connection(
+                lambda: link, host, port, ssl=tls, server_hostname=host if tls else None,
+            ),
+            timeouts.connect,
         )
 
     try:
         loop.run(connect())
-    except OSError as exc:  # TimeoutError included
+    except OSError as exc:  # TimeoutError and ssl.SSLError included
         raise connect_error(exc, where, timeouts.connect) from None
     proposed_roles = {str(role.sop_class_uid): role for role in roles}
     for number, context in enumerate(contexts):
@@ -576,8 +583,22 @@ def associate(
             )
         if kind == "abort":
             raise RemoteError(f"{where} aborted the association while negotiating", retriable=True)
+        if kind == "lost" and isinstance(payload[1], ssl.SSLError):
+            # TLS 1.3: the server refuses dqr's client certificate only after
+            # the handshake, with an alert that arrives on the first read
+            raise connect_error(payload[1], where, timeouts.connect) from None
+        if kind == "lost" and tls is not None:
+            # ... or the connection is gone before the alert was read
+            raise RemoteError(
+                f"{where} closed the TLS connection while negotiating the association: it may have "
+                "refused dqr's client certificate (check `tls.cert_file` / `tls.key_file` and that "
+                "the PACS trusts their CA)",
+                retriable=True,
+            )
         raise RemoteError(
-            f"{where} closed the connection while negotiating the association", retriable=True
+            f"{where} closed the connection while negotiating the association (if the PACS "
+            "speaks DICOM over TLS on this port, set `tls:`)",
+            retriable=True,
         )
     answer: A_ASSOCIATE = payload
     ac_roles: dict[str, tuple[bool | None, bool | None]] = {}
@@ -621,16 +642,22 @@ def _user_information() -> list[Any]:
 class StorageServer:
     """A listening socket on the loop; each association is negotiated by
     ``policy`` and its C-STOREs routed by it (see
-    :class:`dqr.plugins.dimse.arrivals.NativeMoveReceiver`)."""
+    :class:`dqr.plugins.dimse.arrivals.NativeMoveReceiver`). With ``tls``
+    (a server context) every connection is TLS."""
 
-    def __init__(self, host: str, port: int, policy: Any, network_timeout: float) -> None:
+    def __init__(
+        self, host: str, port: int, policy: Any, network_timeout: float, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.policy = policy
         self.network_timeout = network_timeout
         self.links: set[Link] = set()
         loop = event_loop()
 
         async def start() -> asyncio.AbstractServer:
-            return await loop.loop.create_server(lambda: Link(self._deliver), host, port, reuse_address=True)
+            return await loop.loop.create_server(
+                lambda: Link(self._deliver), host, port, reuse_address=True, ssl=tls,
+                ssl_handshake_timeout=network_timeout if tls else None,
+            )
 
         self._server: asyncio.AbstractServer = loop.run(start())
         self.port = self._server.sockets[0].getsockname()[1]
