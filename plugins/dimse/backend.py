@@ -470,41 +470,52 @@ class DimseBackend:
         return report
 
     def retrieve_study(self, request: StudyRetrieveRequest, store: StoreCallback) -> RetrieveReport:
-        """A whole study in one C-GET (the engine judges each series' completeness
-        and asks series by series for what is missing). Only once C-GET is known
-        to work: a probe, or C-MOVE (one association back per request), goes
-        series by series."""
-        if self.retrieve_mode != "c-get":
-            raise NotImplementedError("a whole study is fetched in one request by C-GET only")
-        union = Series(
-            study_uid=request.study.study_uid,
-            series_uid="",
-            sop_class_uids=frozenset().union(*(s.sop_class_uids for s in request.series)),
-            transfer_syntaxes=frozenset().union(*(s.transfer_syntaxes for s in request.series)),
-        )
+        """A whole study in one C-GET or one C-MOVE (the engine judges each
+        series' completeness and asks series by series for what is missing).
+        Only once the retrieval mode is known: ``retrieve: auto`` probes on a
+        series first."""
+        if self.retrieve_mode not in ("c-get", "c-move"):
+            raise NotImplementedError("a whole study is fetched in one request once C-GET or C-MOVE is known to work")
+        union = _study_union(request)
         identifier = q.identifier("STUDY", self._study_keys(request.study))
-        what = f"C-GET of study {request.study.study_uid} from {self.peer.where}"
+        what = f"{self.retrieve_mode.upper()} of study {request.study.study_uid} from {self.peer.where}"
+        if self.retrieve_mode == "c-move" and union.instance_uids is None:
+            raise NotImplementedError("a study is moved in one request only when its instances are known")
         with self._retrievals:
             arrivals = Arrivals(store, native=self.native)
             deadline = Deadline(self.limits.retrieve_timeout, "retrieve_timeout")
             try:
-                report = self._c_get([identifier], union, arrivals, deadline, what)
-            except RemoteError:
+                if self.retrieve_mode == "c-get":
+                    report = self._c_get([identifier], union, arrivals, deadline, what)
+                else:
+                    moved = RetrieveRequest(request.study, union, union.instance_uids)
+                    report = self._c_move([identifier], moved, arrivals, deadline, what)
+            except RemoteError as exc:
+                if exc.slow_down:
+                    self.pool.drop_idle()
                 arrivals.raise_store_failure()
                 raise
         arrivals.raise_store_failure()
         return report
 
     def _move(self, request: RetrieveRequest, arrivals: Arrivals, deadline: Deadline) -> RetrieveReport:
+        what = f"C-MOVE of series {request.series.series_uid} from {self.peer.where}"
+        return self._c_move(self._retrieve_identifiers(request), request, arrivals, deadline, what)
+
+    def _c_move(
+        self, identifiers: list[Dataset], request: RetrieveRequest, arrivals: Arrivals, deadline: Deadline, what: str
+    ) -> RetrieveReport:
+        """C-MOVEs on one association; dqr's storage SCP accepts only
+        ``request``'s instances (and SOP classes) meanwhile, and they are
+        waited for up to ``move_timeout`` after the final response."""
         receiver = self.move_receiver()
         move_id = self._next_message_id()
         report = RetrieveReport(completed=0, failed=0, warning=0)
         with receiver.expecting(move_id, arrivals, request):
             assoc = self._associate([build_context(self.move_model)], inbox=arrivals.inbox)
-            what = f"C-MOVE of series {request.series.series_uid} from {self.peer.where}"
             try:
                 with bounded(assoc, deadline, what):
-                    for identifier in self._retrieve_identifiers(request):
+                    for identifier in identifiers:
                         responses = assoc.send_c_move(
                             identifier, self.config.destination_aet, self.move_model, msg_id=move_id
                         )
@@ -733,6 +744,30 @@ def _is_destination_refusal(code: int, completed: int, arrivals: Arrivals) -> bo
     unknown move destination)."""
     return code == MOVE_DESTINATION_UNKNOWN or (
         code == 0xC000 and completed == 0 and arrivals.count == 0
+    )
+
+
+def _study_union(request: StudyRetrieveRequest) -> Series:
+    """The series of a study as one: every SOP class (none, meaning any,
+    when one series' classes are unknown), transfer syntax and instance
+    (``None`` when one series' instances are unknown)."""
+    series = request.series
+    classes = (
+        frozenset().union(*(s.sop_class_uids for s in series))
+        if all(s.sop_class_uids for s in series)
+        else frozenset()
+    )
+    instances = (
+        tuple(uid for s in series for uid in s.instance_uids or ())
+        if all(s.instance_uids is not None for s in series)
+        else None
+    )
+    return Series(
+        study_uid=request.study.study_uid,
+        series_uid="",
+        sop_class_uids=classes,
+        transfer_syntaxes=frozenset().union(*(s.transfer_syntaxes for s in series)),
+        instance_uids=instances or None,
     )
 
 
