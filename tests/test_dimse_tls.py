@@ -116,6 +116,20 @@ def test_c_move_to_a_tls_storage_scp(tls_backend, tls_orthanc, seeded, pki):
     assert report.completed == 2
 
 
+@pytest.mark.parametrize("dimse_transport", ["native"])
+def test_a_pacs_moving_without_tls_to_the_tls_storage_scp_is_logged(tls_backend, tls_orthanc, seeded, pki, dqr_log):
+    backend = tls_backend(
+        retrieve="c-move", store_port=0, move_destination="DQRPLAIN", tls=pki.dqr_tls(storage_scp=True)
+    )
+    tls_orthanc.add_modality("dqrplain", "DQRPLAIN", "127.0.0.1", backend.move_receiver().port, UseDicomTls=False)
+    study, series = one_series(backend, seeded)
+    received = []
+    with pytest.raises(RemoteError):
+        backend.retrieve(RetrieveRequest(study, series), received.append)
+    assert received == []
+    assert "storage SCP: TLS handshake with 127.0.0.1:" in dqr_log.text
+
+
 def test_a_certificate_from_another_ca_is_a_final_tls_error(tls_backend, pki):
     backend = tls_backend(tls=pki.dqr_tls(ca_file=str(pki.other_ca.cert)))
     with pytest.raises(RemoteError, match=r"TLS handshake with PACS ORTHANC .* could not be verified.*tls\.ca_file") as caught:

@@ -639,6 +639,53 @@ def _user_information() -> list[Any]:
 # -- the acceptor's side: dqr's storage SCP for C-MOVE --------------------------------
 
 
+class _TlsHandshake(asyncio.Protocol):
+    """An accepted connection until its TLS handshake is done; then the
+    :class:`Link` carries it. (asyncio's own ``create_server(ssl=...)``
+    drops a failed handshake without a word: a PACS with the wrong
+    certificate would look like a PACS that never sent anything.)"""
+
+    def __init__(self, link: Link, context: ssl.SSLContext, timeout: float) -> None:
+        self.link = link
+        self.context = context
+        self.timeout = timeout
+        #: What arrived with the handshake's last bytes, before start_tls
+        #: returned (DCMTK sends its A-ASSOCIATE-RQ right behind them)
+        self._early: list[bytes] = []
+
+    def connection_made(self, transport: Any) -> None:
+        transport.pause_reading()  # the handshake's bytes are for start_tls
+        set_nodelay(transport.get_extra_info("socket"))
+        peer = transport.get_extra_info("peername") or ("", 0)
+        asyncio.get_running_loop().create_task(self._handshake(transport, peer))
+
+    async def _handshake(self, transport: Any, peer: tuple[str, int]) -> None:
+        try:
+            secure = await asyncio.get_running_loop().start_tls(
+                transport, self, self.context, server_side=True, ssl_handshake_timeout=self.timeout
+            )
+        except OSError as exc:  # ssl.SSLError and TimeoutError included
+            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            log.warning(
+                "storage SCP: TLS handshake with %s:%s failed: %s (does the PACS send over TLS, "
+                "with a certificate tls.ca_file trusts?)", *peer[:2], reason,
+            )
+            transport.abort()
+            return
+        self.link.connection_made(secure)
+        secure.set_protocol(self.link)
+        for data in self._early:
+            self.link.data_received(data)
+        self._early.clear()
+
+    # the application protocol until the handshake is done
+    def data_received(self, data: bytes) -> None:
+        self._early.append(data)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        pass  # start_tls raises, or the link was never connected
+
+
 class StorageServer:
     """A listening socket on the loop; each association is negotiated by
     ``policy`` and its C-STOREs routed by it (see
@@ -653,11 +700,12 @@ class StorageServer:
         self.links: set[Link] = set()
         loop = event_loop()
 
+        def protocol() -> asyncio.Protocol:
+            link = Link(self._deliver)
+            return link if tls is None else _TlsHandshake(link, tls, network_timeout)
+
         async def start() -> asyncio.AbstractServer:
-            return await loop.loop.create_server(
-                lambda: Link(self._deliver), host, port, reuse_address=True, ssl=tls,
-                ssl_handshake_timeout=network_timeout if tls else None,
-            )
+            return await loop.loop.create_server(protocol, host, port, reuse_address=True)
 
         self._server: asyncio.AbstractServer = loop.run(start())
         self.port = self._server.sockets[0].getsockname()[1]
