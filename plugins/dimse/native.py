@@ -24,12 +24,12 @@ import asyncio
 import logging
 import queue
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from io import BytesIO
+from ssl import SSLContext, SSLError
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -528,7 +528,7 @@ def associate(
     timeouts: Timeouts,
     roles: list[SCP_SCU_RoleSelectionNegotiation] = (),  # type: ignore[assignment]
     inbox: Inbox | None = None,
-    tls: ssl.SSLContext | None = None,
+    tls: SSLContext | None = None,
 ) -> Association:
     """Connect (over TLS with ``tls``: the PACS's certificate is checked
     against ``host``) and negotiate; raise a classified :class:`RemoteError`."""
@@ -583,7 +583,7 @@ def associate(
             )
         if kind == "abort":
             raise RemoteError(f"{where} aborted the association while negotiating", retriable=True)
-        if kind == "lost" and isinstance(payload[1], ssl.SSLError):
+        if kind == "lost" and isinstance(payload[1], SSLError):
             # TLS 1.3: the server refuses dqr's client certificate only after
             # the handshake, with an alert that arrives on the first read
             raise connect_error(payload[1], where, timeouts.connect) from None
@@ -645,7 +645,7 @@ class _TlsHandshake(asyncio.Protocol):
     drops a failed handshake without a word: a PACS with the wrong
     certificate would look like a PACS that never sent anything.)"""
 
-    def __init__(self, link: Link, context: ssl.SSLContext, timeout: float) -> None:
+    def __init__(self, link: Link, context: SSLContext, timeout: float) -> None:
         self.link = link
         self.context = context
         self.timeout = timeout
@@ -693,7 +693,7 @@ class StorageServer:
     (a server context) every connection is TLS."""
 
     def __init__(
-        self, host: str, port: int, policy: Any, network_timeout: float, tls: ssl.SSLContext | None = None
+        self, host: str, port: int, policy: Any, network_timeout: float, tls: SSLContext | None = None
     ) -> None:
         self.policy = policy
         self.network_timeout = network_timeout
