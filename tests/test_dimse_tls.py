@@ -137,7 +137,6 @@ def test_a_certificate_from_another_ca_is_a_final_tls_error(tls_backend, pki):
     assert not caught.value.retriable
 
 
-@pytest.mark.parametrize("dimse_transport", ["native"])
 def test_no_client_certificate_names_the_tls_keys(tls_backend, pki):
     backend = tls_backend(tls={"ca_file": str(pki.ca.cert)})
     # the PACS's alert (a final TLS error), or the connection closed before it was read

@@ -228,8 +228,14 @@ class Peer:
                 "contexts (it does not support this query/retrieve model or these SOP classes)"
             )
         if assoc.is_aborted:
+            hint = (
+                " (over TLS the PACS may have refused dqr's client certificate; check `tls.cert_file` / "
+                "`tls.key_file` and that the PACS trusts their CA)"
+                if self.tls is not None
+                else ""
+            )
             return RemoteError(
-                f"{self.where} aborted the association while negotiating", retriable=True
+                f"{self.where} aborted the association while negotiating{hint}", retriable=True
             )
         return RemoteError(
             f"{self.where} did not answer the association request within {self.timeouts['acse']:g} s (acse_timeout)",
