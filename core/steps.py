@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -445,7 +445,10 @@ def retrieve_whole_study(ctx: JobContext, study: Study, series: list[Series], la
         targets[one.series_uid] = StoreTarget(RetrieveRequest(study, one), labels, writer, expected)
     for one in series:
         state.set_series_status(one.series_uid, SeriesStatus.RETRIEVING)
-    request = StudyRetrieveRequest(study, tuple(series))
+    # with the expected instances: a C-MOVE's storage SCP accepts only those
+    request = StudyRetrieveRequest(
+        study, tuple(replace(one, instance_uids=tuple(targets[one.series_uid].expected or ())) for one in series)
+    )
     failure: Exception | None = None
     try:
         ctx.guard.retrieve_once(

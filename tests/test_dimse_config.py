@@ -24,15 +24,15 @@ def test_minimal_source_gets_documented_defaults(site):
     assert source.store_host is None  # bound to the address that reaches `host`
 
 
-def test_native_transport_with_tls_is_a_clear_error(site):
-    assert "transport: native does not speak TLS" in problems(
-        site, transport="native", tls={"ca_file": "ca.pem"}
-    )
-
-
-def test_tls_without_a_transport_uses_pynetdicom(site, tmp_path):
+def test_tls_without_a_transport_uses_the_native_transport(site, tmp_path):
     source = load_config(site(source={**PACS, "tls": {}})).sources["main"]
-    assert source.effective_transport == "pynetdicom"
+    assert source.effective_transport == "native"
+
+
+def test_a_tls_storage_scp_without_a_certificate_is_refused(site):
+    assert "`storage_scp: true` needs `cert_file` and `key_file`" in problems(
+        site, tls={"ca_file": "ca.pem", "storage_scp": True}
+    )
 
 
 def test_unknown_transport_is_refused(site):
@@ -65,3 +65,12 @@ def test_dqr_echo_through_the_cli(site, dqr, mock_dimse_pacs):
     result = dqr("echo", "--config", config)
     assert result.exit_code == 0, result.output
     assert "OK" in result.output
+
+
+def test_missing_tls_files_are_each_named_with_exit_2_and_no_traceback(site, dqr):
+    config = site(source={**PACS, "tls": {"ca_file": "ca.pem", "cert_file": "dqr.crt", "key_file": "dqr.key"}})
+    result = dqr("echo", "--config", config)
+    assert result.exit_code == 2, result.output
+    for key in ("ca_file", "cert_file", "key_file"):
+        assert f"sources.main.tls.{key}" in result.output
+    assert "3 problems" in result.output and "Traceback" not in result.output

@@ -3,6 +3,9 @@ by C-MOVE: the archive read back file by file."""
 
 from __future__ import annotations
 
+import re
+from contextlib import contextmanager
+
 import pytest
 from conftest import assert_study_archived_relabeled
 
@@ -22,6 +25,24 @@ def dimse_source(orthanc, **keys):
         "calling_aet": "DQR",
         **keys,
     }
+
+
+@contextmanager
+def move_requests(orthanc):
+    """The QueryRetrieveLevel of each C-MOVE request Orthanc receives
+    meanwhile, read from its verbose log."""
+    levels: list[str] = []
+    start = orthanc.log_path.stat().st_size
+    orthanc.session.put(f"{orthanc.http_url}/tools/log-level", data="verbose", timeout=10).raise_for_status()
+    try:
+        yield levels
+    finally:
+        orthanc.session.put(f"{orthanc.http_url}/tools/log-level", data="default", timeout=10).raise_for_status()
+        with open(orthanc.log_path, encoding="utf-8", errors="replace") as log:
+            log.seek(start)
+            text = log.read()
+        # "Move-SCU request received ...", then one line per identifier element
+        levels += re.findall(r"Move-SCU request received.*\n(?:.*\n)*?.*QueryRetrieveLevel = (\w+)", text)
 
 
 def run_and_check_archive(dqr, site, write_csv, tmp_path, orthanc, source):
@@ -57,4 +78,7 @@ def test_run_retrieves_by_c_move(
         store_port=free_loopback_port,
         transport=dimse_transport,
     )
-    run_and_check_archive(dqr, site, write_csv, tmp_path, orthanc, source)
+    with move_requests(orthanc) as levels:
+        run_and_check_archive(dqr, site, write_csv, tmp_path, orthanc, source)
+    assert levels == ["STUDY"]  # both series selected, nothing stored: one C-MOVE
+

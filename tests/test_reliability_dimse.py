@@ -476,3 +476,72 @@ def test_a_study_with_every_series_selected_is_one_c_get(dimse_job, mock_dimse_p
     assert dqr("run", "--config", config).exit_code == 0
     assert mock_dimse_pacs.requests["C-GET"] == 2
     assert len(archive_files(tmp_path / "archive")) == 15
+
+
+def move_job(dimse_job, mock_dimse_pacs, port, accessions, **limits):
+    mock_dimse_pacs.add_destination("DQR", "127.0.0.1", port)
+    config = dimse_job(accessions, limits=limits)
+    config.write_text(
+        config.read_text().replace(
+            "type: dimse", f"type: dimse\n    retrieve: c-move\n    store_port: {port}\n    store_host: 127.0.0.1"
+        )
+    )
+    return config
+
+
+def test_a_study_with_every_series_selected_is_one_c_move(dimse_job, mock_dimse_pacs, free_loopback_port, dqr, tmp_path):
+    config = move_job(dimse_job, mock_dimse_pacs, free_loopback_port, [CT_STUDY, MR_STUDY])
+    assert dqr("run", "--config", config).exit_code == 0
+    assert mock_dimse_pacs.requests["C-MOVE"] == 2
+    assert stored_sops(tmp_path / "archive") == expected_sops(CT_STUDY, MR_STUDY)
+
+
+def test_after_a_study_c_move_aborts_only_the_missing_instances_are_moved(
+    dimse_job, mock_dimse_pacs, free_loopback_port, dqr, tmp_path
+):
+    mock_dimse_pacs.faults.abort = AbortFault(after_stores=2, times=1)
+    config = move_job(dimse_job, mock_dimse_pacs, free_loopback_port, [CT_STUDY], max_retrievals=1)
+    result = dqr("run", "--config", config)
+    assert result.exit_code == 0, result.output
+    # the study's C-MOVE delivered 2 of 6; then one C-MOVE per series for the rest
+    assert mock_dimse_pacs.requests["C-MOVE"] == 3
+    assert mock_dimse_pacs.requests["C-STORE"] == len(expected_sops(CT_STUDY))
+    assert stored_sops(tmp_path / "archive") == expected_sops(CT_STUDY)
+
+
+def test_a_resumed_study_is_moved_series_by_series_asking_only_for_the_missing(
+    dimse_job, mock_dimse_pacs, free_loopback_port, dqr, tmp_path
+):
+    # every C-MOVE aborts after 2 instances and nothing is retried: the CT
+    # study (2 x 3 instances) ends with one series complete, one with 2 of 3
+    mock_dimse_pacs.faults.abort = AbortFault(after_stores=2, times=None)
+    config = move_job(dimse_job, mock_dimse_pacs, free_loopback_port, [CT_STUDY], max_retrievals=1, retries=0)
+    assert dqr("run", "--config", config).exit_code == 1
+    assert len(stored_sops(tmp_path / "archive")) == 5
+    mock_dimse_pacs.reset()
+    mock_dimse_pacs.add_destination("DQR", "127.0.0.1", free_loopback_port)
+    result = dqr("run", "--config", config)
+    assert result.exit_code == 0, result.output
+    assert (mock_dimse_pacs.requests["C-MOVE"], mock_dimse_pacs.requests["C-STORE"]) == (1, 1)
+    assert stored_sops(tmp_path / "archive") == expected_sops(CT_STUDY)
+
+
+def test_a_study_c_move_stores_exactly_the_study_refusing_what_was_not_asked_for(
+    dimse_job, mock_dimse_factory, free_loopback_port, dqr, tmp_path
+):
+    from dqr.plugins.testpacs.memory.hostile import unrequested_uid
+
+    hostile = {"accession": CT_STUDY, "foreign_study": True, "unrequested_instance": True}
+    server = mock_dimse_factory(faults={"hostile": hostile})
+    config = move_job(
+        lambda accessions, limits: dimse_job(accessions, server=server, limits=limits),
+        server, free_loopback_port, [CT_STUDY],
+    )
+    result = dqr("run", "--config", config)
+    # the storage SCP accepts only the instances the image-level query found:
+    # the extras are refused (0xC001, a warning), the study is complete
+    assert result.exit_code == 0, result.output
+    assert server.requests["C-MOVE"] == 1
+    assert stored_sops(tmp_path / "archive") == expected_sops(CT_STUDY)
+    assert result.stderr.count("storage SCP: refused instance") == 2
+    assert f"refused instance {unrequested_uid(INSTANCES[CT_STUDY][0])} " in result.stderr

@@ -313,12 +313,13 @@ class OrthancServer:
             count += 1
         return count
 
-    def add_modality(self, name: str, aet: str, host: str, port: int) -> None:
+    def add_modality(self, name: str, aet: str, host: str, port: int, **settings: Any) -> None:
         """Declare a DICOM node (e.g. a C-MOVE destination) at run time
-        (``PUT /modalities/<name>``)."""
+        (``PUT /modalities/<name>``); ``settings``: more of Orthanc's
+        modality keys (``UseDicomTls=True``)."""
         response = self.session.put(
             f"{self.http_url}/modalities/{name}",
-            json={"AET": aet, "Host": host, "Port": port},
+            json={"AET": aet, "Host": host, "Port": port, **settings},
             timeout=10,
         )
         if not response.ok:

@@ -44,7 +44,7 @@ def validate_ae_title(value: str) -> str:
 
 AETitle = Annotated[str, AfterValidator(validate_ae_title)]
 
-#: The DIMSE stack used when a source names none (and has no tls).
+#: The DIMSE stack used when a source names none.
 DEFAULT_TRANSPORT = "native"
 
 
@@ -61,6 +61,25 @@ class TlsOptions(Strict):
     def _key_with_cert(self) -> TlsOptions:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("give both `cert_file` and `key_file`, or neither")
+        return self
+
+
+class SourceTlsOptions(TlsOptions):
+    """A source's ``tls:``: also for dqr's own storage SCP (C-MOVE)."""
+
+    storage_scp: bool = Field(
+        False,
+        description="c-move: dqr's storage SCP speaks TLS too, with cert_file as its certificate "
+        "(ca_file then verifies the PACS's)",
+    )
+
+    @model_validator(mode="after")
+    def _scp_has_a_certificate(self) -> SourceTlsOptions:
+        if self.storage_scp and self.cert_file is None:
+            raise ValueError(
+                "`storage_scp: true` needs `cert_file` and `key_file`: the storage SCP presents "
+                "that certificate to the PACS"
+            )
         return self
 
 
@@ -81,7 +100,7 @@ class DimseSourceConfig(SourceConfig):
     )
     transport: Literal["native", "pynetdicom"] | None = Field(
         None,
-        description="DIMSE stack: native (dqr's event loop; default) or pynetdicom (default with tls)",
+        description="DIMSE stack: native (dqr's event loop; default) or pynetdicom",
     )
     move_destination: AETitle | None = Field(
         None, description="c-move: AE title the PACS sends to (default: calling_aet)"
@@ -97,7 +116,7 @@ class DimseSourceConfig(SourceConfig):
         None,
         description="c-move: calling AE titles allowed to send C-STOREs to dqr (default: called_aet)",
     )
-    tls: TlsOptions | None = None
+    tls: SourceTlsOptions | None = None
     connect_timeout: float = Field(10.0, gt=0, description="TCP connect, seconds")
     acse_timeout: float = Field(
         30.0, gt=0, description="association negotiation and release, seconds"
@@ -119,24 +138,13 @@ class DimseSourceConfig(SourceConfig):
             )
         return self
 
-    @model_validator(mode="after")
-    def _native_has_no_tls(self) -> DimseSourceConfig:
-        if self.transport == "native" and self.tls is not None:
-            raise ValueError(
-                "transport: native does not speak TLS yet: use `transport: pynetdicom` with `tls:` "
-                "(or leave `transport` out: it then defaults to pynetdicom when tls is set)"
-            )
-        return self
-
     @property
     def destination_aet(self) -> str:
         return self.move_destination or self.calling_aet
 
     @property
     def effective_transport(self) -> str:
-        if self.transport is not None:
-            return self.transport
-        return "pynetdicom" if self.tls is not None else DEFAULT_TRANSPORT
+        return self.transport or DEFAULT_TRANSPORT
 
     @property
     def source_aets(self) -> frozenset[str]:

@@ -231,7 +231,8 @@ class MoveReceiver:
     started on first use; see :class:`MoveRouting` for what it accepts."""
 
     def __init__(
-        self, aet: str, host: str, port: int, network_timeout: float, source_aets: frozenset[str]
+        self, aet: str, host: str, port: int, network_timeout: float, source_aets: frozenset[str],
+        tls: Any = None,
     ) -> None:
         from pynetdicom import AE, AllStoragePresentationContexts, evt
 
@@ -247,6 +248,7 @@ class MoveReceiver:
         self._server = ae.start_server(
             (host, port),
             block=False,
+            ssl_context=tls,
             evt_handlers=[
                 (evt.EVT_REQUESTED, self._on_requested),
                 (evt.EVT_C_STORE, self._on_store),
@@ -307,14 +309,15 @@ class NativeMoveReceiver:
     than every storage class times every transfer syntax."""
 
     def __init__(
-        self, aet: str, host: str, port: int, network_timeout: float, source_aets: frozenset[str]
+        self, aet: str, host: str, port: int, network_timeout: float, source_aets: frozenset[str],
+        tls: Any = None,
     ) -> None:
         from dqr.plugins.dimse.native import StorageServer
 
         self.aet = aet
         self.routing = MoveRouting(source_aets)
         self.host = host
-        self._server = StorageServer(host, port, self, network_timeout)
+        self._server = StorageServer(host, port, self, network_timeout, tls)
         self.port = self._server.port
 
     def expecting(self, move_id: int, arrivals: Arrivals, request: RetrieveRequest) -> Any:

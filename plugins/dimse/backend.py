@@ -36,7 +36,7 @@ from pynetdicom.sop_class import (
 )
 
 from dqr.backend import SourceContext, StoreCallback
-from dqr.errors import IncompleteRetrieveError, RemoteError
+from dqr.errors import ConfigError, IncompleteRetrieveError, Problem, RemoteError
 from dqr.model import (
     Instance,
     RetrieveReport,
@@ -49,7 +49,12 @@ from dqr.model import (
 from dqr.plugins.dimse import DimseSourceConfig, native
 from dqr.plugins.dimse import queries as q
 from dqr.plugins.dimse.arrivals import Arrivals, MoveReceiver, NativeMoveReceiver
-from dqr.plugins.dimse.network import Peer, accepted_transfer_syntaxes, tls_client_context
+from dqr.plugins.dimse.network import (
+    Peer,
+    accepted_transfer_syntaxes,
+    tls_client_context,
+    tls_server_context,
+)
 from dqr.plugins.dimse.pool import AssociationPool
 from dqr.plugins.dimse.status import (
     MOVE_DESTINATION_UNKNOWN,
@@ -117,6 +122,7 @@ class DimseBackend:
             },
             tls=_tls_context(config, context),
         )
+        self._tls_server = _tls_server_context(config, context)
         self.find_model, self.get_model, self.move_model = MODELS[config.query_model]
         self.ae = self.peer.new_ae()
         self.pool = AssociationPool(
@@ -144,7 +150,7 @@ class DimseBackend:
         if self.native:
             return native.associate(
                 self.config.host, self.config.port, self.config.calling_aet, self.config.called_aet,
-                self.peer.where, contexts, self.timeouts, list(roles), inbox,
+                self.peer.where, contexts, self.timeouts, list(roles), inbox, self.peer.tls,
             )
         return self.peer.associate(self.ae, contexts, ext_neg=roles, evt_handlers=evt_handlers)
 
@@ -464,41 +470,52 @@ class DimseBackend:
         return report
 
     def retrieve_study(self, request: StudyRetrieveRequest, store: StoreCallback) -> RetrieveReport:
-        """A whole study in one C-GET (the engine judges each series' completeness
-        and asks series by series for what is missing). Only once C-GET is known
-        to work: a probe, or C-MOVE (one association back per request), goes
-        series by series."""
-        if self.retrieve_mode != "c-get":
-            raise NotImplementedError("a whole study is fetched in one request by C-GET only")
-        union = Series(
-            study_uid=request.study.study_uid,
-            series_uid="",
-            sop_class_uids=frozenset().union(*(s.sop_class_uids for s in request.series)),
-            transfer_syntaxes=frozenset().union(*(s.transfer_syntaxes for s in request.series)),
-        )
+        """A whole study in one C-GET or one C-MOVE (the engine judges each
+        series' completeness and asks series by series for what is missing).
+        Only once the retrieval mode is known: ``retrieve: auto`` probes on a
+        series first."""
+        if self.retrieve_mode not in ("c-get", "c-move"):
+            raise NotImplementedError("a whole study is fetched in one request once C-GET or C-MOVE is known to work")
+        union = _study_union(request)
         identifier = q.identifier("STUDY", self._study_keys(request.study))
-        what = f"C-GET of study {request.study.study_uid} from {self.peer.where}"
+        what = f"{self.retrieve_mode.upper()} of study {request.study.study_uid} from {self.peer.where}"
+        if self.retrieve_mode == "c-move" and union.instance_uids is None:
+            raise NotImplementedError("a study is moved in one request only when its instances are known")
         with self._retrievals:
             arrivals = Arrivals(store, native=self.native)
             deadline = Deadline(self.limits.retrieve_timeout, "retrieve_timeout")
             try:
-                report = self._c_get([identifier], union, arrivals, deadline, what)
-            except RemoteError:
+                if self.retrieve_mode == "c-get":
+                    report = self._c_get([identifier], union, arrivals, deadline, what)
+                else:
+                    moved = RetrieveRequest(request.study, union, union.instance_uids)
+                    report = self._c_move([identifier], moved, arrivals, deadline, what)
+            except RemoteError as exc:
+                if exc.slow_down:
+                    self.pool.drop_idle()
                 arrivals.raise_store_failure()
                 raise
         arrivals.raise_store_failure()
         return report
 
     def _move(self, request: RetrieveRequest, arrivals: Arrivals, deadline: Deadline) -> RetrieveReport:
+        what = f"C-MOVE of series {request.series.series_uid} from {self.peer.where}"
+        return self._c_move(self._retrieve_identifiers(request), request, arrivals, deadline, what)
+
+    def _c_move(
+        self, identifiers: list[Dataset], request: RetrieveRequest, arrivals: Arrivals, deadline: Deadline, what: str
+    ) -> RetrieveReport:
+        """C-MOVEs on one association; dqr's storage SCP accepts only
+        ``request``'s instances (and SOP classes) meanwhile, and they are
+        waited for up to ``move_timeout`` after the final response."""
         receiver = self.move_receiver()
         move_id = self._next_message_id()
         report = RetrieveReport(completed=0, failed=0, warning=0)
         with receiver.expecting(move_id, arrivals, request):
             assoc = self._associate([build_context(self.move_model)], inbox=arrivals.inbox)
-            what = f"C-MOVE of series {request.series.series_uid} from {self.peer.where}"
             try:
                 with bounded(assoc, deadline, what):
-                    for identifier in self._retrieve_identifiers(request):
+                    for identifier in identifiers:
                         responses = assoc.send_c_move(
                             identifier, self.config.destination_aet, self.move_model, msg_id=move_id
                         )
@@ -525,6 +542,7 @@ class DimseBackend:
                     self.config.store_port,
                     self.config.network_timeout,
                     self.config.source_aets,
+                    self._tls_server,
                 )
             return self._receiver
 
@@ -736,6 +754,30 @@ def _is_destination_refusal(code: int, completed: int, arrivals: Arrivals) -> bo
     )
 
 
+def _study_union(request: StudyRetrieveRequest) -> Series:
+    """The series of a study as one: every SOP class (none, meaning any,
+    when one series' classes are unknown), transfer syntax and instance
+    (``None`` when one series' instances are unknown)."""
+    series = request.series
+    classes = (
+        frozenset().union(*(s.sop_class_uids for s in series))
+        if all(s.sop_class_uids for s in series)
+        else frozenset()
+    )
+    instances = (
+        tuple(uid for s in series for uid in s.instance_uids or ())
+        if all(s.instance_uids is not None for s in series)
+        else None
+    )
+    return Series(
+        study_uid=request.study.study_uid,
+        series_uid="",
+        sop_class_uids=classes,
+        transfer_syntaxes=frozenset().union(*(s.transfer_syntaxes for s in series)),
+        instance_uids=instances or None,
+    )
+
+
 def _expected_count(request: RetrieveRequest) -> int:
     if request.sop_instance_uids is not None:
         return len(request.sop_instance_uids)
@@ -767,13 +809,52 @@ def _release(assoc: Association) -> None:
         assoc.release()
 
 
+def _tls_files(config: DimseSourceConfig, context: SourceContext) -> tuple[Path | None, Path | None, Path | None]:
+    """The ``tls:`` files, resolved; every one that is missing or unreadable
+    is a :class:`ConfigError` (all listed at once)."""
+    assert config.tls is not None
+    problems: list[Problem] = []
+
+    def path(key: str, value: str | None) -> Path | None:
+        if value is None:
+            return None
+        resolved = context.resolve(value)
+        try:
+            with open(resolved, "rb"):
+                pass
+        except OSError as exc:
+            problems.append(Problem(f"sources.{context.name}.tls.{key}", f"{resolved}: {exc.strerror or exc}"))
+        return resolved
+
+    files = (
+        path("ca_file", config.tls.ca_file),
+        path("cert_file", config.tls.cert_file),
+        path("key_file", config.tls.key_file),
+    )
+    if problems:
+        raise ConfigError(problems)
+    return files
+
+
 def _tls_context(config: DimseSourceConfig, context: SourceContext) -> ssl.SSLContext | None:
     if config.tls is None:
         return None
+    files = _tls_files(config, context)
+    return _loaded(context, lambda: tls_client_context(*files))
 
-    def path(value: str | None) -> Path | None:
-        return None if value is None else context.resolve(value)
 
-    return tls_client_context(
-        path(config.tls.ca_file), path(config.tls.cert_file), path(config.tls.key_file)
-    )
+def _tls_server_context(config: DimseSourceConfig, context: SourceContext) -> ssl.SSLContext | None:
+    if config.tls is None or not config.tls.storage_scp:
+        return None
+    ca_file, cert_file, key_file = _tls_files(config, context)
+    assert cert_file is not None and key_file is not None  # checked by TlsOptions
+    return _loaded(context, lambda: tls_server_context(ca_file, cert_file, key_file))
+
+
+def _loaded(context: SourceContext, build: Any) -> ssl.SSLContext:
+    try:
+        return build()
+    except ssl.SSLError as exc:  # not PEM, a key that does not match the certificate, ...
+        raise ConfigError(
+            f"the certificate files could not be loaded: {exc.reason or exc}", file=f"sources.{context.name}.tls"
+        ) from None

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from io import BytesIO
+from ssl import SSLContext, SSLError
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -527,20 +528,26 @@ def associate(
     timeouts: Timeouts,
     roles: list[SCP_SCU_RoleSelectionNegotiation] = (),  # type: ignore[assignment]
     inbox: Inbox | None = None,
+    tls: SSLContext | None = None,
 ) -> Association:
-    """Connect and negotiate; raise a classified :class:`RemoteError`."""
+    """Connect (over TLS with ``tls``: the PACS's certificate is checked
+    against ``host``) and negotiate; raise a classified :class:`RemoteError`."""
     inbox = inbox or Inbox()
     loop = event_loop()
     link = Link(inbox.put)
 
     async def connect() -> None:
+        # connect_timeout bounds the TCP connect and the TLS handshake together
         await asyncio.wait_for(
-            loop.loop.create_connection(lambda: link, host, port), timeouts.connect
+            loop.loop.create_connection(
+                lambda: link, host, port, ssl=tls, server_hostname=host if tls else None,
+            ),
+            timeouts.connect,
         )
 
     try:
         loop.run(connect())
-    except OSError as exc:  # TimeoutError included
+    except OSError as exc:  # TimeoutError and ssl.SSLError included
         raise connect_error(exc, where, timeouts.connect) from None
     proposed_roles = {str(role.sop_class_uid): role for role in roles}
     for number, context in enumerate(contexts):
@@ -576,8 +583,22 @@ def associate(
             )
         if kind == "abort":
             raise RemoteError(f"{where} aborted the association while negotiating", retriable=True)
+        if kind == "lost" and isinstance(payload[1], SSLError):
+            # TLS 1.3: the server refuses dqr's client certificate only after
+            # the handshake, with an alert that arrives on the first read
+            raise connect_error(payload[1], where, timeouts.connect) from None
+        if kind == "lost" and tls is not None:
+            # ... or the connection is gone before the alert was read
+            raise RemoteError(
+                f"{where} closed the TLS connection while negotiating the association: it may have "
+                "refused dqr's client certificate (check `tls.cert_file` / `tls.key_file` and that "
+                "the PACS trusts their CA)",
+                retriable=True,
+            )
         raise RemoteError(
-            f"{where} closed the connection while negotiating the association", retriable=True
+            f"{where} closed the connection while negotiating the association (if the PACS "
+            "speaks DICOM over TLS on this port, set `tls:`)",
+            retriable=True,
         )
     answer: A_ASSOCIATE = payload
     ac_roles: dict[str, tuple[bool | None, bool | None]] = {}
@@ -618,19 +639,73 @@ def _user_information() -> list[Any]:
 # -- the acceptor's side: dqr's storage SCP for C-MOVE --------------------------------
 
 
+class _TlsHandshake(asyncio.Protocol):
+    """An accepted connection until its TLS handshake is done; then the
+    :class:`Link` carries it. (asyncio's own ``create_server(ssl=...)``
+    drops a failed handshake without a word: a PACS with the wrong
+    certificate would look like a PACS that never sent anything.)"""
+
+    def __init__(self, link: Link, context: SSLContext, timeout: float) -> None:
+        self.link = link
+        self.context = context
+        self.timeout = timeout
+        #: What arrived with the handshake's last bytes, before start_tls
+        #: returned (DCMTK sends its A-ASSOCIATE-RQ right behind them)
+        self._early: list[bytes] = []
+
+    def connection_made(self, transport: Any) -> None:
+        transport.pause_reading()  # the handshake's bytes are for start_tls
+        set_nodelay(transport.get_extra_info("socket"))
+        peer = transport.get_extra_info("peername") or ("", 0)
+        asyncio.get_running_loop().create_task(self._handshake(transport, peer))
+
+    async def _handshake(self, transport: Any, peer: tuple[str, int]) -> None:
+        try:
+            secure = await asyncio.get_running_loop().start_tls(
+                transport, self, self.context, server_side=True, ssl_handshake_timeout=self.timeout
+            )
+        except OSError as exc:  # ssl.SSLError and TimeoutError included
+            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            log.warning(
+                "storage SCP: TLS handshake with %s:%s failed: %s (does the PACS send over TLS, "
+                "with a certificate tls.ca_file trusts?)", *peer[:2], reason,
+            )
+            transport.abort()
+            return
+        self.link.connection_made(secure)
+        secure.set_protocol(self.link)
+        for data in self._early:
+            self.link.data_received(data)
+        self._early.clear()
+
+    # the application protocol until the handshake is done
+    def data_received(self, data: bytes) -> None:
+        self._early.append(data)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        pass  # start_tls raises, or the link was never connected
+
+
 class StorageServer:
     """A listening socket on the loop; each association is negotiated by
     ``policy`` and its C-STOREs routed by it (see
-    :class:`dqr.plugins.dimse.arrivals.NativeMoveReceiver`)."""
+    :class:`dqr.plugins.dimse.arrivals.NativeMoveReceiver`). With ``tls``
+    (a server context) every connection is TLS."""
 
-    def __init__(self, host: str, port: int, policy: Any, network_timeout: float) -> None:
+    def __init__(
+        self, host: str, port: int, policy: Any, network_timeout: float, tls: SSLContext | None = None
+    ) -> None:
         self.policy = policy
         self.network_timeout = network_timeout
         self.links: set[Link] = set()
         loop = event_loop()
 
+        def protocol() -> asyncio.Protocol:
+            link = Link(self._deliver)
+            return link if tls is None else _TlsHandshake(link, tls, network_timeout)
+
         async def start() -> asyncio.AbstractServer:
-            return await loop.loop.create_server(lambda: Link(self._deliver), host, port, reuse_address=True)
+            return await loop.loop.create_server(protocol, host, port, reuse_address=True)
 
         self._server: asyncio.AbstractServer = loop.run(start())
         self.port = self._server.sockets[0].getsockname()[1]

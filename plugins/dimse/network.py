@@ -124,12 +124,27 @@ def accepted_transfer_syntaxes() -> list[str]:
 def tls_client_context(
     ca_file: Path | None, cert_file: Path | None, key_file: Path | None
 ) -> ssl.SSLContext:
+    """For every association dqr requests, on both transports: the PACS's
+    certificate is verified against ``ca_file`` (else the system's CAs) and
+    ``host``; ``cert_file`` is dqr's client certificate."""
     context = ssl.create_default_context(
         ssl.Purpose.SERVER_AUTH, cafile=str(ca_file) if ca_file else None
     )
     if cert_file and key_file:
         context.load_cert_chain(str(cert_file), str(key_file))
     context.sslsocket_class = TlsSocket
+    return context
+
+
+def tls_server_context(ca_file: Path | None, cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    """For dqr's C-MOVE storage SCP (``tls.storage_scp``): it presents
+    ``cert_file``; with ``ca_file`` the PACS must present a certificate
+    signed by it (DICOM TLS authenticates both nodes)."""
+    context = ssl.create_default_context(
+        ssl.Purpose.CLIENT_AUTH, cafile=str(ca_file) if ca_file else None
+    )
+    context.load_cert_chain(str(cert_file), str(key_file))
+    context.verify_mode = ssl.CERT_REQUIRED if ca_file else ssl.CERT_NONE
     return context
 
 
@@ -213,8 +228,14 @@ class Peer:
                 "contexts (it does not support this query/retrieve model or these SOP classes)"
             )
         if assoc.is_aborted:
+            hint = (
+                " (over TLS the PACS may have refused dqr's client certificate; check `tls.cert_file` / "
+                "`tls.key_file` and that the PACS trusts their CA)"
+                if self.tls is not None
+                else ""
+            )
             return RemoteError(
-                f"{self.where} aborted the association while negotiating", retriable=True
+                f"{self.where} aborted the association while negotiating{hint}", retriable=True
             )
         return RemoteError(
             f"{self.where} did not answer the association request within {self.timeouts['acse']:g} s (acse_timeout)",

@@ -137,9 +137,7 @@ def reject_error(
 def connect_error(exc: BaseException | None, where: str, timeout: float) -> RemoteError:
     """Why no TCP (or TLS) connection could be made."""
     if isinstance(exc, ssl.SSLError):
-        return RemoteError(
-            f"TLS handshake with {where} failed: {exc.reason or exc}; check the `tls:` files"
-        )
+        return RemoteError(f"TLS handshake with {where} failed: {tls_failure(exc)}")
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return RemoteError(
             f"no answer from {where} within {timeout:g} s (connect_timeout): a firewall may drop "
@@ -164,6 +162,22 @@ def connect_error(exc: BaseException | None, where: str, timeout: float) -> Remo
     return RemoteError(
         f"cannot connect to {where}: {exc or 'unknown error'}", retriable=True, unreachable=True
     )
+
+
+def tls_failure(exc: ssl.SSLError) -> str:
+    """A failed TLS handshake in words, with the ``tls:`` key to look at."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            f"the PACS's certificate could not be verified ({exc.verify_message}): check "
+            "`tls.ca_file` (the CA that signed it) and that the certificate names `host`"
+        )
+    reason = exc.reason or str(exc)
+    if "ALERT" in reason and ("CERTIFICATE" in reason or "UNKNOWN_CA" in reason):  # the PACS's alert
+        return (
+            f"{reason}: the PACS refused dqr's client certificate or wants one; check "
+            "`tls.cert_file` / `tls.key_file` and that the PACS trusts their CA"
+        )
+    return f"{reason}; check the `tls:` files and that the PACS speaks DICOM over TLS on this port"
 
 
 def lost_response_error(
