@@ -258,21 +258,8 @@ class SeriesDirectory:
         written unnamed (``O_TMPFILE``) and linked into place: no temp name
         to create and remove (half the cost of writing a small instance), and
         nothing left behind by a kill. Elsewhere: a named temp file."""
-        if _TMPFILE_WORKS[0]:
-            try:
-                fd = os.open(self.dir, os.O_TMPFILE | os.O_WRONLY, 0o666)
-            except OSError as error:
-                if error.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
-                    raise
-                _TMPFILE_WORKS[0] = False  # this file system cannot: named temp files from now on
-            else:
-                try:
-                    _write_all(fd, part10)
-                    # linkat(2) (a dir fd given) follows the /proc link (link(2) would not)
-                    os.link(str(fd), final, src_dir_fd=_proc_fds(), follow_symlinks=True)
-                finally:
-                    os.close(fd)
-                return
+        if _TMPFILE_WORKS[0] and self._link_unnamed(final, part10):
+            return
         temp = self.dir / f".{final.stem}.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}"
         with open(temp, "wb") as handle:
             handle.write(part10)
@@ -280,6 +267,29 @@ class SeriesDirectory:
             os.link(temp, final)
         finally:
             temp.unlink(missing_ok=True)
+
+    def _link_unnamed(self, final: Path, part10: bytes) -> bool:
+        """:meth:`_link_new` with O_TMPFILE; ``False`` when this system
+        cannot (named temp files from then on)."""
+        try:
+            fds = _proc_fds()
+        except OSError:  # no /proc
+            _TMPFILE_WORKS[0] = False
+            return False
+        try:
+            fd = os.open(self.dir, os.O_TMPFILE | os.O_WRONLY, 0o666)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise  # e.g. the directory is gone, or the disk full: as for a named file
+            _TMPFILE_WORKS[0] = False  # this file system cannot
+            return False
+        try:
+            _write_all(fd, part10)
+            # linkat(2) (a dir fd given) follows the /proc link (link(2) would not)
+            os.link(str(fd), final, src_dir_fd=fds, follow_symlinks=True)
+        finally:
+            os.close(fd)
+        return True
 
     def _accept_existing(self, final: Path, part10: bytes, record: ManifestRecord) -> None:
         """A file is already where ``record`` goes (the lock is held)."""

@@ -10,7 +10,7 @@ import pytest
 from dqr.manifest import digest, read_records
 from dqr.model import Labels, Series, Study
 from dqr.plugins import archive as archive_module
-from dqr.plugins.archive import TEMP_SUFFIX, Archive, ArchiveCollisionError
+from dqr.plugins.archive import TEMP_SUFFIX, Archive, ArchiveCollisionError, ArchiveWriteError
 
 STUDY = Study("1.2.3")
 SERIES = Series("1.2.3", "1.2.3.4")
@@ -58,3 +58,14 @@ def test_a_temp_file_left_by_a_killed_run_is_removed_when_the_series_is_opened_a
     stale.write_bytes(b"half")
     archive.open_series(STUDY, SERIES, "S1", "E1", labels=LABELS)
     assert not stale.exists()
+
+
+def test_a_vanished_series_directory_fails_the_write_and_keeps_unnamed_files_on(tmp_path):
+    if not archive_module._TMPFILE_WORKS[0]:
+        pytest.skip("no O_TMPFILE here")
+    archive = Archive(tmp_path / "archive", "P")
+    writer = archive.open_series(STUDY, SERIES, "S1", "E1", labels=LABELS)
+    series_dir(archive).rmdir()
+    with pytest.raises(ArchiveWriteError):
+        writer.write("1.2.3.4.5", b"data", {})
+    assert archive_module._TMPFILE_WORKS[0]  # a missing folder says nothing about the file system
