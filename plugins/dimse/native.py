@@ -24,6 +24,7 @@ import asyncio
 import logging
 import queue
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -320,18 +321,49 @@ STORE_ON_LOOP = True
 
 def answer_store(link: Link, message: C_STORE_RQ, status: int) -> None:
     command = message.command_set
-    primitive = C_STORE()
-    primitive.MessageIDBeingRespondedTo = command.MessageID
-    primitive.AffectedSOPClassUID = command.AffectedSOPClassUID
-    primitive.AffectedSOPInstanceUID = command.AffectedSOPInstanceUID
-    primitive.Status = status
-    response = C_STORE_RSP()
-    response.primitive_to_message(primitive)
-    data = link.encode_message(response, message.context_id)
+    sop_class, sop_instance = str(command.AffectedSOPClassUID), str(command.AffectedSOPInstanceUID)
+    data = store_response_pdu(message.context_id, int(command.MessageID), sop_class, sop_instance, status)
+    if link.peer_max_pdu and len(data) - 6 > link.peer_max_pdu:  # a peer that takes tiny PDUs: pynetdicom fragments
+        primitive = C_STORE()
+        primitive.MessageIDBeingRespondedTo = command.MessageID
+        primitive.AffectedSOPClassUID = sop_class
+        primitive.AffectedSOPInstanceUID = sop_instance
+        primitive.Status = status
+        response = C_STORE_RSP()
+        response.primitive_to_message(primitive)
+        data = link.encode_message(response, message.context_id)
     if threading.current_thread() is event_loop().thread:
         link.write(data)
     else:
         link.send_threadsafe(data)
+
+
+def _command_element(element: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", 0x0000, element, len(value)) + value
+
+
+def _uid_bytes(uid: str) -> bytes:
+    value = uid.encode("ascii")
+    return value + b"\0" if len(value) % 2 else value
+
+
+def store_response_pdu(context_id: int, message_id: int, sop_class: str, sop_instance: str, status: int) -> bytes:
+    """The P-DATA-TF PDU of a C-STORE-RSP, encoded directly: one command
+    fragment, implicit VR little endian (PS3.7 9.3.1.2, E.1). pynetdicom's
+    general encoder (a Dataset built, validated and written twice for the
+    group length) took milliseconds per instance on this machine, between
+    the last PDU of an instance and the PACS sending the next one."""
+    body = b"".join((
+        _command_element(0x0002, _uid_bytes(sop_class)),
+        _command_element(0x0100, struct.pack("<H", 0x8001)),  # C-STORE-RSP
+        _command_element(0x0120, struct.pack("<H", message_id)),
+        _command_element(0x0800, struct.pack("<H", 0x0101)),  # no data set
+        _command_element(0x0900, struct.pack("<H", status)),
+        _command_element(0x1000, _uid_bytes(sop_instance)),
+    ))
+    command = _command_element(0x0000, struct.pack("<I", len(body))) + body
+    pdv = struct.pack(">IBB", len(command) + 2, context_id, 0x03)  # command, last fragment
+    return struct.pack(">BBI", P_DATA, 0, len(pdv) + len(command)) + pdv + command
 
 
 @dataclass
