@@ -89,14 +89,16 @@ def test_every_destination_key_is_documented(model):
     assert undocumented == []
 
 
-def test_a_dimse_destination_sends_natively_unless_told_or_given_tls():
+def test_missing_destination_tls_files_exit_2_naming_each_key(site, dqr, queries):
+    tls = {"ca_file": "nope-ca.pem", "cert_file": "nope.crt", "key_file": "nope.key"}
+    result = dqr("run", "--config", site(destination={**DIMSE, "tls": tls}), "--csv", queries)
+    assert result.exit_code == 2
+    for key, file in tls.items():
+        assert f"destination.tls.{key}" in result.stderr and file in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_a_dimse_destination_sends_natively_unless_told_otherwise_tls_included():
     assert DimseDestinationConfig(**DIMSE).effective_transport == "native"
     assert DimseDestinationConfig(**DIMSE, transport="pynetdicom").effective_transport == "pynetdicom"
-    assert DimseDestinationConfig(**DIMSE, tls={"ca_file": "ca.pem"}).effective_transport == "pynetdicom"
-
-
-def test_native_destination_transport_with_tls_exits_2_naming_the_way_out(site, dqr, queries):
-    destination = {**DIMSE, "transport": "native", "tls": {"ca_file": "ca.pem"}}
-    result = dqr("validate", "--csv", queries, "--config", site(destination=destination))
-    assert result.exit_code == 2
-    assert "transport: native does not speak TLS" in result.stderr and "transport: pynetdicom" in result.stderr
+    assert DimseDestinationConfig(**DIMSE, tls={"ca_file": "ca.pem"}).effective_transport == "native"

@@ -79,6 +79,23 @@ def test_c_store_destination_holds_exactly_the_study_relabeled(transport, dqr, s
     assert_holds_exactly_relabeled(destination, RELABELED)
 
 
+@over_transports
+def test_c_store_over_tls_to_an_orthanc_that_requires_a_client_certificate(
+    transport, dqr, site, write_csv, orthanc_factory, tmp_path
+):
+    from dqr.testing.certificates import write_ca
+
+    ca = write_ca(tmp_path, "ca")
+    pacs, client = ca.issue(tmp_path, "pacs"), ca.issue(tmp_path, "dqr")
+    destination = orthanc_factory(aet="DEST", dicomweb=False, extra_config={
+        "DicomTlsEnabled": True, "DicomTlsCertificate": str(pacs.cert), "DicomTlsPrivateKey": str(pacs.key),
+        "DicomTlsTrustedCertificates": str(ca.cert), "DicomTlsRemoteCertificateRequired": True,
+    })
+    tls = {"ca_file": str(ca.cert), "cert_file": str(client.cert), "key_file": str(client.key)}
+    run_into(dqr, site, write_csv, dimse_destination(destination, transport, tls=tls))
+    assert_holds_exactly_relabeled(destination, RELABELED)
+
+
 def test_stow_destination_holds_exactly_the_study_relabeled(dqr, site, write_csv, orthanc_factory):
     destination = orthanc_factory(aet="DEST")
     run_into(dqr, site, write_csv, dicomweb_destination(destination))

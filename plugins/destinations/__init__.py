@@ -84,7 +84,7 @@ class DimseDestinationConfig(DestinationConfig):
     tls: TlsOptions | None = None
     transport: Literal["native", "pynetdicom"] | None = Field(
         None,
-        description="DIMSE stack: native (dqr's own C-STORE requestor; default) or pynetdicom (default with tls)",
+        description="DIMSE stack: native (dqr's own C-STORE requestor; default) or pynetdicom",
     )
     limits: DimseDestinationLimits = DimseDestinationLimits()
     verify: bool | Literal["commitment"] = Field(
@@ -100,21 +100,10 @@ class DimseDestinationConfig(DestinationConfig):
     dimse_timeout: float = Field(60.0, gt=0, description="waiting for one C-STORE/C-FIND response, seconds")
     network_timeout: float = Field(60.0, gt=0, description="an idle association is closed after, seconds")
 
-    @model_validator(mode="after")
-    def _native_has_no_tls(self) -> DimseDestinationConfig:
-        if self.transport == "native" and self.tls is not None:
-            raise ValueError(
-                "transport: native does not speak TLS yet: use `transport: pynetdicom` with `tls:` "
-                "(or leave `transport` out: it then defaults to pynetdicom when tls is set)"
-            )
-        return self
-
     @property
     def effective_transport(self) -> str:
-        """As for a dimse source: native unless named, or pynetdicom with tls."""
-        if self.transport is not None:
-            return self.transport
-        return "pynetdicom" if self.tls is not None else DEFAULT_TRANSPORT
+        """As for a dimse source: native unless named (TLS included)."""
+        return self.transport or DEFAULT_TRANSPORT
 
 
 class DicomwebDestinationConfig(DestinationConfig):

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from dqr.backend import DestinationContext, VerifyMode
+from dqr.config import resolve_path
 from dqr.errors import DestinationRefusedError, RemoteError
 from dqr.model import Series, Study
 from dqr.plugins.destinations import DimseDestinationConfig
@@ -38,7 +39,7 @@ from dqr.plugins.destinations.common import (
     describe_store_status,
     parse_part10,
 )
-from dqr.plugins.dimse.network import Peer, tls_client_context
+from dqr.plugins.dimse.network import Peer, loaded_tls, tls_client_context, tls_files
 from dqr.plugins.dimse.status import lost_response_error, status_error
 
 log = logging.getLogger(__name__)
@@ -279,9 +280,8 @@ class DimseDestination(NetworkDestination):
         base = Path(context.config_dir or Path(context.archive).parent)
         tls = None
         if config.tls is not None:
-            tls = tls_client_context(
-                *(base / p if p else None for p in (config.tls.ca_file, config.tls.cert_file, config.tls.key_file))
-            )
+            files = tls_files(config.tls, lambda value: resolve_path(value, base), "destination.tls")
+            tls = loaded_tls(lambda: tls_client_context(*files), "destination.tls")
         timeouts = {
             "connect": config.connect_timeout,
             "acse": config.acse_timeout,

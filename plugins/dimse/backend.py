@@ -36,7 +36,7 @@ from pynetdicom.sop_class import (
 )
 
 from dqr.backend import SourceContext, StoreCallback
-from dqr.errors import ConfigError, IncompleteRetrieveError, Problem, RemoteError
+from dqr.errors import IncompleteRetrieveError, RemoteError
 from dqr.model import (
     Instance,
     RetrieveReport,
@@ -52,7 +52,9 @@ from dqr.plugins.dimse.arrivals import Arrivals, MoveReceiver, NativeMoveReceive
 from dqr.plugins.dimse.network import (
     Peer,
     accepted_transfer_syntaxes,
+    loaded_tls,
     tls_client_context,
+    tls_files,
     tls_server_context,
 )
 from dqr.plugins.dimse.pool import AssociationPool
@@ -810,30 +812,8 @@ def _release(assoc: Association) -> None:
 
 
 def _tls_files(config: DimseSourceConfig, context: SourceContext) -> tuple[Path | None, Path | None, Path | None]:
-    """The ``tls:`` files, resolved; every one that is missing or unreadable
-    is a :class:`ConfigError` (all listed at once)."""
     assert config.tls is not None
-    problems: list[Problem] = []
-
-    def path(key: str, value: str | None) -> Path | None:
-        if value is None:
-            return None
-        resolved = context.resolve(value)
-        try:
-            with open(resolved, "rb"):
-                pass
-        except OSError as exc:
-            problems.append(Problem(f"sources.{context.name}.tls.{key}", f"{resolved}: {exc.strerror or exc}"))
-        return resolved
-
-    files = (
-        path("ca_file", config.tls.ca_file),
-        path("cert_file", config.tls.cert_file),
-        path("key_file", config.tls.key_file),
-    )
-    if problems:
-        raise ConfigError(problems)
-    return files
+    return tls_files(config.tls, context.resolve, f"sources.{context.name}.tls")
 
 
 def _tls_context(config: DimseSourceConfig, context: SourceContext) -> ssl.SSLContext | None:
@@ -852,9 +832,4 @@ def _tls_server_context(config: DimseSourceConfig, context: SourceContext) -> ss
 
 
 def _loaded(context: SourceContext, build: Any) -> ssl.SSLContext:
-    try:
-        return build()
-    except ssl.SSLError as exc:  # not PEM, a key that does not match the certificate, ...
-        raise ConfigError(
-            f"the certificate files could not be loaded: {exc.reason or exc}", file=f"sources.{context.name}.tls"
-        ) from None
+    return loaded_tls(build, f"sources.{context.name}.tls")

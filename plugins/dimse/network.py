@@ -19,7 +19,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.transport import T_CONNECT, AddressInformation, AssociationSocket
 
-from dqr.errors import RemoteError
+from dqr.errors import ConfigError, Problem, RemoteError
 from dqr.plugins.dimse.status import NoAcceptedContexts, connect_error, reject_error
 
 
@@ -241,3 +241,35 @@ class Peer:
             f"{self.where} did not answer the association request within {self.timeouts['acse']:g} s (acse_timeout)",
             retriable=True,
         )
+
+
+def tls_files(tls: Any, resolve: Any, section: str) -> tuple[Path | None, Path | None, Path | None]:
+    """A ``tls:`` section's ``(ca_file, cert_file, key_file)`` resolved by
+    ``resolve``; every one that is missing or unreadable is a
+    :class:`ConfigError` naming ``<section>.<key>`` (all listed at once)."""
+    problems: list[Problem] = []
+
+    def path(key: str, value: str | None) -> Path | None:
+        if value is None:
+            return None
+        resolved = resolve(value)
+        try:
+            with open(resolved, "rb"):
+                pass
+        except OSError as exc:
+            problems.append(Problem(f"{section}.{key}", f"{resolved}: {exc.strerror or exc}"))
+        return resolved
+
+    files = (path("ca_file", tls.ca_file), path("cert_file", tls.cert_file), path("key_file", tls.key_file))
+    if problems:
+        raise ConfigError(problems)
+    return files
+
+
+def loaded_tls(build: Any, section: str) -> ssl.SSLContext:
+    """``build()``'s SSL context; files that are not PEM, or a key that does
+    not match its certificate, are a :class:`ConfigError` naming ``section``."""
+    try:
+        return build()
+    except ssl.SSLError as exc:
+        raise ConfigError(f"the certificate files could not be loaded: {exc.reason or exc}", file=section) from None
