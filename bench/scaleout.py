@@ -63,7 +63,7 @@ def _wait(process: subprocess.Popen) -> tuple[int, float]:
 
 
 def run_variant(root: Path, orthanc: OrthancServer, pg: PostgresServer, csv: Path, processes: int | None,
-                studies: int, name: str) -> dict:  # fmt: skip
+                studies: int, name: str, polling_interval: float | None = None) -> dict:  # fmt: skip
     """``processes`` None: the local executor; else the queue with that many processes."""
     env = dict(os.environ)
     if processes is None:
@@ -71,7 +71,8 @@ def run_variant(root: Path, orthanc: OrthancServer, pg: PostgresServer, csv: Pat
     else:
         env["DQR_BENCH_QUEUE_URL"] = pg.create_database(name.replace("-", "_"))
         config = _site(
-            root / name, orthanc, {"type": "queue", "database_url_env": "DQR_BENCH_QUEUE_URL"}
+            root / name, orthanc, {"type": "queue", "database_url_env": "DQR_BENCH_QUEUE_URL",
+                                   **({"polling_interval": polling_interval} if polling_interval else {})}
         )
     dqr = [sys.executable, "-m", "dqr"]
     quiet = {
@@ -138,6 +139,7 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=21, help="instances per series")
     parser.add_argument("--overhead-studies", type=int, default=40)
     parser.add_argument("--processes", type=int, nargs="*", default=[1, 2, 4])
+    parser.add_argument("--polling-interval", type=float, help="the queue executor's polling_interval (default its own)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     results = []
@@ -166,7 +168,7 @@ def main() -> None:
                          (args.overhead_studies, 1, f"queue1-{args.overhead_studies}")]  # fmt: skip
                 plan = list({name: (st, p, name) for st, p, name in plan}.values())
             for studies, processes, name in plan:
-                result = run_variant(root, orthanc, pg, csv_of(studies), processes, studies, name)
+                result = run_variant(root, orthanc, pg, csv_of(studies), processes, studies, name, args.polling_interval)
                 print(json.dumps(result), flush=True)
                 results.append(result)
     by_name = {r["variant"]: r for r in results}
