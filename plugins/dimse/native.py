@@ -366,6 +366,39 @@ def store_response_pdu(context_id: int, message_id: int, sop_class: str, sop_ins
     return struct.pack(">BBI", P_DATA, 0, len(pdv) + len(command)) + pdv + command
 
 
+#: operation -> (primitive, message) of the requests dqr sends with pynetdicom's codecs
+_REQUESTS = {"C-ECHO": (C_ECHO, C_ECHO_RQ), "C-FIND": (C_FIND, C_FIND_RQ), "C-GET": (C_GET, C_GET_RQ),
+             "C-MOVE": (C_MOVE, C_MOVE_RQ)}  # fmt: skip
+
+
+def request_message(
+    operation: str, sop_class: str, msg_id: int, identifier: bytes | None = None, move_destination: str | None = None
+) -> DIMSEMessage:
+    """A C-ECHO, C-FIND, C-GET or C-MOVE request (with an identifier: low
+    priority, a bulk transfer), for either native requestor."""
+    primitive_type, message_type = _REQUESTS[operation]
+    primitive = primitive_type()
+    primitive.MessageID = msg_id
+    primitive.AffectedSOPClassUID = sop_class
+    if identifier is not None:
+        primitive.Priority = 2
+        primitive.Identifier = BytesIO(identifier)
+    if move_destination is not None:
+        primitive.MoveDestination = move_destination
+    message = message_type()
+    message.primitive_to_message(primitive)
+    return message
+
+
+def encode_dataset(dataset: Dataset, transfer_syntax: str, what: str) -> bytes:
+    """``dataset`` in a negotiated transfer syntax (``what`` names it in the error)."""
+    uid = UID(transfer_syntax)
+    data = encode(dataset, uid.is_implicit_VR, uid.is_little_endian, uid.is_deflated)
+    if data is None:
+        raise ValueError(f"the {what} could not be encoded")
+    return data
+
+
 @dataclass
 class Association:
     """An association dqr requested, used by one thread at a time."""
@@ -406,49 +439,23 @@ class Association:
     def send_c_echo(self, msg_id: int = 1) -> Dataset:
         from pynetdicom.sop_class import Verification
 
-        primitive = C_ECHO()
-        primitive.MessageID = msg_id
-        primitive.AffectedSOPClassUID = Verification
-        message = C_ECHO_RQ()
-        message.primitive_to_message(primitive)
-        self._send(message, Verification)
+        self._send(request_message("C-ECHO", Verification, msg_id), Verification)
         for status, _ in self._responses("C-ECHO"):
             return status
         raise AssertionError("unreachable")  # _responses raises or yields
 
     def send_c_find(self, identifier: Dataset, model: str, msg_id: int = 1) -> Iterator[tuple[Dataset, Any]]:
-        primitive = C_FIND()
-        primitive.MessageID = msg_id
-        primitive.AffectedSOPClassUID = model
-        primitive.Priority = 2
-        primitive.Identifier = BytesIO(self._encode(identifier, model))
-        message = C_FIND_RQ()
-        message.primitive_to_message(primitive)
-        self._send(message, model)
+        self._send(request_message("C-FIND", model, msg_id, self._encode(identifier, model)), model)
         return self._responses("C-FIND", model)
 
     def send_c_get(self, identifier: Dataset, model: str, msg_id: int = 1) -> Iterator[tuple[Dataset, Any]]:
-        primitive = C_GET()
-        primitive.MessageID = msg_id
-        primitive.AffectedSOPClassUID = model
-        primitive.Priority = 2
-        primitive.Identifier = BytesIO(self._encode(identifier, model))
-        message = C_GET_RQ()
-        message.primitive_to_message(primitive)
-        self._send(message, model)
+        self._send(request_message("C-GET", model, msg_id, self._encode(identifier, model)), model)
         return self._responses("C-GET", model)
 
     def send_c_move(
         self, identifier: Dataset, destination: str, model: str, msg_id: int = 1
     ) -> Iterator[tuple[Dataset, Any]]:
-        primitive = C_MOVE()
-        primitive.MessageID = msg_id
-        primitive.AffectedSOPClassUID = model
-        primitive.Priority = 2
-        primitive.MoveDestination = destination
-        primitive.Identifier = BytesIO(self._encode(identifier, model))
-        message = C_MOVE_RQ()
-        message.primitive_to_message(primitive)
+        message = request_message("C-MOVE", model, msg_id, self._encode(identifier, model), destination)
         self._send(message, model)
         return self._responses("C-MOVE", model)
 
@@ -484,11 +491,7 @@ class Association:
 
     def _encode(self, dataset: Dataset, abstract_syntax: str) -> bytes:
         _, syntax = self.link.contexts[self._context_id(abstract_syntax)]
-        uid = UID(syntax)
-        data = encode(dataset, uid.is_implicit_VR, uid.is_little_endian, uid.is_deflated)
-        if data is None:
-            raise ValueError("the identifier could not be encoded")
-        return data
+        return encode_dataset(dataset, syntax, "identifier")
 
     def _send(self, message: DIMSEMessage, abstract_syntax: str) -> None:
         if not self.is_established:

@@ -31,9 +31,9 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from pynetdicom.dimse_messages import C_ECHO_RQ, C_FIND_RQ, N_ACTION_RQ, DIMSEMessage
-from pynetdicom.dimse_primitives import C_ECHO, C_FIND, N_ACTION
-from pynetdicom.dsutils import decode, encode
+from pynetdicom.dimse_messages import N_ACTION_RQ, DIMSEMessage
+from pynetdicom.dimse_primitives import N_ACTION
+from pynetdicom.dsutils import decode
 from pynetdicom.pdu import (
     A_ABORT_RQ,
     A_ASSOCIATE_AC,
@@ -58,6 +58,8 @@ from dqr.plugins.dimse.native import (
     RELEASE_RQ,
     Timeouts,
     _user_information,
+    encode_dataset,
+    request_message,
 )
 from dqr.plugins.dimse.status import PENDING, NoAcceptedContexts, connect_error, reject_error
 
@@ -211,23 +213,12 @@ class StoreAssociation:
     def send_c_echo(self, msg_id: int = 1) -> Dataset:
         from pynetdicom.sop_class import Verification
 
-        primitive = C_ECHO()
-        primitive.MessageID = msg_id
-        primitive.AffectedSOPClassUID = Verification
-        message = C_ECHO_RQ()
-        message.primitive_to_message(primitive)
-        self._send_message(message, Verification, "C-ECHO")
+        self._send_message(request_message("C-ECHO", Verification, msg_id), Verification, "C-ECHO")
         status, _ = next(self._responses("C-ECHO"))
         return status
 
     def send_c_find(self, identifier: Dataset, model: str, msg_id: int = 1) -> Iterator[tuple[Dataset, Any]]:
-        primitive = C_FIND()
-        primitive.MessageID = msg_id
-        primitive.AffectedSOPClassUID = model
-        primitive.Priority = 2
-        primitive.Identifier = BytesIO(self._encode(identifier, model))
-        message = C_FIND_RQ()
-        message.primitive_to_message(primitive)
+        message = request_message("C-FIND", model, msg_id, self._encode(identifier, model))
         self._send_message(message, model, "C-FIND")
         return self._responses("C-FIND")
 
@@ -290,11 +281,7 @@ class StoreAssociation:
 
     def _encode(self, dataset: Dataset, abstract_syntax: str) -> bytes:
         _, syntax = self.contexts[self._context_id(abstract_syntax)]
-        uid = UID(syntax)
-        data = encode(dataset, uid.is_implicit_VR, uid.is_little_endian, uid.is_deflated)
-        if data is None:
-            raise ValueError("the data set could not be encoded")
-        return data
+        return encode_dataset(dataset, syntax, "data set")
 
     def _send_message(self, message: DIMSEMessage, abstract_syntax: str, operation: str) -> None:
         if self.state != "established":
