@@ -9,7 +9,6 @@ hostile content, see :mod:`dqr.plugins.testpacs.memory.hostile`); the
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dqr.plugins.testpacs.memory.hostile import HostileFaults, deliveries, rewrite
 from dqr.plugins.testpacs.memory.pacs import MemoryPacs, StoredInstance
+from dqr.plugins.testpacs.mockpacs.associations import CountedAssociations
 
 #: Reject reason -> (source, diagnostic) of the A-ASSOCIATE-RJ.
 REJECT_REASONS = {
@@ -107,19 +107,17 @@ def _take(fault: Any) -> bool:
     return True
 
 
-class MockDimseServer:
+class MockDimseServer(CountedAssociations):
     """A running Query/Retrieve SCP over a :class:`MemoryPacs`."""
 
     def __init__(self, pacs: MemoryPacs, config: Config) -> None:
+        super().__init__()
         self.pacs = rewrite(pacs, config.faults.hostile)
         self.config = config
         self.faults = config.faults
         self.aet = config.aet
         self.requests: Counter[str] = Counter()
-        self.max_concurrent_associations = 0
         self._initial = config.model_copy(deep=True)
-        self._active: set[int] = set()
-        self._lock = threading.Lock()
         self._server = self._new_ae().start_server(
             (config.host, config.port), block=False, evt_handlers=self._handlers()
         )
@@ -178,24 +176,8 @@ class MockDimseServer:
 
     # -- associations --------------------------------------------------------------
 
-    @property
-    def current_associations(self) -> int:
-        with self._lock:
-            return len(self._active)
-
-    def _on_requested(self, event: Any) -> None:
-        with self._lock:
-            reject = self._reject_for(len(self._active))
-            if reject is None:
-                self._active.add(id(event.assoc))
-                self.max_concurrent_associations = max(
-                    self.max_concurrent_associations, len(self._active)
-                )
-        if reject is not None:
-            event.assoc.acse.send_reject(*reject)
-            event.assoc.kill()  # waits until the A-ASSOCIATE-RJ is sent, before the socket closes
-            return
-        self._apply_transport_faults(event.assoc)
+    def _accepted(self, assoc: Any) -> None:
+        self._apply_transport_faults(assoc)
 
     def _apply_transport_faults(self, assoc: Any) -> None:
         """Negotiation faults, on this association's copy of the contexts
@@ -219,18 +201,14 @@ class MockDimseServer:
                     cx.scu_role, cx.scp_role = None, None  # no role selection: dqr stays SCU
 
     def _reject_for(self, active: int) -> tuple[int, int, int] | None:
-        limit = self.faults.max_associations
-        if limit is not None and active >= limit:
-            return (2, 3, 2)  # transient, local limit exceeded
+        limited = super()._reject_for(active)
+        if limited is not None:
+            return limited
         fault = self.faults.reject
         if _take(fault):
             assert fault is not None
             return (2 if fault.transient else 1, *REJECT_REASONS[fault.reason])
         return None
-
-    def _on_closed(self, event: Any) -> None:
-        with self._lock:
-            self._active.discard(id(event.assoc))
 
     # -- services ------------------------------------------------------------------
 

@@ -16,13 +16,13 @@ included), ``received`` (UID -> Part-10 bytes as stored),
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dqr.plugins.testpacs.mockpacs.associations import CountedAssociations
 from dqr.relabel import PREAMBLE, file_meta_bytes
 
 WARNINGS = frozenset({0xB000, 0xB006, 0xB007})
@@ -48,20 +48,18 @@ class Config(_Mutable):
     faults: StoreFaults = Field(default_factory=StoreFaults)
 
 
-class MockStorageScp:
+class MockStorageScp(CountedAssociations):
     """A running Storage SCP; ``stop()`` when done."""
 
     def __init__(self, config: Config) -> None:
+        super().__init__()
         self.config = config
         self.faults = config.faults
         self.aet = config.aet
         self.stores: Counter[str] = Counter()
         self.received: dict[str, bytes] = {}
         self._series: dict[str, tuple[str, str]] = {}
-        self.max_concurrent_associations = 0
-        self._active: set[int] = set()
         self._per_association: Counter[int] = Counter()
-        self._lock = threading.Lock()
         self._server = self._new_ae().start_server(
             (config.host, config.port), block=False, evt_handlers=self._handlers()
         )
@@ -97,26 +95,6 @@ class MockStorageScp:
             (evt.EVT_C_FIND, self._on_find),
             *NODELAY_SERVER_HANDLERS,
         ]
-
-    @property
-    def current_associations(self) -> int:
-        with self._lock:
-            return len(self._active)
-
-    def _on_requested(self, event: Any) -> None:
-        with self._lock:
-            limit = self.faults.max_associations
-            reject = limit is not None and len(self._active) >= limit
-            if not reject:
-                self._active.add(id(event.assoc))
-                self.max_concurrent_associations = max(self.max_concurrent_associations, len(self._active))
-        if reject:
-            event.assoc.acse.send_reject(2, 3, 2)  # transient, local limit exceeded
-            event.assoc.kill()
-
-    def _on_closed(self, event: Any) -> None:
-        with self._lock:
-            self._active.discard(id(event.assoc))
 
     def _on_store(self, event: Any) -> int:
         request = event.request
