@@ -40,6 +40,10 @@ class Reporter:
     def advance(self, phase: str, amount: int = 1) -> None:
         """``amount`` units of ``phase`` are done."""
 
+    def grow(self, phase: str, amount: int) -> None:
+        """``amount`` more units of ``phase`` became known (a phase whose
+        total is learnt as it runs: the series of each study listed)."""
+
     def instance_stored(self, size: int) -> None:
         """One instance of ``size`` bytes was written (durable at series end)."""
 

@@ -27,7 +27,7 @@ from dqr.context import JobContext
 from dqr.model import Labels, RowOutcome, RowQuery, SeriesStatus, Study, StudyStatus
 from dqr.pluginmanager import executor_types
 from dqr.results import ResultLine, ResultsTable, build_table, flag_label_collisions, write_table
-from dqr.steps import Step, StepKind, whole_study_series
+from dqr.steps import Step, StepKind
 
 log = logging.getLogger("dqr")
 
@@ -181,29 +181,18 @@ def retrieve(ctx: JobContext, lines: Sequence[ResultLine]) -> RunSummary:
         state.select_study(line.study, labels, line.row)
         to_do.append((line, line.study))
 
+    # One step per study lists it and then fetches it -- in one request when
+    # every series is wanted, else by the retrieve-series steps it returns --
+    # so that listing a study overlaps retrieving the ones before it. The
+    # retrieval slots (max_retrievals) are the guard's; the one thread more
+    # is listing the next study meanwhile.
     study_uids = [study.study_uid for _, study in to_do]
     ctx.reporter.start("series", len(study_uids))
-    run_steps(ctx, StepKind.LIST_STUDY, study_uids, ctx.limits.max_queries)
-    ctx.reporter.finish("series")
-
-    series = [
-        (s, status)
-        for uid in study_uids
-        if state.study_status(uid) != StudyStatus.FAILED
-        for s, status in state.known_series(uid)
-    ]
-    wanted = [s for s, status in series if status != SeriesStatus.EXCLUDED]
-    ctx.reporter.start("retrieve", len(wanted))
-    ctx.reporter.start("instances", sum(s.n_instances or 0 for s in wanted))
-    # A study whose every series is wanted and nothing stored goes in one
-    # request (one C-GET/C-MOVE/WADO-RS instead of one per series).
-    whole = [uid for uid in study_uids if whole_study_series(ctx, uid) is not None]
-    in_whole = set(whole)
-    run_steps(ctx, StepKind.RETRIEVE_STUDY, whole, ctx.limits.max_retrievals)
-    by_series = [s.series_uid for s in wanted if s.study_uid not in in_whole]
-    run_steps(ctx, StepKind.RETRIEVE_SERIES, by_series, ctx.limits.max_retrievals)
-    ctx.reporter.finish("retrieve")
-    ctx.reporter.finish("instances")
+    ctx.reporter.start("retrieve", 0)
+    ctx.reporter.start("instances", 0)
+    run_steps(ctx, StepKind.FETCH_STUDY, study_uids, ctx.limits.max_retrievals + 1)
+    for phase in ("series", "retrieve", "instances"):
+        ctx.reporter.finish(phase)
     return _finish(ctx, summary, to_do, started)
 
 

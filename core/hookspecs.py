@@ -86,10 +86,15 @@ def dqr_register_executors(register: Callable[..., None]) -> None:
     ``run(step, items, workers, stop)`` that calls ``step(item)`` once for
     every item, at most ``workers`` at a time, starts no new step once the
     ``stop`` event is set, and returns when all started steps are done.
-    The config's ``executor:`` key chooses one (default ``local``: a thread
-    pool). Steps are idempotent and keyed by UIDs -- query one CSV row, list
-    one study's series, retrieve one series -- and keep their progress in the
-    job state, so an executor may run them anywhere and retry them.
+    A step may return *follow-ups*, ``[(kind, key), ...]``: the executor
+    runs each as ``step.then(kind)(key)`` too (within the same ``workers``)
+    before it returns -- a ``fetch-study`` step returns its study's
+    ``retrieve-series`` steps when the study cannot be fetched in one
+    request, and they are lost if ignored. The config's ``executor:`` key
+    chooses one (default ``local``: a thread pool). Steps are idempotent
+    and keyed by UIDs -- query one CSV row, list and fetch one study,
+    retrieve one series -- and keep their progress in the job state, so an
+    executor may run them anywhere and retry them.
 
     :param register: The registration callback.
     """

@@ -55,6 +55,12 @@ class RichReporter(Reporter):
         if phase in self.tasks:
             self.progress.advance(self.tasks[phase], amount)
 
+    def grow(self, phase: str, amount: int) -> None:
+        with self._lock:
+            if phase in self.tasks and amount:
+                task = self.tasks[phase]
+                self.progress.update(task, total=(self.progress.tasks[task].total or 0) + amount)
+
     def instance_stored(self, size: int) -> None:
         if "instances" not in self.tasks:
             return
@@ -100,13 +106,17 @@ class LineReporter(Reporter):
         with self._lock:
             self.totals[phase] = total
             self.done[phase] = 0
-        if phase != "instances":
+        if phase != "instances" and total:  # a total of 0 grows as the phase runs
             log.info("%s: %d to do", LABELS.get(phase, phase), total)
 
     def advance(self, phase: str, amount: int = 1) -> None:
         with self._lock:
             self.done[phase] = self.done.get(phase, 0) + amount
         self._maybe_log(phase)
+
+    def grow(self, phase: str, amount: int) -> None:
+        with self._lock:
+            self.totals[phase] = self.totals.get(phase, 0) + amount
 
     def instance_stored(self, size: int) -> None:
         with self._lock:

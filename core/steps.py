@@ -16,7 +16,16 @@ step                key                    what it records
                                            status
 ``retrieve-study``  ``study_uid``          the same for every series of a
                                            study fetched in one request
+``fetch-study``     ``study_uid``          ``list-study``, then
+                                           ``retrieve-study`` when it can;
+                                           else it returns one
+                                           ``retrieve-series`` per series
 ==================  =====================  ==================================
+
+A step may return *follow-up steps*, ``[(kind, key), ...]``, that the
+executor runs as well before its ``run`` returns (:data:`FollowUps`): that
+is how ``fetch-study`` lets one study's listing overlap other studies'
+retrievals while each series stays a step of its own.
 
 :func:`store_instance` is the store path every backend feeds (also used by
 ``bench/``): check, relabel, encode, write.
@@ -68,6 +77,11 @@ class StepKind(StrEnum):
     LIST_STUDY = "list-study"
     RETRIEVE_SERIES = "retrieve-series"
     RETRIEVE_STUDY = "retrieve-study"
+    FETCH_STUDY = "fetch-study"
+
+
+#: What a step may return: more steps for the executor to run, ``(kind, key)``.
+FollowUps = list[tuple[StepKind, Any]]
 
 
 # -- query one row ----------------------------------------------------------------
@@ -387,13 +401,17 @@ def _store(ctx: Any, received: ReceivedInstance, target_of: Callable[[Any], Stor
 # -- retrieve one study in one request -------------------------------------------
 
 
-def whole_study_series(ctx: JobContext, study_uid: str) -> list[Series] | None:
+def whole_study_series(
+    ctx: JobContext, study_uid: str, known: list[tuple[Series, SeriesStatus]] | None = None
+) -> list[Series] | None:
     """The series of a study when it can be fetched in one request: the
     backend can, every series is selected and pending, each one's instances
-    are known and none is stored. ``None`` otherwise (series by series)."""
+    are known and none is stored. ``None`` otherwise (series by series).
+    ``known``: the study's series as the job state has them, if just read."""
     if not isinstance(ctx.backend, WholeStudyBackend):
         return None
-    known = ctx.state.known_series(study_uid)
+    if known is None:
+        known = ctx.state.known_series(study_uid)
     if not known or any(status != SeriesStatus.PENDING for _, status in known):
         return None
     for series, _ in known:
@@ -402,12 +420,14 @@ def whole_study_series(ctx: JobContext, study_uid: str) -> list[Series] | None:
     return [series for series, _ in known]
 
 
-def retrieve_study_step(ctx: JobContext, study_uid: str) -> None:
+def retrieve_study_step(ctx: JobContext, study_uid: str, series: list[Series] | None = None) -> None:
     """The ``retrieve-study`` step: one request for the whole study, then
     each series made complete by :func:`retrieve_series_step` -- which, for
-    what the request delivered, only confirms it."""
+    what the request delivered, only confirms it. ``series``: the study's,
+    if just read."""
     study, labels, _ = ctx.state.selected_study(study_uid)
-    series = [s for s, _ in ctx.state.known_series(study_uid)]
+    if series is None:
+        series = [s for s, _ in ctx.state.known_series(study_uid)]
     if not ctx.wait_for_window():
         return
     refused: dict[str, str] = {}
@@ -473,12 +493,36 @@ def retrieve_whole_study(ctx: JobContext, study: Study, series: list[Series], la
     return refused
 
 
-#: step kind -> ``step(context, key)``
-STEPS: dict[StepKind, Callable[[JobContext, Any], None]] = {
+# -- list and retrieve one study ---------------------------------------------------
+
+
+def fetch_study_step(ctx: JobContext, study_uid: str) -> FollowUps:
+    """The ``fetch-study`` step: list a selected study's series, then fetch
+    the study in one request when it can be (:func:`whole_study_series`);
+    otherwise return one ``retrieve-series`` step per wanted series, for the
+    executor to run alongside the other studies' steps. Either way the study
+    is listed as soon as a worker is free, not after every other study."""
+    list_study_step(ctx, study_uid)
+    if ctx.stop.is_set() or ctx.state.study_status(study_uid) == StudyStatus.FAILED:
+        return []
+    known = ctx.state.known_series(study_uid)
+    wanted = [series for series, status in known if status != SeriesStatus.EXCLUDED]
+    ctx.reporter.grow("retrieve", len(wanted))
+    ctx.reporter.grow("instances", sum(series.n_instances or 0 for series in wanted))
+    whole = whole_study_series(ctx, study_uid, known)
+    if whole is not None:
+        retrieve_study_step(ctx, study_uid, whole)
+        return []
+    return [(StepKind.RETRIEVE_SERIES, series.series_uid) for series in wanted]
+
+
+#: step kind -> ``step(context, key)``, which may return :data:`FollowUps`
+STEPS: dict[StepKind, Callable[[JobContext, Any], FollowUps | None]] = {
     StepKind.QUERY_ROW: query_row_step,
     StepKind.LIST_STUDY: list_study_step,
     StepKind.RETRIEVE_SERIES: retrieve_series_step,
     StepKind.RETRIEVE_STUDY: retrieve_study_step,
+    StepKind.FETCH_STUDY: fetch_study_step,
 }
 
 
@@ -491,5 +535,9 @@ class Step:
     kind: StepKind
     ctx: JobContext
 
-    def __call__(self, key: Any) -> None:
-        STEPS[self.kind](self.ctx, key)
+    def __call__(self, key: Any) -> FollowUps:
+        return STEPS[self.kind](self.ctx, key) or []
+
+    def then(self, kind: StepKind) -> Step:
+        """The step a follow-up of ``kind`` runs, on the same context."""
+        return Step(kind, self.ctx)

@@ -44,6 +44,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import Field
@@ -67,7 +68,15 @@ LIVENESS_APPLICATION = "dqr-liveness"
 APP_VERSION = f"dqr-{dqr.__version__}"
 #: The progress phase each step kind counts in (a whole-study step is seen
 #: through the instances it stores, not in the per-series count).
-_PHASES = {"query-row": "query", "list-study": "series", "retrieve-series": "retrieve", "retrieve-study": None}
+_PHASES = {
+    "query-row": "query",
+    "list-study": "series",
+    "retrieve-series": "retrieve",
+    "retrieve-study": None,
+    "fetch-study": "series",
+}
+#: The step kinds that store instances (the driver counts them from the job state).
+_RETRIEVING = ("retrieve-series", "retrieve-study", "fetch-study")
 _DONE = ("SUCCESS", "ERROR", "CANCELLED", "MAX_RECOVERY_ATTEMPTS_EXCEEDED")
 
 
@@ -241,24 +250,33 @@ class Node:
 
     # -- reading the cluster's progress -----------------------------------------
 
-    def probe_counts(self, pattern: str) -> tuple[int, str | None]:
-        """Finished workflows whose id matches ``pattern``, and the first error."""
+    def probe_counts(self, prefix: str) -> PhaseCounts:
+        """The workflows of a phase (ids starting with ``prefix``): how many
+        the driver enqueued are finished, how many follow-ups they enqueued
+        and how many of those are finished, and the first error."""
+        pattern = _like_prefix(prefix)
         with self._probe_lock:
-            (done,) = self._probe.execute(
-                "SELECT count(*) FROM dbos.workflow_status WHERE workflow_uuid LIKE %s AND status = ANY(%s)",
-                (pattern, list(_DONE)),
+            row = self._probe.execute(
+                "SELECT count(*) FILTER (WHERE status = ANY(%(done)s) AND NOT follow_up),"
+                " count(*) FILTER (WHERE follow_up),"
+                " count(*) FILTER (WHERE status = ANY(%(done)s) AND follow_up),"
+                " count(*) FILTER (WHERE NOT status = ANY(%(done)s)),"
+                " min(error) FILTER (WHERE status = 'ERROR')"
+                " FROM (SELECT status, error, strpos(substr(workflow_uuid, %(after)s), '/') > 0 AS follow_up"
+                "       FROM dbos.workflow_status WHERE workflow_uuid LIKE %(pattern)s) AS phase",
+                {"done": list(_DONE), "after": len(prefix) + 1, "pattern": pattern},
             ).fetchone()
-            error = self._probe.execute(
-                "SELECT error FROM dbos.workflow_status WHERE workflow_uuid LIKE %s AND status = 'ERROR' LIMIT 1",
-                (pattern,),
-            ).fetchone()
-        return int(done), (mask_url(str(error[0]))[:500] if error else None)
+        done, follow_ups, follow_ups_done, unfinished, error = row
+        return PhaseCounts(
+            int(done), int(follow_ups), int(follow_ups_done), int(unfinished),
+            mask_url(str(error))[:500] if error else None,
+        )
 
-    def probe_unfinished(self, pattern: str) -> list[str]:
+    def probe_unfinished(self, prefix: str) -> list[str]:
         with self._probe_lock:
             rows = self._probe.execute(
                 "SELECT workflow_uuid FROM dbos.workflow_status WHERE workflow_uuid LIKE %s AND NOT status = ANY(%s)",
-                (pattern, list(_DONE)),
+                (_like_prefix(prefix), list(_DONE)),
             ).fetchall()
         return [row[0] for row in rows]
 
@@ -315,7 +333,8 @@ class Node:
                     lambda name, capacity, prefix=prefix: cluster.slots(f"{prefix}/{name}", capacity, shared=True)
                 )
 
-    def run_step(self, kind: str, key: Any, options: dict[str, Any], run_id: int) -> None:
+    def run_step(self, kind: str, key: Any, options: dict[str, Any], run_id: int) -> list[tuple[str, Any]]:
+        """Run one step here; return its follow-ups (see :mod:`dqr.steps`)."""
         from dqr.steps import STEPS, StepKind
 
         if self.stopping.is_set():
@@ -324,7 +343,7 @@ class Node:
             self._active += 1
         try:
             ctx = self.context(options, run_id)
-            STEPS[StepKind(kind)](ctx, key)
+            follow_ups = STEPS[StepKind(kind)](ctx, key) or []
             self.steps_run += 1
         except Exception:
             # A bug, not a remote failure (steps record those themselves): say
@@ -338,6 +357,7 @@ class Node:
         if self.stopping.is_set():
             # Stopped mid-step: leave the workflow PENDING for a peer to rerun.
             _abandon()
+        return [(str(next_kind), next_key) for next_kind, next_key in follow_ups]
 
     def adopt(self, options: dict[str, Any], ctx) -> None:
         """The driver's steps run on the driver's own context (its backend,
@@ -394,12 +414,21 @@ _workflow = None
 def _register_workflow():
     global _workflow
     if _workflow is None:
-        from dbos import DBOS
+        from dbos import DBOS, SetWorkflowID
 
         @DBOS.workflow(name=WORKFLOW_NAME)
         def dqr_step(kind: str, key: Any, options: dict[str, Any], run_id: int) -> None:
             assert _node is not None, "a dqr-step workflow ran before the node started"
-            _node.run_step(kind, key, options, run_id)
+            follow_ups = _node.run_step(kind, key, options, run_id)
+            # Follow-ups go on the same queue, under this workflow's id (so the
+            # driver's phase counts them) and before it ends (so the phase is
+            # over once nothing under it is unfinished). Their ids are
+            # deterministic: a recovered step re-enqueues none twice.
+            for next_kind, next_key in follow_ups:
+                with SetWorkflowID(f"{DBOS.workflow_id}/{next_kind}/{json.dumps(next_key)}"):
+                    DBOS.enqueue_workflow(
+                        queue_name(options["source"]), dqr_step, next_kind, next_key, options, run_id
+                    )
 
         _workflow = dqr_step
     return _workflow
@@ -483,36 +512,58 @@ class QueueExecutor:
     def _wait(
         self, here: Node, ctx, kind: str, prefix: str, total: int, stop: threading.Event
     ) -> None:
-        """Until every step of the phase is done, advancing this run's
-        progress by what the whole cluster finished."""
+        """Until every step of the phase is done -- follow-ups included --
+        advancing this run's progress by what the whole cluster finished."""
         from dbos import DBOS
 
         phase = _PHASES.get(kind)
-        reported = 0
+        reported = follow_ups_seen = follow_ups_reported = 0
         stored = ctx.state.stored_by_run(ctx.run_id)[0]
-        pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         while True:
-            done, failed = here.probe_counts(pattern)
-            if done > reported:
+            counts = here.probe_counts(prefix)
+            if counts.done > reported:
                 if phase is not None:
-                    ctx.reporter.advance(phase, done - reported)
-                reported = done
-            if kind in ("retrieve-series", "retrieve-study"):
+                    ctx.reporter.advance(phase, counts.done - reported)
+                reported = counts.done
+            # what a fetch-study step did not fetch in one request: its series
+            if counts.follow_ups > follow_ups_seen:
+                ctx.reporter.grow("retrieve", counts.follow_ups - follow_ups_seen)
+                follow_ups_seen = counts.follow_ups
+            if counts.follow_ups_done > follow_ups_reported:
+                ctx.reporter.advance("retrieve", counts.follow_ups_done - follow_ups_reported)
+                follow_ups_reported = counts.follow_ups_done
+            if kind in _RETRIEVING:
                 now_stored = ctx.state.stored_by_run(ctx.run_id)[0]
                 if now_stored > stored:
                     ctx.reporter.advance("instances", now_stored - stored)
                     stored = now_stored
-            if failed:
-                raise RuntimeError(f"a {kind} step failed in a worker: {failed}")
-            if done >= total:
+            if counts.error:
+                raise RuntimeError(f"a {kind} step failed in a worker: {counts.error}")
+            if counts.done >= total and not counts.unfinished:
                 return
             if stop.wait(PROGRESS_INTERVAL):
                 # Interrupted: what is still queued is not started anywhere,
                 # and this process's running steps stop at their next instance.
-                for workflow_id in here.probe_unfinished(pattern):
+                for workflow_id in here.probe_unfinished(prefix):
                     DBOS.cancel_workflow(workflow_id)
                 here.stop_borrowed()
                 return
+
+
+@dataclass(frozen=True)
+class PhaseCounts:
+    """A phase's workflows as the database has them (:meth:`Node.probe_counts`)."""
+
+    done: int
+    follow_ups: int
+    follow_ups_done: int
+    unfinished: int
+    error: str | None
+
+
+def _like_prefix(prefix: str) -> str:
+    """A LIKE pattern for ids starting with ``prefix`` (its wildcards escaped)."""
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 def live_nodes(conn) -> int:

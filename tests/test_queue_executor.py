@@ -9,10 +9,12 @@ import signal
 import subprocess
 import sys
 import time
+from io import BytesIO
 from pathlib import Path
 
 import pytest
 import yaml
+from pydicom import dcmread
 
 pytest.importorskip("dbos", reason="the queue extra (pip install 'dqr[queue]') is not installed")
 
@@ -83,6 +85,40 @@ def test_queue_executor_in_one_process_gives_the_same_archive_as_local(
     expected = archive_contents(tmp_path / "local" / "archive")
     assert len(expected) > 0
     assert archive_contents(tmp_path / "queue" / "archive") == expected
+
+
+@pytest.mark.slow
+def test_a_partly_selected_study_is_retrieved_series_by_series_as_follow_up_steps(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    # With a series excluded no study goes in one request: each fetch-study
+    # step hands its series on as retrieve-series steps, which must all run.
+    local = write_site(tmp_path / "local", "local")
+    queued = write_site(
+        tmp_path / "queue", {"type": "queue", "database_url_env": "DQR_TEST_QUEUE_URL"}
+    )
+    csv = all_studies_csv(tmp_path)
+
+    by_local = dqr("run", "--config", local, "--csv", csv, "--exclude", "Localizer")
+    by_queue = dqr(
+        "run", "--config", queued, "--csv", csv, "--exclude", "Localizer",
+        env={"DQR_TEST_QUEUE_URL": postgres_url},
+    )
+
+    assert by_local.returncode == 0, by_local.stderr
+    assert by_queue.returncode == 0, by_queue.stderr
+    expected = archive_contents(tmp_path / "local" / "archive")
+    descriptions = {dcmread(BytesIO(data), stop_before_pixels=True).SeriesDescription for data in expected.values()}
+    assert "Axial 5mm" in descriptions and "Localizer" not in descriptions
+    assert archive_contents(tmp_path / "queue" / "archive") == expected
+    import psycopg
+
+    with psycopg.connect(postgres_url) as conn:
+        (follow_ups,) = conn.execute(
+            "SELECT count(*) FROM dbos.workflow_status WHERE workflow_uuid LIKE %s AND status = 'SUCCESS'",
+            ("%/fetch-study/%/retrieve-series/%",),
+        ).fetchone()
+    assert follow_ups > 0
 
 
 @pytest.mark.slow
