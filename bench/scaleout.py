@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,9 +64,10 @@ def _wait(process: subprocess.Popen) -> tuple[int, float]:
 
 
 def run_variant(root: Path, orthanc: OrthancServer, pg: PostgresServer, csv: Path, processes: int | None,
-                studies: int, name: str, polling_interval: float | None = None) -> dict:  # fmt: skip
+                studies: int, name: str, polling_interval: float | None = None, repeat: int = 0) -> dict:  # fmt: skip
     """``processes`` None: the local executor; else the queue with that many processes."""
     env = dict(os.environ)
+    variant, name = name, f"{name}-r{repeat}"
     if processes is None:
         config = _site(root / name, orthanc, "local")
     else:
@@ -102,7 +104,7 @@ def run_variant(root: Path, orthanc: OrthancServer, pg: PostgresServer, csv: Pat
         worker.send_signal(signal.SIGTERM)
         worker_cpu.append(_wait(worker)[1])
     stored = len(list((root / name / "archive").rglob("*.dcm")))
-    result = {"variant": name, "studies": studies, "processes": processes or 1,
+    result = {"variant": variant, "repeat": repeat, "studies": studies, "processes": processes or 1,
               "executor": "local" if processes is None else "queue", "exit": code, "wall_s": round(wall, 2),
               "cpu_s_run": run_cpu, "cpu_s_workers": worker_cpu, "instances_stored": stored,
               "loadavg_1min_before": round(load, 2)}  # fmt: skip
@@ -140,6 +142,7 @@ def main() -> None:
     parser.add_argument("--overhead-studies", type=int, default=40)
     parser.add_argument("--processes", type=int, nargs="*", default=[1, 2, 4])
     parser.add_argument("--polling-interval", type=float, help="the queue executor's polling_interval (default its own)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of every variant, interleaved (medians)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     results = []
@@ -167,17 +170,21 @@ def main() -> None:
                 plan += [(args.overhead_studies, None, f"local-{args.overhead_studies}"),
                          (args.overhead_studies, 1, f"queue1-{args.overhead_studies}")]  # fmt: skip
                 plan = list({name: (st, p, name) for st, p, name in plan}.values())
-            for studies, processes, name in plan:
-                result = run_variant(root, orthanc, pg, csv_of(studies), processes, studies, name, args.polling_interval)
-                print(json.dumps(result), flush=True)
-                results.append(result)
-    by_name = {r["variant"]: r for r in results}
+            for repeat in range(args.repeat):
+                for studies, processes, name in plan:
+                    result = run_variant(root, orthanc, pg, csv_of(studies), processes, studies, name,
+                                         args.polling_interval, repeat)  # fmt: skip
+                    print(json.dumps(result), flush=True)
+                    results.append(result)
     n = args.overhead_studies
-    if n and f"local-{n}" in by_name:
-        local, queued = by_name[f"local-{n}"], by_name[f"queue1-{n}"]
-        extra = queued["wall_s"] - local["wall_s"]
-        overhead = {"overhead_pct": round(100 * extra / local["wall_s"], 1),
-                    "overhead_ms_per_step": round(1000 * extra / max(1, queued["steps"]), 1)}  # fmt: skip
+    if n and any(r["variant"] == f"local-{n}" for r in results):
+        local, queued = (statistics.median(r["wall_s"] for r in results if r["variant"] == v)
+                         for v in (f"local-{n}", f"queue1-{n}"))  # fmt: skip
+        steps = max(r.get("steps", 0) for r in results if r["variant"] == f"queue1-{n}")
+        extra = queued - local
+        overhead = {"local_median_s": local, "queue1_median_s": queued, "runs": args.repeat,
+                    "overhead_pct": round(100 * extra / local, 1),
+                    "overhead_ms_per_step": round(1000 * extra / max(1, steps), 1)}  # fmt: skip
         print(json.dumps(overhead))
         results.append(overhead)
     if args.out:

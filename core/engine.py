@@ -184,13 +184,15 @@ def retrieve(ctx: JobContext, lines: Sequence[ResultLine]) -> RunSummary:
     # One step per study lists it and then fetches it -- in one request when
     # every series is wanted, else by the retrieve-series steps it returns --
     # so that listing a study overlaps retrieving the ones before it. The
-    # retrieval slots (max_retrievals) are the guard's; the one thread more
-    # is listing the next study meanwhile.
+    # guard holds queries to max_queries and retrievals to max_retrievals;
+    # the steps at once are the larger of the two, so that the PACS never
+    # sees more operations at a time than when listing and retrieving were
+    # phases of their own (threads past max_retrievals list ahead, then wait).
     study_uids = [study.study_uid for _, study in to_do]
     ctx.reporter.start("series", len(study_uids))
     ctx.reporter.start("retrieve", 0)
     ctx.reporter.start("instances", 0)
-    run_steps(ctx, StepKind.FETCH_STUDY, study_uids, ctx.limits.max_retrievals + 1)
+    run_steps(ctx, StepKind.FETCH_STUDY, study_uids, max(ctx.limits.max_queries, ctx.limits.max_retrievals))
     for phase in ("series", "retrieve", "instances"):
         ctx.reporter.finish(phase)
     return _finish(ctx, summary, to_do, started)

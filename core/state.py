@@ -584,6 +584,16 @@ class PostgresJobState(JobState):
                     for name, kind in columns.items():
                         conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {kind}")
             conn.execute(f"SET search_path TO {POSTGRES_SCHEMA_NAME}")
+            # As the SQLite state's synchronous=NORMAL: a commit does not wait
+            # for its WAL flush (a round trip to the disk per mark, most of
+            # what a step cost in the database). A crash of the *database
+            # server* may lose the last marks, which is safe: the destination
+            # made each instance durable (or acknowledged it) before it was
+            # marked, so a resumed run finds it in the archive again (or sends
+            # it once more to a network destination, which keeps one copy per
+            # SOP Instance UID). A killed dqr process loses nothing: the
+            # server has the commit.
+            conn.execute("SET synchronous_commit TO off")
         except psycopg.Error as exc:
             raise CorruptStateError(
                 Problem(label, f"the job state in the queue database cannot be used: {mask_url(str(exc))}")
