@@ -287,6 +287,31 @@ def test_c_move_delivers_the_series(mock_dimse_pacs, dimse_backend_factory, mock
     assert report.completed == 3
 
 
+def test_mock_move_sub_association_hands_a_response_its_reactor_took_to_the_sender():
+    # pynetdicom's reactor may take the C-STORE-RSP of a fast storage SCP
+    # (see _keep_responses_for_the_sender): the mock puts it back where
+    # send_c_store waits, so the C-MOVE does not stall for dimse_timeout.
+    import queue
+    from types import SimpleNamespace
+
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from dqr.plugins.testpacs.mockpacs.dimse_server import _keep_responses_for_the_sender
+
+    served = []
+    assoc = SimpleNamespace(
+        dimse=SimpleNamespace(msg_queue=queue.Queue()),
+        _serve_request=lambda msg, context_id: served.append(msg),
+    )
+    _keep_responses_for_the_sender(SimpleNamespace(assoc=assoc))
+    response = C_STORE()
+    response.MessageIDBeingRespondedTo = 7
+    response.Status = 0x0000
+    assoc._serve_request(response, 3)
+    assert assoc.dimse.msg_queue.get_nowait() == (3, response)
+    assert served == []
+
+
 def test_c_get_of_an_instance_subset_sends_one_uid_list(mock_dimse_pacs, dimse_backend_factory):
     backend = dimse_backend_factory(mock_dimse_pacs.port)
     study = first_study(backend)

@@ -77,6 +77,21 @@ def test_a_slow_peer_within_the_timeouts_completes(
     assert_byte_identical(big_cohort, study, received)
 
 
+def test_a_retrieval_longer_than_dimse_timeout_completes_while_instances_keep_coming(
+    mock_dimse_pacs, dimse_backend_factory
+):
+    # dimse_timeout bounds the wait for each message, not the whole C-GET
+    # (the native transport answers its C-STOREs and Pending responses on
+    # the event loop: the timer must see them all the same)
+    backend = dimse_backend_factory(mock_dimse_pacs.port, dimse_timeout=0.5)
+    study = next(backend.query_studies(StudyQuery(1, {"PatientID": "PAT00000"})))
+    series = next(backend.query_series(study))
+    mock_dimse_pacs.faults.delay = 0.2  # before each sub-operation: 3 instances, > 0.5 s in all
+    received = []
+    backend.retrieve(RetrieveRequest(study, series), received.append)
+    assert len(received) == 3
+
+
 def test_a_pacs_slower_than_dimse_timeout_is_reported_as_dqrs_timeout(
     mock_dimse_pacs, dimse_backend_factory
 ):

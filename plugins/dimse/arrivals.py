@@ -358,14 +358,12 @@ class NativeMoveReceiver:
     def route_store(self, link: Any, message: Any) -> None:
         from dqr.plugins.dimse import native
 
-        command = message.command_set
-        uid = str(command.AffectedSOPInstanceUID)
-        move_id = command.get("MoveOriginatorMessageID")
+        uid = message.text(native.AFFECTED_SOP_INSTANCE)
         _, syntax = link.contexts.get(message.context_id, ("", ""))
         arrivals, why = self.routing.route(
-            int(move_id) if move_id not in (None, "") else None,
+            message.us(native.MOVE_ORIGINATOR_ID),
             uid,
-            lambda: _series_uid(message.data_set.getvalue(), syntax),
+            lambda: _series_uid(message.data or b"", syntax),
         )
         if arrivals is None or arrivals.inbox is None:
             native.answer_store(link, message, refused(uid, str(link.state), link.peer, why))

@@ -34,6 +34,7 @@ from ssl import SSLContext, SSLError
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID
 from pynetdicom.dimse_messages import (
@@ -42,7 +43,6 @@ from pynetdicom.dimse_messages import (
     C_FIND_RQ,
     C_GET_RQ,
     C_MOVE_RQ,
-    C_STORE_RQ,
     C_STORE_RSP,
     DIMSEMessage,
 )
@@ -119,6 +119,133 @@ def event_loop() -> _Loop:
     return _Loop.get()
 
 
+# -- received DIMSE messages --------------------------------------------------------
+
+#: Command-set elements (group 0000) dqr reads, by element number (PS3.7 E.1).
+AFFECTED_SOP_CLASS, COMMAND_FIELD, MESSAGE_ID, RESPONDED_TO = 0x0002, 0x0100, 0x0110, 0x0120
+MOVE_DESTINATION, PRIORITY, DATA_SET_TYPE, STATUS = 0x0600, 0x0700, 0x0800, 0x0900
+OFFENDING_ELEMENT, ERROR_COMMENT, ERROR_ID, AFFECTED_SOP_INSTANCE = 0x0901, 0x0902, 0x0903, 0x1000
+REMAINING, COMPLETED, FAILED, WARNING = 0x1020, 0x1021, 0x1022, 0x1023
+MOVE_ORIGINATOR_AET, MOVE_ORIGINATOR_ID = 0x1030, 0x1031
+#: Command Field values (PS3.7 E.1-1) dqr acts on.
+C_STORE_RQ_FIELD, C_ECHO_RQ_FIELD = 0x0001, 0x0030
+C_GET_RSP_FIELD, C_MOVE_RSP_FIELD = 0x8010, 0x8021
+#: Command Data Set Type: no data set follows (any other value: one does).
+NO_DATA_SET = 0x0101
+#: Response statuses meaning "more to come" (PS3.7 C: Pending).
+_PENDING_STATUSES = frozenset({0xFF00, 0xFF01})
+
+
+class CommandError(ValueError):
+    """A command set dqr could not parse, by hand or with pynetdicom."""
+
+
+def parse_command(raw: bytes) -> dict[int, bytes]:
+    """A command set's elements, element number -> value bytes.
+
+    Decoded by hand: a command set is implicit VR little endian, group
+    0000 only (PS3.7 6.3.1, E.1), so each element is a (group, element,
+    length) header and its value. pynetdicom's general decoder (a pydicom
+    Dataset, every element looked up in the dictionary) took 175-330 µs of
+    the event loop per instance. Anything this parser does not expect
+    (another group, an undefined or overrunning length, no Command Field)
+    is handed to pynetdicom's decoder, which either reads it or raises
+    :class:`CommandError`."""
+    elements: dict[int, bytes] = {}
+    offset, end = 0, len(raw)
+    unpack = _ELEMENT_HEADER.unpack_from
+    while offset < end:
+        if offset + 8 > end:
+            return _parse_command_with_pynetdicom(raw)
+        group, element, length = unpack(raw, offset)
+        offset += 8
+        if group != 0x0000 or offset + length > end:
+            return _parse_command_with_pynetdicom(raw)
+        elements[element] = raw[offset : offset + length]
+        offset += length
+    if len(elements.get(COMMAND_FIELD, b"")) != 2:
+        return _parse_command_with_pynetdicom(raw)
+    return elements
+
+
+_ELEMENT_HEADER = struct.Struct("<HHI")
+
+
+def _parse_command_with_pynetdicom(raw: bytes) -> dict[int, bytes]:
+    """The fallback of :func:`parse_command`: pynetdicom's decoder, its
+    elements kept undecoded (raw values, as the hand parser gives them)."""
+    try:
+        dataset = decode(BytesIO(raw), True, True)
+        elements = {}
+        for tag in list(dataset.keys()):
+            if tag.group != 0x0000:
+                raise CommandError(f"an element ({tag}) outside the command group 0000")
+            value = dataset.get_item(tag).value
+            elements[tag.element] = value if isinstance(value, bytes) else b""
+    except CommandError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever pydicom raises on garbage
+        raise CommandError(f"an undecodable command set ({type(exc).__name__}: {exc})") from None
+    if len(elements.get(COMMAND_FIELD, b"")) != 2:
+        raise CommandError("a command set without a Command Field (0000,0100)")
+    return elements
+
+
+@dataclass
+class Received:
+    """One DIMSE message as it arrived: its presentation context, the
+    command set's elements undecoded (see :func:`parse_command`) and the
+    data set's bytes, if any."""
+
+    context_id: int
+    command: dict[int, bytes]
+    data: bytes | None = None
+
+    @property
+    def command_field(self) -> int:
+        return self.us(COMMAND_FIELD) or 0
+
+    @property
+    def expects_data(self) -> bool:
+        return self.us(DATA_SET_TYPE) != NO_DATA_SET
+
+    def us(self, element: int) -> int | None:
+        """An unsigned short element (US), ``None`` when absent or empty."""
+        value = self.command.get(element)
+        if not value or len(value) < 2:
+            return None
+        return value[0] | value[1] << 8
+
+    def text(self, element: int) -> str:
+        """A UI/AE/LO/SH element as text, padding (NUL or space) stripped."""
+        value = self.command.get(element)
+        return value.decode("ascii", "replace").rstrip("\0 ").lstrip(" ") if value else ""
+
+    @property
+    def is_store_request(self) -> bool:
+        return self.command_field == C_STORE_RQ_FIELD
+
+    @property
+    def is_bare_pending_retrieve_response(self) -> bool:
+        """A C-GET/C-MOVE Pending response with counts only: nothing the
+        waiting thread needs but the sign that the PACS is still at it."""
+        return (
+            self.command_field in (C_GET_RSP_FIELD, C_MOVE_RSP_FIELD)
+            and self.us(STATUS) in _PENDING_STATUSES
+            and not self.data
+        )
+
+
+def check_store_request(message: Received) -> None:
+    """Raise :class:`CommandError` for a C-STORE-RQ that lacks what its
+    response must echo (PS3.7 9.3.1.1: the SOP class and instance, the
+    message ID)."""
+    for element, name in ((AFFECTED_SOP_CLASS, "Affected SOP Class UID"), (MESSAGE_ID, "Message ID"),
+                          (AFFECTED_SOP_INSTANCE, "Affected SOP Instance UID")):  # fmt: skip
+        if not message.command.get(element):
+            raise CommandError(f"a C-STORE request without its {name} (0000,{element:04X})")
+
+
 # -- the wire ----------------------------------------------------------------------
 
 
@@ -132,9 +259,16 @@ class Link(asyncio.Protocol):
     def __init__(self, deliver: Callable[[Link, str, Any], None]) -> None:
         self.deliver = deliver
         self.transport: asyncio.Transport | None = None
-        self._buffer = bytearray()
-        self._message: DIMSEMessage | None = None
+        #: The start of a PDU not yet complete (bytes of the last reads).
+        self._partial = b""
+        #: The message being reassembled: its command and data set fragments
+        #: (joined once, when complete), its context, its parsed command.
+        self._command_parts: list[bytes] = []
+        self._data_parts: list[bytes] = []
+        self._message: Received | None = None
         self.closed = False
+        #: When the last complete DIMSE message arrived (dimse_timeout runs from it).
+        self.last_message = time.monotonic()
         #: Largest PDU the peer receives (0: no limit), from the negotiation.
         self.peer_max_pdu = 16382
         #: Accepted presentation contexts: id -> (abstract syntax, transfer syntax)
@@ -152,40 +286,85 @@ class Link(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
-        buffer = self._buffer
-        buffer += data
-        while len(buffer) >= 6:
-            length = int.from_bytes(buffer[2:6], "big")
-            end = 6 + length
-            if len(buffer) < end:
-                return
-            pdu_type = buffer[0]
-            pdu = bytes(buffer[:end])
-            del buffer[:end]
-            try:
-                self._pdu(pdu_type, pdu)
-            except Exception as exc:  # noqa: BLE001 - a malformed PDU ends the association
-                log.debug("undecodable PDU type %s: %s", pdu_type, exc)
-                self.deliver(self, "error", f"sent a PDU dqr could not decode ({type(exc).__name__}: {exc})")
-                self.abort()
-                return
+        if self._partial:
+            data = self._partial + data
+            self._partial = b""
+        size = len(data)
+        offset = 0
+        with memoryview(data) as view:
+            while size - offset >= 6:
+                end = offset + 6 + int.from_bytes(view[offset + 2 : offset + 6], "big")
+                if end > size:
+                    break
+                pdu_type = data[offset]
+                try:
+                    if pdu_type == P_DATA:
+                        self._p_data(view, offset + 6, end)
+                    else:
+                        self._pdu(pdu_type, bytes(view[offset:end]))
+                except Exception as exc:  # noqa: BLE001 - a malformed PDU ends the association
+                    log.debug("undecodable PDU type %s: %s", pdu_type, exc)
+                    self.deliver(self, "error", f"sent a PDU dqr could not decode ({type(exc).__name__}: {exc})")
+                    self.abort()
+                    return
+                offset = end
+                if self.closed:
+                    return
+        if offset < size:
+            self._partial = data[offset:] if offset else data
 
     def connection_lost(self, exc: BaseException | None) -> None:
         was_closed, self.closed = self.closed, True
         self.deliver(self, "lost", (was_closed, exc))
 
+    # P-DATA: DIMSE messages in fragments (PS3.8 9.3.5, E.2) ---------------------
+    def _p_data(self, view: memoryview, offset: int, end: int) -> None:
+        """The PDVs of one P-DATA-TF PDU (``view[offset:end]``): each
+        fragment is copied out once, and a message's fragments are joined
+        once, when its last one arrives (no copy per layer, no quadratic
+        concatenation of a large data set)."""
+        if offset == end:
+            raise ValueError("a P-DATA-TF PDU without any presentation data value")
+        while offset < end:
+            if offset + 6 > end:
+                raise ValueError("a presentation data value item cut short")
+            length = int.from_bytes(view[offset : offset + 4], "big")
+            stop = offset + 4 + length
+            if length < 2 or stop > end:
+                raise ValueError(f"a presentation data value item of length {length} overruns its PDU")
+            context_id, control = view[offset + 4], view[offset + 5]
+            fragment = bytes(view[offset + 6 : stop])
+            offset = stop
+            if control & 0x01:  # a command fragment
+                if self._message is not None:
+                    raise ValueError("a command fragment in the middle of a data set")
+                self._command_parts.append(fragment)
+                if control & 0x02:  # the command set's last fragment
+                    raw = b"".join(self._command_parts)
+                    self._command_parts = []
+                    message = Received(context_id, parse_command(raw))
+                    if message.is_store_request:
+                        check_store_request(message)
+                    if message.expects_data:
+                        self._message = message
+                    else:
+                        self._complete(message)
+            else:  # a data set fragment
+                if self._message is None:
+                    raise ValueError("a data set fragment before its command set")
+                self._data_parts.append(fragment)
+                if control & 0x02:
+                    message, self._message = self._message, None
+                    message.data = b"".join(self._data_parts) if len(self._data_parts) > 1 else self._data_parts[0]
+                    self._data_parts = []
+                    self._complete(message)
+
+    def _complete(self, message: Received) -> None:
+        self.last_message = time.monotonic()
+        self.deliver(self, "message", message)
+
     # PDUs -------------------------------------------------------------------
     def _pdu(self, pdu_type: int, pdu: bytes) -> None:
-        if pdu_type == P_DATA:
-            tf = P_DATA_TF()
-            tf.decode(pdu)
-            primitive = tf.to_primitive()
-            if self._message is None:
-                self._message = DIMSEMessage()
-            if self._message.decode_msg(primitive):
-                message, self._message = self._message, None
-                self.deliver(self, "message", message)
-            return
         if pdu_type == ASSOCIATE_RQ:
             rq = A_ASSOCIATE_RQ()
             rq.decode(pdu)
@@ -278,9 +457,15 @@ class Inbox:
         self.on_store = on_store
 
     def put(self, link: Link, kind: str, payload: Any) -> None:
-        if STORE_ON_LOOP and kind == "message" and self.on_store is not None and isinstance(payload, C_STORE_RQ):
-            self._answer_store(link, payload)
-            return
+        if kind == "message":
+            if STORE_ON_LOOP and self.on_store is not None and payload.is_store_request:
+                self._answer_store(link, payload)
+                return
+            if payload.is_bare_pending_retrieve_response:
+                # one per instance of a C-GET or C-MOVE: waking the waiting
+                # thread for it cost a thread switch per instance; its
+                # arrival is in link.last_message, which dimse_timeout reads
+                return
         self._queue.put((link, kind, payload))
 
     def get(self, timeout: float | None) -> tuple[Link, str, Any] | None:
@@ -292,20 +477,19 @@ class Inbox:
             except queue.Empty:
                 return None
             link, kind, payload = item
-            if kind == "message" and isinstance(payload, C_STORE_RQ) and self.on_store is not None:
+            if kind == "message" and payload.is_store_request and self.on_store is not None:
                 self._answer_store(link, payload)
                 continue
             return item
 
-    def _answer_store(self, link: Link, message: C_STORE_RQ) -> None:
-        command = message.command_set
+    def _answer_store(self, link: Link, message: Received) -> None:
         _, transfer_syntax = link.contexts.get(message.context_id, ("", ""))
         assert self.on_store is not None
         status = self.on_store(
-            str(command.AffectedSOPClassUID),
-            str(command.AffectedSOPInstanceUID),
+            message.text(AFFECTED_SOP_CLASS),
+            message.text(AFFECTED_SOP_INSTANCE),
             transfer_syntax,
-            message.data_set.getvalue() if message.data_set is not None else b"",
+            message.data or b"",
         )
         answer_store(link, message, status)
 
@@ -319,13 +503,13 @@ class Inbox:
 STORE_ON_LOOP = True
 
 
-def answer_store(link: Link, message: C_STORE_RQ, status: int) -> None:
-    command = message.command_set
-    sop_class, sop_instance = str(command.AffectedSOPClassUID), str(command.AffectedSOPInstanceUID)
-    data = store_response_pdu(message.context_id, int(command.MessageID), sop_class, sop_instance, status)
+def answer_store(link: Link, message: Received, status: int) -> None:
+    sop_class, sop_instance = message.text(AFFECTED_SOP_CLASS), message.text(AFFECTED_SOP_INSTANCE)
+    message_id = message.us(MESSAGE_ID) or 0  # present: checked when the request was parsed
+    data = store_response_pdu(message.context_id, message_id, sop_class, sop_instance, status)
     if link.peer_max_pdu and len(data) - 6 > link.peer_max_pdu:  # a peer that takes tiny PDUs: pynetdicom fragments
         primitive = C_STORE()
-        primitive.MessageIDBeingRespondedTo = command.MessageID
+        primitive.MessageIDBeingRespondedTo = message_id
         primitive.AffectedSOPClassUID = sop_class
         primitive.AffectedSOPInstanceUID = sop_instance
         primitive.Status = status
@@ -397,6 +581,40 @@ def encode_dataset(dataset: Dataset, transfer_syntax: str, what: str) -> bytes:
     if data is None:
         raise ValueError(f"the {what} could not be encoded")
     return data
+
+
+#: Status keywords of a response and their elements, in the order pynetdicom gave them.
+_STATUS_COUNTS = (
+    ("NumberOfRemainingSuboperations", REMAINING),
+    ("NumberOfCompletedSuboperations", COMPLETED),
+    ("NumberOfFailedSuboperations", FAILED),
+    ("NumberOfWarningSuboperations", WARNING),
+)
+
+
+def status_dataset(message: Received) -> Dataset:
+    """A response's status elements (PS3.7 C) as the Dataset the backend
+    reads: Status, the sub-operation counts, and the failure details
+    (Error Comment, Error ID, Offending Element) when present; empty for
+    a message without a Status (not a response)."""
+    status = Dataset()
+    code = message.us(STATUS)
+    if code is None:
+        return status
+    status.Status = code
+    for keyword, element in _STATUS_COUNTS:
+        value = message.us(element)
+        if value is not None:
+            setattr(status, keyword, value)
+    for keyword, element in (("ErrorComment", ERROR_COMMENT), ("ErrorID", ERROR_ID)):
+        text = message.text(element)
+        if text:
+            setattr(status, keyword, text)
+    offending = message.command.get(OFFENDING_ELEMENT)
+    if offending and len(offending) >= 4:
+        tags = [Tag(*struct.unpack_from("<HH", offending, i)) for i in range(0, len(offending) - 3, 4)]
+        status.OffendingElement = tags if len(tags) > 1 else tags[0]
+    return status
 
 
 @dataclass
@@ -501,9 +719,16 @@ class Association:
     def _responses(self, operation: str, model: str = "") -> Iterator[tuple[Dataset, Any]]:
         """Responses to the request just sent, until the final one; C-STORE
         sub-operations are answered by the inbox meanwhile."""
+        self.link.last_message = time.monotonic()
         while True:
-            item = self.inbox.get(self.timeouts.dimse)
+            # dimse_timeout runs from the last message of this association,
+            # the ones answered or dropped on the loop included (C-STOREs,
+            # bare Pending responses: see Inbox.put)
+            left = self.link.last_message + self.timeouts.dimse - time.monotonic()
+            item = self.inbox.get(max(0.0, left))
             if item is None:
+                if self.link.last_message + self.timeouts.dimse > time.monotonic():
+                    continue
                 self.abort()
                 raise RemoteError(
                     f"{operation} to {self.where} got no answer: no response within "
@@ -515,22 +740,14 @@ class Association:
                 continue  # e.g. a storage SCP connection of a C-MOVE ending
             if kind != "message":
                 raise self._ended(operation, kind, payload)
-            command = payload.command_set
-            status = Dataset()
-            for keyword in ("Status", "ErrorComment", "NumberOfRemainingSuboperations",
-                            "NumberOfCompletedSuboperations", "NumberOfFailedSuboperations",
-                            "NumberOfWarningSuboperations", "OffendingElement", "ErrorID"):
-                value = command.get(keyword)
-                if value is not None and value != "":
-                    setattr(status, keyword, value)
+            status = status_dataset(payload)
             if "Status" not in status:
                 continue  # not a response (a peer's stray request): ignore
             identifier = None
-            data = payload.data_set.getvalue() if payload.data_set is not None else b""
-            if data and int(status.Status) in PENDING:
+            if payload.data and int(status.Status) in PENDING:
                 _, syntax = self.link.contexts.get(payload.context_id, ("", "1.2.840.10008.1.2"))
                 uid = UID(syntax)
-                identifier = decode(BytesIO(data), uid.is_implicit_VR, uid.is_little_endian, uid.is_deflated)
+                identifier = decode(BytesIO(payload.data), uid.is_implicit_VR, uid.is_little_endian, uid.is_deflated)
             yield status, identifier
             if int(status.Status) not in PENDING:
                 return
@@ -760,12 +977,12 @@ class StorageServer:
         if kind == "associate-rq":
             self.policy.negotiate(link, payload)
         elif kind == "message":
-            if isinstance(payload, C_STORE_RQ):
+            if payload.is_store_request:
                 self.policy.route_store(link, payload)
-            elif isinstance(payload, C_ECHO_RQ):
+            elif payload.command_field == C_ECHO_RQ_FIELD:
                 primitive = C_ECHO()
-                primitive.MessageIDBeingRespondedTo = payload.command_set.MessageID
-                primitive.AffectedSOPClassUID = payload.command_set.AffectedSOPClassUID
+                primitive.MessageIDBeingRespondedTo = payload.us(MESSAGE_ID) or 0
+                primitive.AffectedSOPClassUID = payload.text(AFFECTED_SOP_CLASS) or "1.2.840.10008.1.1"
                 primitive.Status = 0x0000
                 response = C_ECHO_RSP()
                 response.primitive_to_message(primitive)

@@ -299,7 +299,7 @@ class MockDimseServer(CountedAssociations):
             destination.host,
             destination.port,
             {
-                "evt_handlers": NODELAY_SERVER_HANDLERS,
+                "evt_handlers": [*NODELAY_SERVER_HANDLERS, *_sub_association_handlers()],
                 "contexts": _storage_contexts(instances),
             },
         )
@@ -380,6 +380,38 @@ def _storage_contexts(instances: list[StoredInstance]) -> list[Any]:
         build_context(sop_class, sorted(found)) for sop_class, found in sorted(syntaxes.items())
     ]
     return contexts[:128] or [build_context(Verification)]
+
+
+def _keep_responses_for_the_sender(event: Any) -> None:
+    """Work around a race in pynetdicom's requestor (3.0): ``send_c_store``
+    pauses the association's reactor thread by clearing an event and
+    waiting for a flag the reactor sets *before* it checks that event, so
+    the reactor may run one more turn after the request went out. A storage
+    SCP that answers within that turn (dqr's native transport answers on
+    its event loop, in microseconds) has its C-STORE-RSP taken by the
+    reactor, which drops it as "unexpected C-STORE service message"; the
+    sub-operation then waits dimse_timeout and dqr's C-MOVE times out
+    (seen as a rare flake of test_c_move_delivers_the_series[native]).
+
+    Bound to the C-MOVE sub-association (EVT_ESTABLISHED fires before its
+    reactor starts): a response the reactor takes is put back where
+    ``send_c_store`` waits for it."""
+    assoc = event.assoc
+    serve_request = assoc._serve_request
+
+    def serve_requests_only(msg: Any, context_id: int) -> None:
+        if msg.is_valid_response:
+            assoc.dimse.msg_queue.put((context_id, msg))
+            return
+        serve_request(msg, context_id)
+
+    assoc._serve_request = serve_requests_only
+
+
+def _sub_association_handlers() -> list[tuple[Any, Any]]:
+    from pynetdicom import evt
+
+    return [(evt.EVT_ESTABLISHED, _keep_responses_for_the_sender)]
 
 
 def _dataset(instance: StoredInstance) -> Any:
