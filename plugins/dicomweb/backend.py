@@ -32,7 +32,7 @@ from requests.adapters import HTTPAdapter
 
 import dqr
 from dqr.backend import SourceContext, StoreCallback
-from dqr.errors import ConfigError, RemoteError
+from dqr.errors import ConfigError, RemoteError, UntrustedValueError
 from dqr.model import (
     Instance,
     ReceivedInstance,
@@ -46,6 +46,7 @@ from dqr.model import (
 from dqr.plugins.dicomweb import DicomwebSourceConfig
 from dqr.plugins.dicomweb.credentials import credential_keys, make_auth
 from dqr.plugins.dicomweb.http_errors import Operation, error_for_exception, error_for_status
+from dqr.plugins.dicomweb.metadata import JsonArrayError, iter_json_array, series_from_metadata
 from dqr.plugins.dicomweb.multipart import (
     MultipartError,
     TruncatedMultipartError,
@@ -326,6 +327,33 @@ class DicomwebBackend:
         )
 
     def query_series(self, study: Study) -> Iterator[Series]:
+        listed = self._series_from_metadata(study) if self.config.listing == "metadata" else None
+        yield from self._series_from_qido(study) if listed is None else listed
+
+    def _series_from_metadata(self, study: Study) -> list[Series] | None:
+        """The study's series and their instances from one WADO-RS metadata
+        request; ``None`` when the server refuses it or does not answer it
+        with DICOM JSON (QIDO-RS then). Retriable failures are raised."""
+        url = f"{self._wado_url}/studies/{_uid(study.study_uid)}/metadata"
+        op = self._operation(f"WADO-RS study metadata (study {study.study_uid})", url)
+        deadline = Deadline(self._limits.query_timeout, "query_timeout")
+        try:
+            with self._query_slots:
+                response = self._get(url, op, QIDO_ACCEPT, True, deadline)
+                with response:
+                    answers = iter_json_array(response.iter_content(CHUNK_SIZE))
+                    return series_from_metadata(study, answers)
+        except requests.RequestException as exc:  # while reading the answer
+            raise (deadline.error(op.what) if deadline.passed else error_for_exception(exc, op)) from None
+        except RemoteError as exc:
+            if exc.retriable or exc.unreachable or isinstance(exc, UntrustedValueError):
+                raise
+            logger.info("%s: %s; listing with QIDO-RS", op.what, exc)
+        except JsonArrayError as exc:
+            logger.info("%s: %s answered something that is not DICOM JSON (%s); listing with QIDO-RS", op.what, op.where, exc)
+        return None
+
+    def _series_from_qido(self, study: Study) -> Iterator[Series]:
         path = f"{self._qido_url}/studies/{_uid(study.study_uid)}/series"
         pairs = [("includefield", ",".join(SERIES_FIELDS))]
         answers = list(self._qido(path, pairs, f"QIDO-RS series search (study {study.study_uid})"))
