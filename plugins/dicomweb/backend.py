@@ -1,8 +1,7 @@
 """The DICOMweb backend: QIDO-RS queries, WADO-RS retrieval streamed into
 the store callback.
 
-One :class:`requests.Session` (built with dicomweb-client's session helpers)
-is shared by every engine thread, with a connection pool as large as the
+One :class:`requests.Session` is shared by every engine thread, with a connection pool as large as the
 source's limits allow; two semaphores keep simultaneous queries within
 ``limits.max_queries`` and simultaneous retrievals within
 ``limits.max_retrievals``. Failures raise :class:`dqr.errors.RemoteError`
@@ -27,7 +26,6 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import requests
-from dicomweb_client.session_utils import create_session, create_session_from_auth
 from requests.adapters import HTTPAdapter
 
 import dqr
@@ -105,7 +103,8 @@ def make_session(config: DicomwebSourceConfig, context: SourceContext) -> reques
     """The source's HTTP session: credentials and a pool with a connection
     for every request the limits allow at once."""
     auth = make_auth(config.auth, context.name, context.config_dir)
-    session = create_session_from_auth(auth) if auth is not None else create_session()
+    session = requests.Session()  # not dicomweb-client's helper: the same, without importing that package
+    session.auth = auth
     pool = context.limits.max_queries + context.limits.max_retrievals
     adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool, max_retries=0)
     session.mount("http://", adapter)
@@ -144,6 +143,14 @@ def _with_progress(error: RemoteError, delivered: int) -> RemoteError:
         retry_after=error.retry_after,
         unreachable=error.unreachable,
     )
+
+
+def _within(deadline: Deadline, what: str, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """``chunks`` until ``deadline`` passes: a trickling answer is cut there
+    (a stalled one by the read timeout, which the deadline bounds)."""
+    for chunk in chunks:
+        deadline.check(what)
+        yield chunk
 
 
 class DicomwebBackend:
@@ -341,7 +348,7 @@ class DicomwebBackend:
             with self._query_slots:
                 response = self._get(url, op, QIDO_ACCEPT, True, deadline)
                 with response:
-                    answers = iter_json_array(response.iter_content(CHUNK_SIZE))
+                    answers = iter_json_array(_within(deadline, op.what, response.iter_content(CHUNK_SIZE)))
                     return series_from_metadata(study, answers)
         except requests.RequestException as exc:  # while reading the answer
             raise (deadline.error(op.what) if deadline.passed else error_for_exception(exc, op)) from None
