@@ -62,8 +62,9 @@ def test_qido_listing_sends_no_metadata_request(mock_dicomweb_pacs, dicomweb_bac
     assert mock_dicomweb_pacs.requests["qido-series"] == mock_dicomweb_pacs.requests["qido-instances"] == 1
 
 
-def test_a_server_without_metadata_is_listed_with_qido(mock_dicomweb_factory, dicomweb_backend_factory):
-    server = mock_dicomweb_factory(metadata=False)
+@pytest.mark.parametrize("metadata", ["not-found", "empty"])
+def test_a_server_without_metadata_is_listed_with_qido(mock_dicomweb_factory, dicomweb_backend_factory, metadata):
+    server = mock_dicomweb_factory(metadata=metadata)
     backend = dicomweb_backend_factory(server.url)
     study = a_study(backend)
 

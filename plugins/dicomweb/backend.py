@@ -339,8 +339,9 @@ class DicomwebBackend:
 
     def _series_from_metadata(self, study: Study) -> list[Series] | None:
         """The study's series and their instances from one WADO-RS metadata
-        request; ``None`` when the server refuses it or does not answer it
-        with DICOM JSON (QIDO-RS then). Retriable failures are raised."""
+        request; ``None`` when the server refuses it, does not answer it with
+        DICOM JSON or lists no instance (QIDO-RS then). Retriable failures
+        are raised."""
         url = f"{self._wado_url}/studies/{_uid(study.study_uid)}/metadata"
         op = self._operation(f"WADO-RS study metadata (study {study.study_uid})", url)
         deadline = Deadline(self._limits.query_timeout, "query_timeout")
@@ -349,7 +350,12 @@ class DicomwebBackend:
                 response = self._get(url, op, QIDO_ACCEPT, True, deadline)
                 with response:
                     answers = iter_json_array(_within(deadline, op.what, response.iter_content(CHUNK_SIZE)))
-                    return series_from_metadata(study, answers)
+                    listed = series_from_metadata(study, answers)
+            if listed:
+                return listed
+            # The study query found it, so it has instances: an empty answer
+            # is a server that does not really answer metadata, not an empty study.
+            logger.info("%s: %s listed no instance; listing with QIDO-RS", op.what, op.where)
         except requests.RequestException as exc:  # while reading the answer
             raise (deadline.error(op.what) if deadline.passed else error_for_exception(exc, op)) from None
         except RemoteError as exc:

@@ -14,8 +14,8 @@ level, the ``includefield`` ones and the matching keys; matching is
 :meth:`MemoryPacs.find`'s (wildcards, date ranges, comma lists). WADO answers
 are ``multipart/related; type="application/dicom"``, streamed one instance
 at a time. A study's metadata is every instance's study, series and
-instance attributes as DICOM JSON (``metadata: false`` answers 404 instead,
-like a server without it).
+instance attributes as DICOM JSON (``metadata: not-found`` answers 404
+instead, like a server without it; ``empty``, an empty array).
 
 Faults (``Config.faults``, or ``server.faults`` changed while it runs):
 ``delay`` seconds before every answer; the next ``throttle`` requests get
@@ -107,7 +107,9 @@ class Config(BaseModel):
     auth: MockAuth = MockAuth()
     faults: Faults = Faults()
     decode_percent_escapes: bool = True
-    metadata: bool = Field(True, description="answer WADO-RS study metadata (false: 404)")
+    metadata: Literal["answered", "not-found", "empty"] = Field(
+        "answered", description="WADO-RS study metadata: answered, 404 (a server without it), or an empty array"
+    )
 
 
 ROUTES = Map(
@@ -395,9 +397,11 @@ class MockDicomwebServer(WsgiServer):
         return Response(body, 200, content_type="application/dicom+json")
 
     def _metadata(self, arguments: dict[str, str]) -> Response:
-        answers = self.pacs.find("IMAGE", {"StudyInstanceUID": arguments["study"]}) if self.config.metadata else []
-        if not answers:
+        answers = self.pacs.find("IMAGE", {"StudyInstanceUID": arguments["study"]})
+        if not answers or self.config.metadata == "not-found":
             return NotFound().get_response()
+        if self.config.metadata == "empty":
+            answers = []
         body = json.dumps([dicom_json(answer, None) for answer in answers]).encode()
         return Response(body, 200, content_type="application/dicom+json")
 
