@@ -1,5 +1,6 @@
-"""`dqr run` with a DIMSE source imports only what that config uses: no
-DICOMweb client, no queue executor's database libraries (each costs
+"""`dqr run` imports only what its config uses: over DIMSE no DICOMweb
+client, over DICOMweb not dicomweb-client either (dqr speaks HTTP with
+requests itself), and never the queue executor's database libraries (each costs
 interpreter start time a user waits for). (requests is imported by pydicom
 itself, for its test-data downloader.)"""
 
@@ -34,5 +35,17 @@ def test_a_dimse_run_imports_no_http_or_queue_libraries(site, write_csv, tmp_pat
     )
     modules = imported_by(["run", "--config", str(config)], tmp_path)
     assert "dqr.plugins.dimse.backend" in modules  # it did run over DIMSE
+    top_level = {name.split(".")[0] for name in modules}
+    assert sorted(top_level & set(NOT_NEEDED)) == []
+
+
+def test_a_dicomweb_run_imports_no_dicomweb_client_or_queue_libraries(site, write_csv, tmp_path, mock_dicomweb_pacs):
+    accession = next(generate_cohort(DEFAULT_COHORT)).AccessionNumber
+    config = site(
+        source={"type": "dicomweb", "url": mock_dicomweb_pacs.url},
+        csv=str(write_csv(f"Accession Number,Subject,Session\n{accession},S1,S1_A\n")),
+    )
+    modules = imported_by(["run", "--config", str(config)], tmp_path)
+    assert "dqr.plugins.dicomweb.backend" in modules  # it did run over DICOMweb
     top_level = {name.split(".")[0] for name in modules}
     assert sorted(top_level & set(NOT_NEEDED)) == []

@@ -69,6 +69,9 @@ AuthConfig = Annotated[NoAuth | BasicAuth | BearerAuth, Field(discriminator="typ
 
 #: ``query_value_escaping`` values; see :mod:`dqr.plugins.dicomweb.qido`.
 QueryValueEscaping = Literal["raw", "percent"]
+#: ``listing`` values: how a selected study's series and instances are
+#: learnt; see :mod:`dqr.plugins.dicomweb.metadata`.
+Listing = Literal["metadata", "qido"]
 
 
 def check_service_url(value: str) -> str:
@@ -102,6 +105,13 @@ class DicomwebSourceConfig(SourceConfig):
             "raw: send query-string-legal characters as they are and turn the others into "
             "wildcards, re-checking answers (works with Orthanc, which does not percent-decode); "
             "percent: RFC 3986 percent-encoding (for servers that decode it)"
+        ),
+    )
+    listing: Listing = Field(
+        "metadata",
+        description=(
+            "metadata: a selected study's series and instances from one WADO-RS metadata request "
+            "(QIDO-RS if the server refuses it); qido: from a QIDO-RS series search and instance search"
         ),
     )
     page_size: int = Field(1000, ge=1, description="QIDO-RS `limit` per request; answers are paged")

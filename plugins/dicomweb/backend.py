@@ -1,8 +1,7 @@
 """The DICOMweb backend: QIDO-RS queries, WADO-RS retrieval streamed into
 the store callback.
 
-One :class:`requests.Session` (built with dicomweb-client's session helpers)
-is shared by every engine thread, with a connection pool as large as the
+One :class:`requests.Session` is shared by every engine thread, with a connection pool as large as the
 source's limits allow; two semaphores keep simultaneous queries within
 ``limits.max_queries`` and simultaneous retrievals within
 ``limits.max_retrievals``. Failures raise :class:`dqr.errors.RemoteError`
@@ -27,12 +26,11 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import requests
-from dicomweb_client.session_utils import create_session, create_session_from_auth
 from requests.adapters import HTTPAdapter
 
 import dqr
 from dqr.backend import SourceContext, StoreCallback
-from dqr.errors import ConfigError, RemoteError
+from dqr.errors import ConfigError, RemoteError, UntrustedValueError
 from dqr.model import (
     Instance,
     ReceivedInstance,
@@ -46,6 +44,7 @@ from dqr.model import (
 from dqr.plugins.dicomweb import DicomwebSourceConfig
 from dqr.plugins.dicomweb.credentials import credential_keys, make_auth
 from dqr.plugins.dicomweb.http_errors import Operation, error_for_exception, error_for_status
+from dqr.plugins.dicomweb.metadata import JsonArrayError, iter_json_array, series_from_metadata
 from dqr.plugins.dicomweb.multipart import (
     MultipartError,
     TruncatedMultipartError,
@@ -104,7 +103,8 @@ def make_session(config: DicomwebSourceConfig, context: SourceContext) -> reques
     """The source's HTTP session: credentials and a pool with a connection
     for every request the limits allow at once."""
     auth = make_auth(config.auth, context.name, context.config_dir)
-    session = create_session_from_auth(auth) if auth is not None else create_session()
+    session = requests.Session()  # not dicomweb-client's helper: the same, without importing that package
+    session.auth = auth
     pool = context.limits.max_queries + context.limits.max_retrievals
     adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool, max_retries=0)
     session.mount("http://", adapter)
@@ -143,6 +143,14 @@ def _with_progress(error: RemoteError, delivered: int) -> RemoteError:
         retry_after=error.retry_after,
         unreachable=error.unreachable,
     )
+
+
+def _within(deadline: Deadline, what: str, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """``chunks`` until ``deadline`` passes: a trickling answer is cut there
+    (a stalled one by the read timeout, which the deadline bounds)."""
+    for chunk in chunks:
+        deadline.check(what)
+        yield chunk
 
 
 class DicomwebBackend:
@@ -326,6 +334,39 @@ class DicomwebBackend:
         )
 
     def query_series(self, study: Study) -> Iterator[Series]:
+        listed = self._series_from_metadata(study) if self.config.listing == "metadata" else None
+        yield from self._series_from_qido(study) if listed is None else listed
+
+    def _series_from_metadata(self, study: Study) -> list[Series] | None:
+        """The study's series and their instances from one WADO-RS metadata
+        request; ``None`` when the server refuses it, does not answer it with
+        DICOM JSON or lists no instance (QIDO-RS then). Retriable failures
+        are raised."""
+        url = f"{self._wado_url}/studies/{_uid(study.study_uid)}/metadata"
+        op = self._operation(f"WADO-RS study metadata (study {study.study_uid})", url)
+        deadline = Deadline(self._limits.query_timeout, "query_timeout")
+        try:
+            with self._query_slots:
+                response = self._get(url, op, QIDO_ACCEPT, True, deadline)
+                with response:
+                    answers = iter_json_array(_within(deadline, op.what, response.iter_content(CHUNK_SIZE)))
+                    listed = series_from_metadata(study, answers)
+            if listed:
+                return listed
+            # The study query found it, so it has instances: an empty answer
+            # is a server that does not really answer metadata, not an empty study.
+            logger.info("%s: %s listed no instance; listing with QIDO-RS", op.what, op.where)
+        except requests.RequestException as exc:  # while reading the answer
+            raise (deadline.error(op.what) if deadline.passed else error_for_exception(exc, op)) from None
+        except RemoteError as exc:
+            if exc.retriable or exc.unreachable or isinstance(exc, UntrustedValueError):
+                raise
+            logger.info("%s: %s; listing with QIDO-RS", op.what, exc)
+        except JsonArrayError as exc:
+            logger.info("%s: %s answered something that is not DICOM JSON (%s); listing with QIDO-RS", op.what, op.where, exc)
+        return None
+
+    def _series_from_qido(self, study: Study) -> Iterator[Series]:
         path = f"{self._qido_url}/studies/{_uid(study.study_uid)}/series"
         pairs = [("includefield", ",".join(SERIES_FIELDS))]
         answers = list(self._qido(path, pairs, f"QIDO-RS series search (study {study.study_uid})"))

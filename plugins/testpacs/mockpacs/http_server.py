@@ -7,25 +7,30 @@ A threaded werkzeug server on 127.0.0.1 (``port: 0`` picks a free port)::
     GET {url}/studies/{study}/series/{series}/instances
     GET {url}/studies/{study}/instances           GET {url}/instances
     GET {url}/studies/{study}[/series/{series}[/instances/{sop}]]   (WADO-RS)
+    GET {url}/studies/{study}/metadata            (WADO-RS metadata)
 
 QIDO answers are DICOM JSON with the standard's default attributes of the
 level, the ``includefield`` ones and the matching keys; matching is
 :meth:`MemoryPacs.find`'s (wildcards, date ranges, comma lists). WADO answers
 are ``multipart/related; type="application/dicom"``, streamed one instance
-at a time.
+at a time. A study's metadata is every instance's study, series and
+instance attributes as DICOM JSON (``metadata: not-found`` answers 404
+instead, like a server without it; ``empty``, an empty array).
 
 Faults (``Config.faults``, or ``server.faults`` changed while it runs):
 ``delay`` seconds before every answer; the next ``throttle`` requests get
 429 and the next ``unavailable`` ones 503, both with ``Retry-After:
 retry_after``; the next ``server_errors`` get 500; ``cut_after_parts``
 closes the connection of every WADO answer after that many instances;
-``on`` restricts status faults to ``qido`` or ``wado`` requests; ``hostile``
+``on`` restricts status faults to ``qido``, ``wado`` (instances) or
+``metadata`` requests; ``hostile``
 serves hostile content (:mod:`dqr.plugins.testpacs.memory.hostile`). ``auth``
 makes every request need basic or bearer credentials.
 ``decode_percent_escapes: false`` behaves like Orthanc's DICOMweb plugin,
 which does not percent-decode QIDO values (except ``%2C``).
 
-Counters: ``requests`` (per kind: ``qido-studies``, ``wado-series``, ...),
+Counters: ``requests`` (per kind: ``qido-studies``, ``wado-series``,
+``metadata-study``, ...),
 ``current_requests`` and ``max_concurrent_requests`` (a request counts until
 the last byte of its answer is handed to the socket).
 """
@@ -88,7 +93,7 @@ class Faults(BaseModel):
     server_errors: int = Field(0, ge=0, description="next N requests answered 500")
     cut_after_parts: int | None = Field(None, ge=0, description="cut WADO answers after N instances")
     part_delay: float = Field(0.0, ge=0, description="seconds a WADO answer stalls before each instance after the first")
-    on: Literal["any", "qido", "wado"] = "any"
+    on: Literal["any", "qido", "wado", "metadata"] = "any"
     hostile: HostileFaults = Field(default_factory=HostileFaults, description="hostile content (UID rewrites apply at start)")
 
 
@@ -102,6 +107,9 @@ class Config(BaseModel):
     auth: MockAuth = MockAuth()
     faults: Faults = Faults()
     decode_percent_escapes: bool = True
+    metadata: Literal["answered", "not-found", "empty"] = Field(
+        "answered", description="WADO-RS study metadata: answered, 404 (a server without it), or an empty array"
+    )
 
 
 ROUTES = Map(
@@ -113,6 +121,7 @@ ROUTES = Map(
         Rule("/studies/<study>/instances", endpoint=("qido", "IMAGE")),
         Rule("/studies/<study>/series/<series>/instances", endpoint=("qido", "IMAGE")),
         Rule("/studies/<study>", endpoint=("wado", "study")),
+        Rule("/studies/<study>/metadata", endpoint=("metadata", "study")),
         Rule("/studies/<study>/series/<series>", endpoint=("wado", "series")),
         Rule("/studies/<study>/series/<series>/instances/<sop>", endpoint=("wado", "instance")),
     ]
@@ -325,7 +334,7 @@ class MockDicomwebServer(WsgiServer):
             endpoint, arguments = ROUTES.bind("mock").match(path[len(self._prefix) :], method="GET")
         except HTTPException:
             return "not-found", None, {}
-        kind = QIDO_KINDS[endpoint[1]] if endpoint[0] == "qido" else f"wado-{endpoint[1]}"
+        kind = QIDO_KINDS[endpoint[1]] if endpoint[0] == "qido" else f"{endpoint[0]}-{endpoint[1]}"
         return kind, endpoint, arguments
 
     def _respond(
@@ -341,6 +350,8 @@ class MockDicomwebServer(WsgiServer):
             return NotFound().get_response()
         if endpoint[0] == "qido":
             return self._qido(request, endpoint[1], arguments)
+        if endpoint[0] == "metadata":
+            return self._metadata(arguments)
         return self._wado(request, endpoint[1], arguments, visit)
 
     def _authorized(self, request: Request) -> bool:
@@ -383,6 +394,15 @@ class MockDicomwebServer(WsgiServer):
         answers = query.page(self.pacs.find(level, query.filters))
         fields = None if query.include_all else query.fields(level)
         body = json.dumps([dicom_json(answer, fields) for answer in answers]).encode()
+        return Response(body, 200, content_type="application/dicom+json")
+
+    def _metadata(self, arguments: dict[str, str]) -> Response:
+        answers = self.pacs.find("IMAGE", {"StudyInstanceUID": arguments["study"]})
+        if not answers or self.config.metadata == "not-found":
+            return NotFound().get_response()
+        if self.config.metadata == "empty":
+            answers = []
+        body = json.dumps([dicom_json(answer, None) for answer in answers]).encode()
         return Response(body, 200, content_type="application/dicom+json")
 
     def _wado(self, request: Request, level: str, arguments: dict[str, str], visit: _Visit) -> Response:
