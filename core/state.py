@@ -570,6 +570,10 @@ class PostgresJobState(JobState):
 
         self.path = Path(label)
         self._lock = threading.RLock()
+        self._url = url
+        self._label = label
+        self._local = threading.local()
+        self._connections: list[Any] = []
         try:
             conn = psycopg.connect(url, autocommit=True, application_name="dqr-state")
             with conn.transaction():
@@ -583,22 +587,73 @@ class PostgresJobState(JobState):
                 for table, columns in ADDED_COLUMNS.items():  # a database made by an older dqr
                     for name, kind in columns.items():
                         conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {kind}")
-            conn.execute(f"SET search_path TO {POSTGRES_SCHEMA_NAME}")
-            # As the SQLite state's synchronous=NORMAL: a commit does not wait
-            # for its WAL flush (a round trip to the disk per mark, most of
-            # what a step cost in the database). A crash of the *database
-            # server* may lose the last marks, which is safe: the destination
-            # made each instance durable (or acknowledged it) before it was
-            # marked, so a resumed run finds it in the archive again (or sends
-            # it once more to a network destination, which keeps one copy per
-            # SOP Instance UID). A killed dqr process loses nothing: the
-            # server has the commit.
-            conn.execute("SET synchronous_commit TO off")
+            self._configure(conn)
         except psycopg.Error as exc:
             raise CorruptStateError(
                 Problem(label, f"the job state in the queue database cannot be used: {mask_url(str(exc))}")
             ) from None
-        self._db = _PostgresConnection(conn)
+        self._local.db = _PostgresConnection(conn)
+        self._connections.append(conn)
+
+    @staticmethod
+    def _configure(conn: Any) -> None:
+        conn.execute(f"SET search_path TO {POSTGRES_SCHEMA_NAME}")
+        # As the SQLite state's synchronous=NORMAL: a commit does not wait
+        # for its WAL flush (a round trip to the disk per mark, most of
+        # what a step cost in the database). A crash of the *database
+        # server* may lose the last marks, which is safe: the destination
+        # made each instance durable (or acknowledged it) before it was
+        # marked, so a resumed run finds it in the archive again (or sends
+        # it once more to a network destination, which keeps one copy per
+        # SOP Instance UID). A killed dqr process loses nothing: the
+        # server has the commit.
+        conn.execute("SET synchronous_commit TO off")
+
+    # One connection per thread: the server orders concurrent transactions
+    # (as it does those of other processes), so the steps running in this
+    # process do not queue behind one connection -- and the driver's
+    # progress reads behind none of them -- as they would on SQLite's one
+    # writer, where the lock costs nothing next to a commit.
+
+    @property
+    def _db(self) -> _PostgresConnection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            import psycopg
+
+            from dqr.cluster_limits import mask_url
+
+            try:
+                conn = psycopg.connect(self._url, autocommit=True, application_name="dqr-state")
+                self._configure(conn)
+            except psycopg.Error as exc:
+                raise CorruptStateError(
+                    Problem(self._label, f"the job state in the queue database cannot be used: {mask_url(str(exc))}")
+                ) from None
+            with self._lock:
+                self._connections.append(conn)
+            db = self._local.db = _PostgresConnection(conn)
+        return db
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        db = self._db
+        db.execute(self.BEGIN)
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def _query(self, sql: str, *params: Any) -> list[tuple]:
+        return self._db.execute(sql, params).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            conn.close()
 
 
     def job_id(self) -> str:
