@@ -19,7 +19,6 @@ default with ``tls:``.
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
@@ -29,7 +28,7 @@ from typing import Any
 
 from dqr.backend import DestinationContext, VerifyMode
 from dqr.config import resolve_path
-from dqr.errors import DestinationRefusedError, RemoteError, SourceDownError
+from dqr.errors import DestinationRefusedError, RemoteError
 from dqr.model import Series, Study
 from dqr.plugins.destinations import DimseDestinationConfig
 from dqr.plugins.destinations.common import (
@@ -301,7 +300,6 @@ class DimseDestination(NetworkDestination):
         self._commitment: Any = None
         self._sop_classes: dict[str, str] = {}
         self._lock = threading.Lock()
-        self.queue = SendQueue(config.limits.max_associations)
 
     # -- the Destination protocol ----------------------------------------------------
 
@@ -347,7 +345,6 @@ class DimseDestination(NetworkDestination):
         self.pool.capped(ConnectionCap(cap("associations", self.config.limits.max_associations)))
 
     def close(self) -> None:
-        self.queue.close()
         self.pool.close()
         if self._commitment is not None:
             self._commitment.stop()
@@ -445,159 +442,19 @@ class DimseDestination(NetworkDestination):
         return held
 
 
-#: The sending pipeline's bound: instances relabeled and waiting to be sent,
-#: per association (one more is in flight on each) ...
-QUEUED_PER_ASSOCIATION = 2
-#: ... and in bytes, whatever their number (a large instance waits alone).
-QUEUED_BYTES = 64 * 1024 * 1024
-
-
-class SendQueue:
-    """The destination's sending pipeline: series writers put relabeled
-    instances in, one sender thread per association takes them out and
-    C-STOREs them, so the source reads and relabels the next instances
-    while a sender waits for the previous C-STORE-RSP.
-
-    Bounded in items and bytes (``put`` waits), so memory stays that of a
-    few instances. The senders are started on first use and stopped by
-    :meth:`close`."""
-
-    def __init__(self, senders: int) -> None:
-        self._senders = senders
-        self._items: collections.deque = collections.deque()
-        self._bytes = 0
-        self._limit = senders * QUEUED_PER_ASSOCIATION
-        self._condition = threading.Condition()
-        self._threads: list[threading.Thread] = []
-        self._closed = False
-
-    def put(self, item: tuple) -> None:
-        """Queue ``(writer, uid, part10, replaced)``; waits while the queue is full."""
-        size = len(item[2])
-        with self._condition:
-            if not self._threads:
-                self._start()
-            while self._items and (len(self._items) >= self._limit or self._bytes + size > QUEUED_BYTES):
-                self._condition.wait()
-            self._items.append(item)
-            self._bytes += size
-            self._condition.notify_all()
-
-    def _start(self) -> None:
-        for number in range(self._senders):
-            thread = threading.Thread(target=self._run, name=f"dqr-c-store-{number}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
-
-    def _run(self) -> None:
-        while True:
-            with self._condition:
-                while not self._items and not self._closed:
-                    self._condition.wait()
-                if not self._items:
-                    return
-                item = self._items.popleft()
-                self._bytes -= len(item[2])
-                self._condition.notify_all()
-            writer, *instance = item
-            writer.send(*instance)
-
-    def close(self) -> None:
-        with self._condition:
-            self._closed = True
-            self._condition.notify_all()
-            threads, self._threads = self._threads, []
-        for thread in threads:
-            thread.join()
-
-
 class DimseSeriesWriter(AcknowledgingWriter):
-    """Sends one series' instances as they come (a :class:`dqr.backend.SeriesWriter`),
-    through the destination's :class:`SendQueue`: ``write`` returns once
-    the instance is queued, ``commit`` once every one queued was answered.
-
-    What the C-STORE-RSP said is kept here until it can be told: an
-    instance counts as stored only when acknowledged (the manifest line is
-    written then, by the sender). A refusal is reported by ``commit`` (as a
-    :class:`DestinationRefusedError` listing the refused instances, after
-    the others were sent: as the source goes on after a refusal); an error
-    that stops sending (the destination lost or down, retries spent) is
-    raised by the next ``write``, so that the source stops as it would
-    have, or by ``commit`` when no write followed. Instances queued after
-    such an error are not sent."""
-
-    def __init__(self, destination: DimseDestination, acknowledged) -> None:
-        super().__init__(destination, acknowledged)
-        self._condition = threading.Condition()
-        self._pending = 0
-        self._refused: dict[str, str] = {}
-        self._stopped: BaseException | None = None
+    """Sends one series' instances as they come (a :class:`dqr.backend.SeriesWriter`)."""
 
     def write(self, sop_instance_uid: str, part10: bytes, replaced: dict[str, str]) -> None:
-        with self._condition:
-            stopped, self._stopped = self._stopped, None
-            if stopped is None:
-                self._pending += 1
-        if stopped is not None:
-            raise stopped
-        try:
-            self.destination.queue.put((self, sop_instance_uid, part10, replaced))
-        except BaseException:
-            self._settled()
-            raise
-
-    def send(self, sop_instance_uid: str, part10: bytes, replaced: dict[str, str]) -> None:
-        """In a sender thread: one C-STORE and what its answer means."""
-        try:
-            if self._stopped is not None:
-                return  # sending stopped after an error: left for the next attempt
-            warning = self.destination.store(part10)
-            if warning:
-                log.warning("%s stored %s with a warning: %s", self.destination.describe(), sop_instance_uid, warning)
-            self.acknowledged.acknowledged(
-                [(sop_instance_uid, len(part10), replaced)], {sop_instance_uid: warning} if warning else None
-            )
-        except DestinationRefusedError as error:
-            if error.retriable:
-                self._stop(error)
-            else:
-                with self._condition:
-                    self._refused[sop_instance_uid] = str(error)
-        except BaseException as error:  # noqa: BLE001 - told by the next write or the commit
-            self._stop(error)
-        finally:
-            self._settled()
-
-    def _stop(self, error: BaseException) -> None:
-        with self._condition:
-            if self._stopped is None:
-                self._stopped = error
-
-    def _settled(self) -> None:
-        with self._condition:
-            self._pending -= 1
-            self._condition.notify_all()
+        warning = self.destination.store(part10)
+        if warning:
+            log.warning("%s stored %s with a warning: %s", self.destination.describe(), sop_instance_uid, warning)
+        self.acknowledged.acknowledged(
+            [(sop_instance_uid, len(part10), replaced)], {sop_instance_uid: warning} if warning else None
+        )
 
     def commit(self) -> list[str]:
-        with self._condition:
-            while self._pending:
-                self._condition.wait()
-            stopped, self._stopped = self._stopped, None
-            refused, self._refused = self._refused, {}
-        taken = self.acknowledged.take()
-        if isinstance(stopped, RemoteError) and not isinstance(stopped, SourceDownError):
-            # as a refusal, so that what was acknowledged is recorded stored
-            raise DestinationRefusedError(
-                str(stopped), stored=taken, failed=refused, retriable=stopped.retriable, slow_down=stopped.slow_down,
-                retry_after=stopped.retry_after, unreachable=stopped.unreachable,
-            ) from stopped
-        if stopped is not None:
-            raise stopped  # the destination is down (the job stops), or a fault of dqr's own
-        if refused:
-            first = next(iter(refused.values()))
-            more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
-            raise DestinationRefusedError(first + more, stored=taken, failed=refused)
-        return taken
+        return self.acknowledged.take()
 
 
 DimseDestination.writer = DimseSeriesWriter
