@@ -3,8 +3,9 @@ header, the local manifest of acknowledged instances, and the writer
 bookkeeping that only ever reports acknowledged instances.
 
 The manifest is the destination's memory of what it acknowledged: it is
-appended as soon as an acknowledgement arrives (flushed to the OS, so a
-``kill -9`` loses nothing; fsynced at commit), and ``exists()`` answers from
+appended as soon as an acknowledgement arrives (one ``write(2)`` on a
+descriptor the series keeps open, so a ``kill -9`` loses nothing; fsynced
+at commit), and ``exists()`` answers from
 it, so a run killed after the destination acknowledged an instance but
 before the job state recorded it never sends that instance twice.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dqr.backend import DestinationContext
-from dqr.manifest import MANIFEST, append_records, held_instances
+from dqr.manifest import MANIFEST, ManifestAppender, append_records, held_instances
 from dqr.manifest import now as manifest_now
 from dqr.model import Labels, Series, Study
 from dqr.throttle import AdaptiveLimit, CircuitBreaker, SourceDownError, call_with_retries
@@ -119,6 +120,7 @@ class AcknowledgedSeries:
         self.series = series
         self.lock = threading.Lock()
         self._earlier = held_instances(manifest, series.series_uid)
+        self._appender = ManifestAppender(manifest)
         self._unreported: list[str] = []
         #: SOP Instance UID -> the destination's warning (stored nonetheless).
         self.warnings: dict[str, str] = {}
@@ -152,7 +154,7 @@ class AcknowledgedSeries:
             if warnings and uid in warnings:
                 record["warning"] = warnings[uid]
             records.append(record)
-        append_records(self.manifest, records, fsync=False)
+        self._appender.append(records)
         with self.lock:
             self._unreported.extend(uid for uid, _, _ in items)
             if warnings:
@@ -162,7 +164,7 @@ class AcknowledgedSeries:
         """The acknowledged UIDs not reported yet, made durable in the manifest first."""
         with self.lock:
             taken, self._unreported = self._unreported, []
-        if taken and self.manifest.exists():
+        if not self._appender.sync() and taken and self.manifest.exists():  # an earlier run's lines, adopted
             fd = os.open(self.manifest, os.O_RDONLY)
             try:
                 os.fsync(fd)
