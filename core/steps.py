@@ -194,8 +194,15 @@ def retrieve_series_step(ctx: JobContext, series_uid: str) -> None:
     study, labels, _ = state.selected_study(series.study_uid)
     if not ctx.wait_for_window():
         return
+    _settle_series(ctx, study, series, lambda: retrieve_series(ctx, study, series, labels))
+
+
+def _settle_series(ctx: JobContext, study: Study, series: Series, make_complete: Callable[[], None]) -> None:
+    """Run what makes a series complete, recording a failure instead of raising it."""
+    state = ctx.state
+    series_uid = series.series_uid
     try:
-        retrieve_series(ctx, study, series, labels)
+        make_complete()
     except SourceDownError as error:
         ctx.give_up(str(error))
         state.set_series_status(series_uid, SeriesStatus.PENDING)
@@ -431,8 +438,9 @@ def retrieve_study_step(ctx: JobContext, study_uid: str, series: list[Series] | 
     if not ctx.wait_for_window():
         return
     refused: dict[str, str] = {}
+    complete: dict[str, list[str]] = {}
     try:
-        refused = retrieve_whole_study(ctx, study, series, labels)
+        refused, complete = retrieve_whole_study(ctx, study, series, labels)
     except SourceDownError as error:
         ctx.give_up(str(error))
         return
@@ -447,13 +455,23 @@ def retrieve_study_step(ctx: JobContext, study_uid: str, series: list[Series] | 
             ctx.state.set_series_status(one.series_uid, SeriesStatus.FAILED, reason, attempt=True)
             ctx.reporter.advance("retrieve")
             continue
+        if one.series_uid in complete:
+            # every expected instance was committed just now: what
+            # retrieve-series would find, without reading it all back
+            expected = complete[one.series_uid]
+            _settle_series(ctx, study, one, lambda one=one, expected=expected: _stored(ctx, study, one, expected))
+            continue
         retrieve_series_step(ctx, one.series_uid)
 
 
-def retrieve_whole_study(ctx: JobContext, study: Study, series: list[Series], labels: Labels) -> dict[str, str]:
+def retrieve_whole_study(
+    ctx: JobContext, study: Study, series: list[Series], labels: Labels
+) -> tuple[dict[str, str], dict[str, list[str]]]:
     """One attempt to fetch a study in one request; what arrived is stored
     (committed per series) whatever happens, the rest is left to do.
-    Returns, per series, the first instance that could not be stored."""
+    Returns, per series, the first instance that could not be stored; and
+    the series that are complete (every expected instance committed, none
+    refused), with their expected instances."""
     state = ctx.state
     targets: dict[str, StoreTarget] = {}
     for one in series:
@@ -490,7 +508,13 @@ def retrieve_whole_study(ctx: JobContext, study: Study, series: list[Series], la
     refused = {uid: target.errors[0] for uid, target in targets.items() if target.errors}
     if failure is not None and not refused:
         raise failure
-    return refused
+    complete: dict[str, list[str]] = {}
+    for uid, target in targets.items():
+        if not target.errors and target.expected:
+            stored = state.stored_instances(uid)  # as committed: the job state, not what was sent
+            if all(sop in stored for sop in target.expected):
+                complete[uid] = list(target.expected)
+    return refused, complete
 
 
 # -- list and retrieve one study ---------------------------------------------------
