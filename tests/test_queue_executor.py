@@ -65,26 +65,32 @@ def archive_contents(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.dcm"))}
 
 
-@pytest.mark.slow
-def test_queue_executor_in_one_process_gives_the_same_archive_as_local(
-    tmp_path: Path, postgres_url: str
-) -> None:
+def archives_by_local_and_queue(tmp_path: Path, postgres_url: str, *run_args: str) -> tuple[dict, dict]:
+    """The same job (every study of the cohort) run by the local executor and
+    by the queue executor in one process: each archive's contents."""
     local = write_site(tmp_path / "local", "local")
     queued = write_site(
         tmp_path / "queue", {"type": "queue", "database_url_env": "DQR_TEST_QUEUE_URL"}
     )
     csv = all_studies_csv(tmp_path)
 
-    by_local = dqr("run", "--config", local, "--csv", csv)
+    by_local = dqr("run", "--config", local, "--csv", csv, *run_args)
     by_queue = dqr(
-        "run", "--config", queued, "--csv", csv, env={"DQR_TEST_QUEUE_URL": postgres_url}
+        "run", "--config", queued, "--csv", csv, *run_args, env={"DQR_TEST_QUEUE_URL": postgres_url}
     )
 
     assert by_local.returncode == 0, by_local.stderr
     assert by_queue.returncode == 0, by_queue.stderr
-    expected = archive_contents(tmp_path / "local" / "archive")
-    assert len(expected) > 0
-    assert archive_contents(tmp_path / "queue" / "archive") == expected
+    return archive_contents(tmp_path / "local" / "archive"), archive_contents(tmp_path / "queue" / "archive")
+
+
+@pytest.mark.slow
+def test_queue_executor_in_one_process_gives_the_same_archive_as_local(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    by_local, by_queue = archives_by_local_and_queue(tmp_path, postgres_url)
+    assert len(by_local) > 0
+    assert by_queue == by_local
 
 
 @pytest.mark.slow
@@ -93,24 +99,11 @@ def test_a_partly_selected_study_is_retrieved_series_by_series_as_follow_up_step
 ) -> None:
     # With a series excluded no study goes in one request: each fetch-study
     # step hands its series on as retrieve-series steps, which must all run.
-    local = write_site(tmp_path / "local", "local")
-    queued = write_site(
-        tmp_path / "queue", {"type": "queue", "database_url_env": "DQR_TEST_QUEUE_URL"}
-    )
-    csv = all_studies_csv(tmp_path)
+    by_local, by_queue = archives_by_local_and_queue(tmp_path, postgres_url, "--exclude", "Localizer")
 
-    by_local = dqr("run", "--config", local, "--csv", csv, "--exclude", "Localizer")
-    by_queue = dqr(
-        "run", "--config", queued, "--csv", csv, "--exclude", "Localizer",
-        env={"DQR_TEST_QUEUE_URL": postgres_url},
-    )
-
-    assert by_local.returncode == 0, by_local.stderr
-    assert by_queue.returncode == 0, by_queue.stderr
-    expected = archive_contents(tmp_path / "local" / "archive")
-    descriptions = {dcmread(BytesIO(data), stop_before_pixels=True).SeriesDescription for data in expected.values()}
+    descriptions = {dcmread(BytesIO(data), stop_before_pixels=True).SeriesDescription for data in by_local.values()}
     assert "Axial 5mm" in descriptions and "Localizer" not in descriptions
-    assert archive_contents(tmp_path / "queue" / "archive") == expected
+    assert by_queue == by_local
     import psycopg
 
     with psycopg.connect(postgres_url) as conn:
