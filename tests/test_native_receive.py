@@ -94,19 +94,29 @@ def test_a_large_data_set_in_many_pdus_and_reads_arrives_whole_and_exact(chunk):
     assert [r.data == dataset for r in received] == [True, True]
 
 
-def test_a_c_get_response_gives_the_status_pynetdicom_would():
+def c_get_response(status: int, **fields) -> C_GET_RSP:
+    """A C-GET-RSP as pynetdicom encodes it, with ``fields`` of the primitive set."""
     primitive = C_GET()
     primitive.MessageIDBeingRespondedTo = 5
     primitive.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.3"
-    primitive.Status = 0xA702
-    primitive.NumberOfRemainingSuboperations = 3
-    primitive.NumberOfCompletedSuboperations = 2
-    primitive.NumberOfFailedSuboperations = 1
-    primitive.NumberOfWarningSuboperations = 0
-    primitive.ErrorComment = "out of disk"
-    primitive.OffendingElement = [0x00100010, 0x0020000D]
+    primitive.Status = status
+    for name, value in fields.items():
+        setattr(primitive, name, value)
     message = C_GET_RSP()
     message.primitive_to_message(primitive)
+    return message
+
+
+def test_a_c_get_response_gives_the_status_pynetdicom_would():
+    message = c_get_response(
+        0xA702,
+        NumberOfRemainingSuboperations=3,
+        NumberOfCompletedSuboperations=2,
+        NumberOfFailedSuboperations=1,
+        NumberOfWarningSuboperations=0,
+        ErrorComment="out of disk",
+        OffendingElement=[0x00100010, 0x0020000D],
+    )
     [received] = Wire().feed(pdus(message))
     status = native.status_dataset(received)
     assert status.Status == 0xA702
@@ -118,14 +128,7 @@ def test_a_c_get_response_gives_the_status_pynetdicom_would():
 
 
 def test_a_bare_pending_c_get_response_is_known_as_such():
-    primitive = C_GET()
-    primitive.MessageIDBeingRespondedTo = 5
-    primitive.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.3"
-    primitive.Status = 0xFF00
-    primitive.NumberOfRemainingSuboperations = 3
-    message = C_GET_RSP()
-    message.primitive_to_message(primitive)
-    [received] = Wire().feed(pdus(message))
+    [received] = Wire().feed(pdus(c_get_response(0xFF00, NumberOfRemainingSuboperations=3)))
     assert received.is_bare_pending_retrieve_response
 
 
