@@ -428,10 +428,10 @@ def whole_study_series(
 
 
 def retrieve_study_step(ctx: JobContext, study_uid: str, series: list[Series] | None = None) -> None:
-    """The ``retrieve-study`` step: one request for the whole study, then
-    each series made complete by :func:`retrieve_series_step` -- which, for
-    what the request delivered, only confirms it. ``series``: the study's,
-    if just read."""
+    """The ``retrieve-study`` step: one request for the whole study; then a
+    series it completed is confirmed (verified at a network destination)
+    and the others are made complete by :func:`retrieve_series_step`, which
+    asks only for what is missing. ``series``: the study's, if just read."""
     study, labels, _ = ctx.state.selected_study(study_uid)
     if series is None:
         series = [s for s, _ in ctx.state.known_series(study_uid)]
