@@ -128,7 +128,7 @@ OFFENDING_ELEMENT, ERROR_COMMENT, ERROR_ID, AFFECTED_SOP_INSTANCE = 0x0901, 0x09
 REMAINING, COMPLETED, FAILED, WARNING = 0x1020, 0x1021, 0x1022, 0x1023
 MOVE_ORIGINATOR_AET, MOVE_ORIGINATOR_ID = 0x1030, 0x1031
 #: Command Field values (PS3.7 E.1-1) dqr acts on.
-C_STORE_RQ_FIELD, C_ECHO_RQ_FIELD = 0x0001, 0x0030
+C_STORE_RQ_FIELD, C_STORE_RSP_FIELD, C_ECHO_RQ_FIELD = 0x0001, 0x8001, 0x0030
 C_GET_RSP_FIELD, C_MOVE_RSP_FIELD = 0x8010, 0x8021
 #: Command Data Set Type: no data set follows (any other value: one does).
 NO_DATA_SET = 0x0101
@@ -539,7 +539,7 @@ def store_response_pdu(context_id: int, message_id: int, sop_class: str, sop_ins
     the last PDU of an instance and the PACS sending the next one."""
     body = b"".join((
         _command_element(0x0002, _uid_bytes(sop_class)),
-        _command_element(0x0100, struct.pack("<H", 0x8001)),  # C-STORE-RSP
+        _command_element(COMMAND_FIELD, struct.pack("<H", C_STORE_RSP_FIELD)),
         _command_element(0x0120, struct.pack("<H", message_id)),
         _command_element(0x0800, struct.pack("<H", 0x0101)),  # no data set
         _command_element(0x0900, struct.pack("<H", status)),

@@ -50,64 +50,55 @@ from dqr.errors import RemoteError
 from dqr.plugins.dimse.native import (
     ABORT,
     ABORT_SOURCES,
+    AFFECTED_SOP_CLASS,
+    AFFECTED_SOP_INSTANCE,
     APPLICATION_CONTEXT,
     ASSOCIATE_AC,
     ASSOCIATE_RJ,
+    C_STORE_RQ_FIELD,
+    C_STORE_RSP_FIELD,
+    COMMAND_FIELD,
+    DATA_SET_TYPE,
+    ERROR_COMMENT,
+    MESSAGE_ID,
+    NO_DATA_SET,
     P_DATA,
+    PRIORITY,
     RELEASE_RP,
     RELEASE_RQ,
+    RESPONDED_TO,
+    STATUS,
     Timeouts,
+    _command_element,
+    _uid_bytes,
     _user_information,
     encode_dataset,
+    parse_command,
     request_message,
 )
 from dqr.plugins.dimse.status import PENDING, NoAcceptedContexts, connect_error, reject_error
 
-#: Command-set tags (group 0000) of a C-STORE exchange, as element numbers.
-_GROUP_LENGTH, _SOP_CLASS, _COMMAND_FIELD, _MESSAGE_ID, _RESPONDED_TO = 0x0000, 0x0002, 0x0100, 0x0110, 0x0120
-_PRIORITY, _DATA_SET_TYPE, _STATUS, _SOP_INSTANCE, _ERROR_COMMENT = 0x0700, 0x0800, 0x0900, 0x1000, 0x0902
-C_STORE_RQ_FIELD, C_STORE_RSP_FIELD = 0x0001, 0x8001
-NO_DATA_SET = 0x0101
 #: P-DATA message control header bits (PS3.8 E.2).
 _COMMAND, _LAST = 0x01, 0x02
-
-
-def _element(element: int, value: bytes) -> bytes:
-    return struct.pack("<HHI", 0x0000, element, len(value)) + value
-
-
-def _uid_value(uid: str) -> bytes:
-    raw = uid.encode("ascii")
-    return raw + b"\0" if len(raw) % 2 else raw
 
 
 def store_command(message_id: int, sop_class: str, sop_instance: str, priority: int = 2) -> bytes:
     """The C-STORE-RQ command set (implicit VR little endian, PS3.7 9.3.1.1)."""
     body = b"".join(
         (
-            _element(_SOP_CLASS, _uid_value(sop_class)),
-            _element(_COMMAND_FIELD, struct.pack("<H", C_STORE_RQ_FIELD)),
-            _element(_MESSAGE_ID, struct.pack("<H", message_id)),
-            _element(_PRIORITY, struct.pack("<H", priority)),
-            _element(_DATA_SET_TYPE, struct.pack("<H", 0x0000)),  # a data set follows
-            _element(_SOP_INSTANCE, _uid_value(sop_instance)),
+            _command_element(AFFECTED_SOP_CLASS, _uid_bytes(sop_class)),
+            _command_element(COMMAND_FIELD, struct.pack("<H", C_STORE_RQ_FIELD)),
+            _command_element(MESSAGE_ID, struct.pack("<H", message_id)),
+            _command_element(PRIORITY, struct.pack("<H", priority)),
+            _command_element(DATA_SET_TYPE, struct.pack("<H", 0x0000)),  # a data set follows
+            _command_element(AFFECTED_SOP_INSTANCE, _uid_bytes(sop_instance)),
         )
     )
-    return _element(_GROUP_LENGTH, struct.pack("<I", len(body))) + body
+    return _command_element(_GROUP_LENGTH, struct.pack("<I", len(body))) + body
 
 
-def parse_command(data: bytes) -> dict[int, bytes]:
-    """A command set's elements (implicit VR little endian, group 0000 only)."""
-    elements: dict[int, bytes] = {}
-    offset = 0
-    while offset + 8 <= len(data):
-        group, element, length = struct.unpack_from("<HHI", data, offset)
-        start = offset + 8
-        if group != 0x0000 or start + length > len(data):
-            raise ValueError(f"malformed command set at byte {offset}")
-        elements[element] = data[start : start + length]
-        offset = start + length
-    return elements
+#: Command Group Length (0000,0000), which only a sent command set carries here.
+_GROUP_LENGTH = 0x0000
 
 
 def _us(elements: dict[int, bytes], element: int) -> int | None:
@@ -196,18 +187,18 @@ class StoreAssociation:
         self._write(b"".join(pieces), "C-STORE")
         while True:
             command, _ = self._read_message("C-STORE")
-            if _us(command, _COMMAND_FIELD) != C_STORE_RSP_FIELD or _us(command, _RESPONDED_TO) != message_id:
+            if _us(command, COMMAND_FIELD) != C_STORE_RSP_FIELD or _us(command, RESPONDED_TO) != message_id:
                 self.abort()
                 raise RemoteError(
                     f"C-STORE to {self.where}: the answer was not the response to the request sent; "
                     "dqr aborted the association",
                     retriable=True,
                 )
-            status = _us(command, _STATUS)
+            status = _us(command, STATUS)
             if status is None:
                 self.abort()
                 raise RemoteError(f"C-STORE to {self.where}: a response without a status", retriable=True)
-            comment = command.get(_ERROR_COMMENT, b"").decode("ascii", "replace").rstrip("\0 ")
+            comment = command.get(ERROR_COMMENT, b"").decode("ascii", "replace").rstrip("\0 ")
             return status, comment
 
     def send_c_echo(self, msg_id: int = 1) -> Dataset:
@@ -392,7 +383,7 @@ class StoreAssociation:
                     command.append(fragment)
                     if control & _LAST:
                         elements = self._parsed(command, operation)
-                        if _us(elements, _DATA_SET_TYPE) == NO_DATA_SET:
+                        if _us(elements, DATA_SET_TYPE) == NO_DATA_SET:
                             return elements, b""
                 else:
                     data.append(fragment)
@@ -410,12 +401,12 @@ class StoreAssociation:
         """Responses to the request just sent, until the final one."""
         while True:
             command, data = self._read_message(operation)
-            code = _us(command, _STATUS)
+            code = _us(command, STATUS)
             if code is None:
                 continue  # not a response (a peer's stray request): ignore
             status = Dataset()
             status.Status = code
-            comment = command.get(_ERROR_COMMENT, b"").decode("ascii", "replace").rstrip("\0 ")
+            comment = command.get(ERROR_COMMENT, b"").decode("ascii", "replace").rstrip("\0 ")
             if comment:
                 status.ErrorComment = comment
             reply = None
