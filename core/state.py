@@ -566,8 +566,6 @@ class PostgresJobState(JobState):
     def __init__(self, url: str, label: str = "the queue database") -> None:
         import psycopg
 
-        from dqr.cluster_limits import mask_url
-
         self.path = Path(label)
         self._lock = threading.RLock()
         self._url = url
@@ -575,7 +573,7 @@ class PostgresJobState(JobState):
         self._local = threading.local()
         self._connections: list[Any] = []
         try:
-            conn = psycopg.connect(url, autocommit=True, application_name="dqr-state")
+            conn = self._connect()
             with conn.transaction():
                 # Concurrent first starts would race on CREATE ... IF NOT EXISTS.
                 conn.execute("SELECT pg_advisory_xact_lock(hashtext('dqr-state-schema'))")
@@ -587,13 +585,26 @@ class PostgresJobState(JobState):
                 for table, columns in ADDED_COLUMNS.items():  # a database made by an older dqr
                     for name, kind in columns.items():
                         conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {kind}")
-            self._configure(conn)
         except psycopg.Error as exc:
-            raise CorruptStateError(
-                Problem(label, f"the job state in the queue database cannot be used: {mask_url(str(exc))}")
-            ) from None
+            raise self._unusable(exc) from None
+
+    def _connect(self) -> Any:
+        """A new connection, configured, as this thread's."""
+        import psycopg
+
+        conn = psycopg.connect(self._url, autocommit=True, application_name="dqr-state")
+        with self._lock:
+            self._connections.append(conn)
+        self._configure(conn)
         self._local.db = _PostgresConnection(conn)
-        self._connections.append(conn)
+        return conn
+
+    def _unusable(self, exc: Exception) -> CorruptStateError:
+        from dqr.cluster_limits import mask_url
+
+        return CorruptStateError(
+            Problem(self._label, f"the job state in the queue database cannot be used: {mask_url(str(exc))}")
+        )
 
     @staticmethod
     def _configure(conn: Any) -> None:
@@ -617,23 +628,14 @@ class PostgresJobState(JobState):
 
     @property
     def _db(self) -> _PostgresConnection:
-        db = getattr(self._local, "db", None)
-        if db is None:
+        if getattr(self._local, "db", None) is None:
             import psycopg
 
-            from dqr.cluster_limits import mask_url
-
             try:
-                conn = psycopg.connect(self._url, autocommit=True, application_name="dqr-state")
-                self._configure(conn)
+                self._connect()
             except psycopg.Error as exc:
-                raise CorruptStateError(
-                    Problem(self._label, f"the job state in the queue database cannot be used: {mask_url(str(exc))}")
-                ) from None
-            with self._lock:
-                self._connections.append(conn)
-            db = self._local.db = _PostgresConnection(conn)
-        return db
+                raise self._unusable(exc) from None
+        return self._local.db
 
     @contextmanager
     def transaction(self) -> Iterator[Any]:

@@ -19,7 +19,8 @@ How it works (docs/scale-out.md has the operator's view):
   phase's ``workers`` (``max_queries`` / ``max_retrievals``), waits until all
   are done -- with the follow-up steps they enqueued themselves, under their
   own workflow ids (a ``fetch-study`` step's ``retrieve-series`` steps) --
-  while this process works on them too, and reports the whole job's progress. The connections a step opens to the PACS are also capped
+  while this process works on them too, and reports the whole job's
+  progress. The connections a step opens to the PACS are also capped
   cluster-wide by :mod:`dqr.cluster_limits` at the association itself.
 - Liveness: each node holds a session-level advisory lock named after its
   executor id for its whole life. PostgreSQL drops it when the process dies
