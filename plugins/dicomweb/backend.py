@@ -1,8 +1,8 @@
 """The DICOMweb backend: QIDO-RS queries, WADO-RS retrieval streamed into
 the store callback.
 
-One :class:`requests.Session` is shared by every engine thread, with a connection pool as large as the
-source's limits allow; two semaphores keep simultaneous queries within
+One :class:`requests.Session` is shared by every engine thread, with a
+connection pool as large as the source's limits allow; two semaphores keep simultaneous queries within
 ``limits.max_queries`` and simultaneous retrievals within
 ``limits.max_retrievals``. Failures raise :class:`dqr.errors.RemoteError`
 once, classified (see :mod:`dqr.plugins.dicomweb.http_errors`); retrying is
