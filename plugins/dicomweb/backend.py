@@ -2,9 +2,9 @@
 the store callback.
 
 One :class:`requests.Session` is shared by every engine thread, with a
-connection pool as large as the source's limits allow; two semaphores keep simultaneous queries within
-``limits.max_queries`` and simultaneous retrievals within
-``limits.max_retrievals``. Failures raise :class:`dqr.errors.RemoteError`
+connection pool as large as the source's limits allow; two semaphores keep
+simultaneous queries within ``limits.max_queries`` and simultaneous
+retrievals within ``limits.max_retrievals``. Failures raise :class:`dqr.errors.RemoteError`
 once, classified (see :mod:`dqr.plugins.dicomweb.http_errors`); retrying is
 the engine's job, so nothing here loops on an error.
 
