@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from bench.cases import dimse_source, labelled_csv, site_yaml
-from bench.setup import CALLED_AET, CALLING_AET, FULL, Sizes, start_world
+from bench.setup import CALLED_AET, CALLING_AET, FULL, Sizes, byte_compile, start_world
 
 
 def _load() -> str:
@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = Sizes(**{**FULL.__dict__, "query_rows": 1, "retrieve_studies": args.studies, "growth": (args.studies,)})
     root = Path(tempfile.mkdtemp(prefix="dqr-ab-"))
     world = start_world(sizes, root)
+    for env in variants.values():  # each variant's own sources, compiled as the main checkout's are
+        byte_compile(world.python, *filter(None, env.get("PYTHONPATH", "").split(":")))
     times: dict[str, list[float]] = {name: [] for name in [*variants, "getscu loop"]}
     try:
         studies = world.first(args.studies)

@@ -117,6 +117,7 @@ def machine_info(world: World, tmp_base: Path) -> dict:
         "getscu": world.getscu,
         "packages": {k: v for k, v in versions.items() if k != "python"},
         "dqr_binary": world.dqr,
+        "dqr_bytecode": "compiled before measuring (bench.setup.byte_compile), as an installed copy is",
         "temp_dir": str(tmp_base),
         "temp_fs": _fs_type(tmp_base),
     }
