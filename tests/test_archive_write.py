@@ -23,7 +23,9 @@ def archive(request, tmp_path, monkeypatch):
         monkeypatch.setattr(archive_module, "_TMPFILE_WORKS", [False])
     elif not archive_module._TMPFILE_WORKS[0]:
         pytest.skip("no O_TMPFILE here")
-    return Archive(tmp_path / "archive", "P")
+    archive = Archive(tmp_path / "archive", "P")
+    yield archive
+    archive.close()
 
 
 def series_dir(archive: Archive):
@@ -69,3 +71,61 @@ def test_a_vanished_series_directory_fails_the_write_and_keeps_unnamed_files_on(
     with pytest.raises(ArchiveWriteError):
         writer.write("1.2.3.4.5", b"data", {})
     assert archive_module._TMPFILE_WORKS[0]  # a missing folder says nothing about the file system
+
+
+def _open_below(folder) -> list[str]:
+    """This process's open files below ``folder`` (unnamed ones included)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(folder)):
+            found.append(target)
+    return found
+
+
+def _wait_for_spares(spares, count: int) -> None:
+    import time
+
+    deadline = time.monotonic() + 10
+    first = spares.take()  # starts the thread that makes them (the first take finds none)
+    if first is not None:
+        os.close(first)
+    while len(spares._ready) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_files_made_ahead_are_linked_whole_and_closing_the_archive_frees_the_rest(tmp_path):
+    if not archive_module._TMPFILE_WORKS[0]:
+        pytest.skip("no O_TMPFILE here")
+    archive = Archive(tmp_path / "archive", "P")
+    writer = archive.open_series(STUDY, SERIES, "S1", "E1", labels=LABELS)
+    _wait_for_spares(archive._spares, archive._spares.keep)
+    payloads = {f"1.2.3.4.{n}": os.urandom(3000 + n) for n in range(40)}  # more than are kept ready
+    for uid, data in payloads.items():
+        writer.write(uid, data, {})
+    assert sorted(writer.commit()) == sorted(payloads)
+    folder = series_dir(archive)
+    assert {p.stem: p.read_bytes() for p in folder.iterdir()} == payloads
+    assert _open_below(tmp_path)  # spares made for the next files
+    archive.close()
+    assert _open_below(tmp_path) == []
+
+
+def test_spares_of_another_file_system_are_given_up_and_the_file_is_made_in_place(tmp_path):
+    if not archive_module._TMPFILE_WORKS[0] or not os.path.isdir("/dev/shm"):
+        pytest.skip("no O_TMPFILE or no /dev/shm here")
+    if os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("/dev/shm is on the temp dir's file system")
+    spares = archive_module.SpareFiles(archive_module.Path("/dev/shm"))
+    _wait_for_spares(spares, 1)
+    (tmp_path / "archive").mkdir()
+    writer = archive_module.SeriesDirectory(
+        tmp_path / "archive", tmp_path / "archive" / "P" / "S1" / "E1", STUDY, SERIES, spares=spares
+    )
+    writer.write("1.2.3.4.5", b"data", {})
+    assert writer.commit() == ["1.2.3.4.5"]
+    assert (series_dir(Archive(tmp_path / "archive", "P")) / "1.2.3.4.5.dcm").read_bytes() == b"data"
+    assert spares.take() is None  # closed: no more spares made there
