@@ -8,6 +8,7 @@ same data without an external server.
 
 from __future__ import annotations
 
+import struct
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -15,13 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian
 
 from dqr.matching import matches_all
-from dqr.part10 import dataset_offset, read_file_meta
+from dqr.part10 import LONG_HEADER_VRS, dataset_offset, read_file_meta
+from dqr.relabel import IMPLICIT_LITTLE, _plain
 
 STUDY_KEYWORDS = (
     "PatientName",
@@ -57,6 +60,57 @@ _INDEXED_TAGS = {keyword: tag_for_keyword(keyword) for keyword in STUDY_KEYWORDS
 _AS_STORED_VRS = frozenset({"AE", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UI", "UC", "UT"})
 
 
+#: the indexed attributes by tag, with their dictionary VR (an implicit-VR file has none of its own)
+_INDEXED_BY_TAG = {tag: (keyword, dictionary_VR(tag)) for keyword, tag in _INDEXED_TAGS.items()}
+_LAST_INDEXED_TAG = max(_INDEXED_BY_TAG)
+_EXPLICIT_LONG = frozenset(vr.encode("ascii") for vr in LONG_HEADER_VRS)
+
+
+def _scan_plain(data: bytes, offset: int, implicit: bool) -> dict[str, str] | None:
+    """The indexed attributes of a little-endian dataset read straight from
+    its element headers, stopping after the last indexed tag (before the
+    pixel data) -- when each one present is plain text as stored (or an IS
+    of digits alone, which pydicom gives back as stored). ``None`` for
+    anything else (an undefined length on the way, a value pydicom would
+    convert): :func:`_index_part10` decides those."""
+    unpack = struct.unpack_from
+    size = len(data)
+    found = dict.fromkeys(_INDEXED_TAGS, "")
+    pos = offset
+    while pos + 8 <= size:
+        group, number = unpack("<HH", data, pos)
+        tag = group << 16 | number
+        if tag > _LAST_INDEXED_TAG:
+            break
+        if implicit:
+            length = unpack("<I", data, pos + 4)[0]
+            vr, start = None, pos + 8
+        else:
+            vr = data[pos + 4 : pos + 6]
+            if vr in _EXPLICIT_LONG:
+                length, start = unpack("<I", data, pos + 8)[0], pos + 12
+            else:
+                length, start = unpack("<H", data, pos + 6)[0], pos + 8
+        if length == 0xFFFFFFFF or start + length > size:
+            return None
+        indexed = _INDEXED_BY_TAG.get(tag)
+        if indexed is not None:
+            keyword, dictionary_vr = indexed
+            if vr is not None and vr.decode("ascii", "replace") != dictionary_vr:
+                return None
+            raw = data[start : start + length].rstrip(b" \0")
+            if raw[:1] == b" " or not _plain(raw):
+                return None
+            if dictionary_vr == "IS":
+                if raw and not raw.isdigit():
+                    return None
+            elif dictionary_vr not in _AS_STORED_VRS:
+                return None
+            found[keyword] = raw.decode("ascii")
+        pos = start + length
+    return found
+
+
 def _index_part10(path: Path) -> tuple[dict[str, str], str] | None:
     """What :func:`_index` makes of a Part-10 file, and its transfer syntax,
     read with the store path's decoder (element values stay raw bytes):
@@ -66,7 +120,7 @@ def _index_part10(path: Path) -> tuple[dict[str, str], str] | None:
     and the forwarding benchmark start with it). ``None`` when the file is
     not a Part-10 file this can read; :func:`dcmread` decides those."""
     from dqr.model import ReceivedInstance
-    from dqr.relabel import _plain, decode
+    from dqr.relabel import decode
 
     try:
         data = path.read_bytes()
@@ -74,6 +128,10 @@ def _index_part10(path: Path) -> tuple[dict[str, str], str] | None:
         transfer_syntax = meta.get(0x0010)
         if not offset or not transfer_syntax:
             return None
+        if transfer_syntax in (IMPLICIT_LITTLE, ExplicitVRLittleEndian):
+            plain = _scan_plain(data, offset, transfer_syntax == IMPLICIT_LITTLE)
+            if plain is not None:
+                return plain, transfer_syntax
         dataset = decode(ReceivedInstance("", "", transfer_syntax, data[offset:])).dataset
         attributes = {}
         for keyword, tag in _INDEXED_TAGS.items():
