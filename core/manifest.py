@@ -137,6 +137,10 @@ class Manifest:
         self._lock = threading.Lock()
         self._records: dict[str, ManifestRecord] = {}
         self._stale = False
+        # Open from the first append until the next sync: one open a commit
+        # (a series), not one an instance; never more than the series being
+        # stored at once, however many sessions a job has.
+        self._fd: int | None = None
         lines = read_records(path)
         for record in lines:
             self._records[record.path] = record  # the last line for a path wins
@@ -160,12 +164,10 @@ class Manifest:
         with self._lock:
             if record.path in self._records:
                 self._stale = True
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                os.write(fd, data)  # one write(2): a killed process leaves whole lines
-            finally:
-                os.close(fd)
+            if self._fd is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.write(self._fd, data)  # one write(2): a killed process leaves whole lines
             self._records[record.path] = record
 
     def forget(self, path: str) -> None:
@@ -175,10 +177,21 @@ class Manifest:
                 self._stale = True
 
     def sync(self) -> None:
-        """Compact if lines were superseded; the caller makes the file durable."""
+        """Compact if lines were superseded, and close the file until the
+        next append; the caller makes the file durable."""
         with self._lock:
+            self._close()
             if self._stale:
                 self._rewrite()
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def _rewrite(self) -> None:
         temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
@@ -197,6 +210,11 @@ class Manifests:
     def __init__(self) -> None:
         self._open: dict[Path, Manifest] = {}
         self._guard = threading.Lock()
+
+    def close(self) -> None:
+        with self._guard:
+            for manifest in self._open.values():
+                manifest.close()
 
     def open(self, path: Path, present: Callable[[str], bool] | None = None) -> Manifest:
         """The :class:`Manifest` at ``path``; ``present(line_path)`` says

@@ -441,6 +441,7 @@ class Archive:
         return [uid for uid in sop_instance_uids if uid not in held]
 
     def close(self) -> None:
+        self.manifests.close()
         if self._spares is not None:
             self._spares.close()
             self._spares = None
