@@ -77,11 +77,15 @@ def _scan_plain(data: bytes, offset: int, implicit: bool) -> dict[str, str] | No
     size = len(data)
     found = dict.fromkeys(_INDEXED_TAGS, "")
     pos = offset
+    previous = -1
     while pos + 8 <= size:
         group, number = unpack("<HH", data, pos)
         tag = group << 16 | number
+        if tag <= previous:  # out of order or repeated: stopping early could miss one
+            return None
         if tag > _LAST_INDEXED_TAG:
             break
+        previous = tag
         if implicit:
             length = unpack("<I", data, pos + 4)[0]
             vr, start = None, pos + 8
