@@ -109,7 +109,7 @@ def run_variant(root: Path, orthanc: OrthancServer, pg: PostgresServer, csv: Pat
               "cpu_s_run": run_cpu, "cpu_s_workers": worker_cpu, "instances_stored": stored,
               "loadavg_1min_before": round(load, 2)}  # fmt: skip
     if processes is not None:
-        result["steps"] = _steps(env["DQR_BENCH_QUEUE_URL"])
+        result["steps"], result["workflows"] = _steps(env["DQR_BENCH_QUEUE_URL"])
     return result
 
 
@@ -128,11 +128,18 @@ def _wait_for_node(url: str, count: int = 1, timeout: float = 120) -> None:
     time.sleep(0.5)  # the node's queue is registered just after its liveness lock
 
 
-def _steps(url: str) -> int:
+def _steps(url: str) -> tuple[int, int]:
+    """The job's steps (one per CSV row, study and follow-up) and the workflows
+    that ran them (query rows go in batches, one workflow each)."""
     import psycopg
 
     with psycopg.connect(url, autocommit=True) as conn:
-        return conn.execute("SELECT count(*) FROM dbos.workflow_status WHERE name = 'dqr-step'").fetchone()[0]
+        workflows, others = conn.execute(
+            "SELECT count(*), count(*) FILTER (WHERE workflow_uuid NOT LIKE '%/query-row/%') "
+            "FROM dbos.workflow_status WHERE name = 'dqr-step'"
+        ).fetchone()
+        (rows,) = conn.execute("SELECT count(*) FROM dqr.rows").fetchone()
+    return others + rows, workflows
 
 
 def main() -> None:
