@@ -663,13 +663,12 @@ class PostgresJobState(JobState):
     # (an executemany sends one per instance). Same rows as the SQLite state's.
 
     def record_expected(self, series_uid: str, instances: list[Instance]) -> None:
-        with self.transaction() as db:
-            db.execute(
-                "INSERT INTO instances (sop_uid, series_uid) SELECT u, ? FROM unnest(?::text[]) AS u "
-                "ON CONFLICT DO NOTHING",
-                (series_uid, [i.sop_instance_uid for i in instances]),
-            )
-            db.execute("UPDATE series SET expected = ? WHERE series_uid = ?", (len(instances), series_uid))
+        # both in one statement, a transaction by itself
+        self._write(
+            "WITH added AS (INSERT INTO instances (sop_uid, series_uid) SELECT u, ? FROM unnest(?::text[]) AS u "
+            "ON CONFLICT DO NOTHING) UPDATE series SET expected = ? WHERE series_uid = ?",
+            (series_uid, [i.sop_instance_uid for i in instances], len(instances), series_uid),
+        )
 
     def mark_stored(self, series_uid: str, sop_uids: list[str], run: int | None = None,
                     sizes: dict[str, int] | None = None, warnings: dict[str, str] | None = None) -> None:
