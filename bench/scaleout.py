@@ -4,6 +4,8 @@ run`` plus 0, 1 or 3 ``dqr worker``), on a private PostgreSQL.
 
     python -m bench.scaleout                   # 80 studies; and 40 for the overhead
     python -m bench.scaleout --studies 20 --instances 3 --overhead-studies 0   # quick
+    python -m bench.scaleout --studies 40 --processes 1 --repeat 5 --baseline-python ../base/.venv/bin/python
+                                               # A/B: another checkout's queue variant, interleaved
 
 Prints one JSON line per variant: wall time, CPU seconds per process (from
 ``wait4``), and for the overhead pair (40 studies, local vs queue with one
@@ -64,8 +66,10 @@ def _wait(process: subprocess.Popen) -> tuple[int, float]:
 
 
 def run_variant(root: Path, orthanc: OrthancServer, pg: PostgresServer, csv: Path, processes: int | None,
-                studies: int, name: str, polling_interval: float | None = None, repeat: int = 0) -> dict:  # fmt: skip
-    """``processes`` None: the local executor; else the queue with that many processes."""
+                studies: int, name: str, polling_interval: float | None = None, repeat: int = 0,
+                python: str = sys.executable) -> dict:  # fmt: skip
+    """``processes`` None: the local executor; else the queue with that many
+    processes. ``python``: the interpreter whose dqr runs (another checkout's)."""
     env = dict(os.environ)
     variant, name = name, f"{name}-r{repeat}"
     if processes is None:
@@ -76,7 +80,7 @@ def run_variant(root: Path, orthanc: OrthancServer, pg: PostgresServer, csv: Pat
             root / name, orthanc, {"type": "queue", "database_url_env": "DQR_BENCH_QUEUE_URL",
                                    **({"polling_interval": polling_interval} if polling_interval else {})}
         )
-    dqr = [sys.executable, "-m", "dqr"]
+    dqr = [python, "-m", "dqr"]
     quiet = {
         "stdin": subprocess.DEVNULL,
         "stdout": subprocess.DEVNULL,
@@ -109,7 +113,7 @@ def run_variant(root: Path, orthanc: OrthancServer, pg: PostgresServer, csv: Pat
               "cpu_s_run": run_cpu, "cpu_s_workers": worker_cpu, "instances_stored": stored,
               "loadavg_1min_before": round(load, 2)}  # fmt: skip
     if processes is not None:
-        result["steps"] = _steps(env["DQR_BENCH_QUEUE_URL"])
+        result["steps"], result["workflows"] = _steps(env["DQR_BENCH_QUEUE_URL"])
     return result
 
 
@@ -128,11 +132,18 @@ def _wait_for_node(url: str, count: int = 1, timeout: float = 120) -> None:
     time.sleep(0.5)  # the node's queue is registered just after its liveness lock
 
 
-def _steps(url: str) -> int:
+def _steps(url: str) -> tuple[int, int]:
+    """The job's steps (one per CSV row, study and follow-up) and the workflows
+    that ran them (query rows go in batches, one workflow each)."""
     import psycopg
 
     with psycopg.connect(url, autocommit=True) as conn:
-        return conn.execute("SELECT count(*) FROM dbos.workflow_status WHERE name = 'dqr-step'").fetchone()[0]
+        workflows, others = conn.execute(
+            "SELECT count(*), count(*) FILTER (WHERE workflow_uuid NOT LIKE '%/query-row/%') "
+            "FROM dbos.workflow_status WHERE name = 'dqr-step'"
+        ).fetchone()
+        (rows,) = conn.execute("SELECT count(*) FROM dqr.rows").fetchone()
+    return others + rows, workflows
 
 
 def main() -> None:
@@ -143,6 +154,8 @@ def main() -> None:
     parser.add_argument("--processes", type=int, nargs="*", default=[1, 2, 4])
     parser.add_argument("--polling-interval", type=float, help="the queue executor's polling_interval (default its own)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of every variant, interleaved (medians)")
+    parser.add_argument("--baseline-python", help="also run the overhead case's queue variant with this interpreter "
+                        "(another checkout's venv), interleaved: an A/B on the same machine state")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     results = []
@@ -170,10 +183,13 @@ def main() -> None:
                 plan += [(args.overhead_studies, None, f"local-{args.overhead_studies}"),
                          (args.overhead_studies, 1, f"queue1-{args.overhead_studies}")]  # fmt: skip
                 plan = list({name: (st, p, name) for st, p, name in plan}.values())
+                if args.baseline_python:
+                    plan.append((args.overhead_studies, 1, f"queue1-{args.overhead_studies}-baseline"))
             for repeat in range(args.repeat):
                 for studies, processes, name in plan:
+                    python = args.baseline_python if name.endswith("-baseline") else sys.executable
                     result = run_variant(root, orthanc, pg, csv_of(studies), processes, studies, name,
-                                         args.polling_interval, repeat)  # fmt: skip
+                                         args.polling_interval, repeat, python)  # fmt: skip
                     print(json.dumps(result), flush=True)
                     results.append(result)
     n = args.overhead_studies
@@ -185,6 +201,10 @@ def main() -> None:
         overhead = {"local_median_s": local, "queue1_median_s": queued, "runs": args.repeat,
                     "overhead_pct": round(100 * extra / local, 1),
                     "overhead_ms_per_step": round(1000 * extra / max(1, steps), 1)}  # fmt: skip
+        if args.baseline_python:
+            baseline = statistics.median(r["wall_s"] for r in results if r["variant"] == f"queue1-{n}-baseline")
+            overhead |= {"baseline_queue1_median_s": baseline,
+                         "baseline_overhead_pct": round(100 * (baseline - local) / local, 1)}  # fmt: skip
         print(json.dumps(overhead))
         results.append(overhead)
     if args.out:

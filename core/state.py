@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,11 @@ class JobState:
         with self._lock:
             return self._db.execute(sql, params).fetchall()
 
+    def _write(self, sql: str, params: tuple) -> None:
+        """One statement as a transaction of its own."""
+        with self.transaction() as db:
+            db.execute(sql, params)
+
     # -- job identity ------------------------------------------------------------
 
     def check_identity(self, identity: dict[str, str]) -> None:
@@ -248,11 +254,10 @@ class JobState:
     def record_row_failure(self, input_id: int, line: int, error: str, still_pending: bool = False) -> None:
         """Record why a row's query failed; ``still_pending`` leaves it to do
         (the source was unreachable: not the row's fault)."""
-        with self.transaction() as db:
-            db.execute(
-                "UPDATE rows SET status = ?, attempts = attempts + 1, error = ? WHERE input = ? AND line = ?",
-                (RowStatus.PENDING if still_pending else RowStatus.FAILED, error, input_id, line),
-            )
+        self._write(
+            "UPDATE rows SET status = ?, attempts = attempts + 1, error = ? WHERE input = ? AND line = ?",
+            (RowStatus.PENDING if still_pending else RowStatus.FAILED, error, input_id, line),
+        )
 
     def row_answers(self, input_id: int) -> list[RowAnswer]:
         """What each row of an input gave so far, in CSV order."""
@@ -312,11 +317,10 @@ class JobState:
             )
 
     def set_study_status(self, study_uid: str, status: StudyStatus, error: str | None = None) -> None:
-        with self.transaction() as db:
-            db.execute(
-                "UPDATE studies SET status = ?, error = ?, attempts = attempts + ?, updated = ? WHERE study_uid = ?",
-                (status, error, int(status == StudyStatus.FAILED), time.time(), study_uid),
-            )
+        self._write(
+            "UPDATE studies SET status = ?, error = ?, attempts = attempts + ?, updated = ? WHERE study_uid = ?",
+            (status, error, int(status == StudyStatus.FAILED), time.time(), study_uid),
+        )
 
     def study_status(self, study_uid: str) -> StudyStatus | None:
         found = self._query("SELECT status FROM studies WHERE study_uid = ?", study_uid)
@@ -345,24 +349,22 @@ class JobState:
         data = json.dumps({**asdict(series), "sop_class_uids": sorted(series.sop_class_uids),
                            "transfer_syntaxes": sorted(series.transfer_syntaxes), "instance_uids": None})
         status = SeriesStatus.PENDING if selected else SeriesStatus.EXCLUDED
-        with self.transaction() as db:
-            db.execute(
-                "INSERT INTO series (series_uid, study_uid, data, status, updated) VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (series_uid) DO UPDATE SET data = excluded.data, "
-                "status = CASE WHEN series.status IN (?, ?, ?) AND excluded.status = ? "
-                "THEN series.status ELSE excluded.status END",
-                (series.series_uid, series.study_uid, data, status, time.time(),
-                 SeriesStatus.STORED, SeriesStatus.RETRIEVING, SeriesStatus.FAILED, SeriesStatus.PENDING),
-            )
+        self._write(
+            "INSERT INTO series (series_uid, study_uid, data, status, updated) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (series_uid) DO UPDATE SET data = excluded.data, "
+            "status = CASE WHEN series.status IN (?, ?, ?) AND excluded.status = ? "
+            "THEN series.status ELSE excluded.status END",
+            (series.series_uid, series.study_uid, data, status, time.time(),
+             SeriesStatus.STORED, SeriesStatus.RETRIEVING, SeriesStatus.FAILED, SeriesStatus.PENDING),
+        )
 
     def set_series_status(
         self, series_uid: str, status: SeriesStatus, error: str | None = None, attempt: bool = False
     ) -> None:
-        with self.transaction() as db:
-            db.execute(
-                "UPDATE series SET status = ?, error = ?, attempts = attempts + ?, updated = ? WHERE series_uid = ?",
-                (status, error, int(attempt), time.time(), series_uid),
-            )
+        self._write(
+            "UPDATE series SET status = ?, error = ?, attempts = attempts + ?, updated = ? WHERE series_uid = ?",
+            (status, error, int(attempt), time.time(), series_uid),
+        )
 
     def record_expected(self, series_uid: str, instances: list[Instance]) -> None:
         with self.transaction() as db:
@@ -514,6 +516,7 @@ POSTGRES_SCHEMA = (
 POSTGRES_SCHEMA_NAME = "dqr"
 
 
+@lru_cache(maxsize=256)  # the same few dozen statements, thousands of times a job
 def _postgres_sql(sql: str) -> str:
     """One statement of :class:`JobState` in PostgreSQL's dialect."""
     sql = sql.replace("?", "%s").replace("ORDER BY rowid", "ORDER BY ord")
@@ -650,6 +653,56 @@ class PostgresJobState(JobState):
 
     def _query(self, sql: str, *params: Any) -> list[tuple]:
         return self._db.execute(sql, params).fetchall()
+
+    def _write(self, sql: str, params: tuple) -> None:
+        # In autocommit a statement is a transaction of its own: no BEGIN
+        # and COMMIT around it (two statements fewer for each status set).
+        self._db.execute(sql, params)
+
+    # The instances of a series go in as arrays, one statement for them all
+    # (an executemany sends one per instance). Same rows as the SQLite state's.
+
+    def record_expected(self, series_uid: str, instances: list[Instance]) -> None:
+        # both in one statement, a transaction by itself
+        self._write(
+            "WITH added AS (INSERT INTO instances (sop_uid, series_uid) SELECT u, ? FROM unnest(?::text[]) AS u "
+            "ON CONFLICT DO NOTHING) UPDATE series SET expected = ? WHERE series_uid = ?",
+            (series_uid, [i.sop_instance_uid for i in instances], len(instances), series_uid),
+        )
+
+    def mark_stored(self, series_uid: str, sop_uids: list[str], run: int | None = None,
+                    sizes: dict[str, int] | None = None, warnings: dict[str, str] | None = None) -> None:
+        if not sop_uids:
+            return
+        sizes = sizes or {}
+        warnings = warnings or {}
+        # once each: one statement may not update a row twice
+        sop_uids = list(dict.fromkeys(sop_uids))
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO instances (sop_uid, series_uid, stored, size, run, warning) "
+                "SELECT u, ?, 1, s, ?, w FROM unnest(?::text[], ?::integer[], ?::text[]) AS t (u, s, w) "
+                "ON CONFLICT (sop_uid) DO UPDATE SET stored = 1, size = excluded.size, run = excluded.run, "
+                "warning = excluded.warning WHERE instances.stored = 0",
+                (series_uid, run, sop_uids, [sizes.get(uid) for uid in sop_uids],
+                 [warnings.get(uid) for uid in sop_uids]),
+            )
+            db.execute(
+                "UPDATE series SET stored = (SELECT COUNT(*) FROM instances WHERE series_uid = ? AND stored = 1) "
+                "WHERE series_uid = ?",
+                (series_uid, series_uid),
+            )
+
+    def expected_instances(self, series_uid: str) -> list[str] | None:
+        # One statement, not two: called a few times a series by each step.
+        rows = self._query(
+            "SELECT s.expected, i.sop_uid FROM series s LEFT JOIN instances i ON i.series_uid = s.series_uid "
+            "WHERE s.series_uid = ?",
+            series_uid,
+        )
+        if not rows or rows[0][0] is None:
+            return None
+        return [uid for _, uid in rows if uid is not None]
 
     def close(self) -> None:
         with self._lock:
