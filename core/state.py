@@ -77,6 +77,14 @@ CREATE INDEX IF NOT EXISTS series_by_study ON series (study_uid);
 ADDED_COLUMNS = {"instances": {"size": "INTEGER", "run": "INTEGER", "warning": "TEXT"}}
 
 
+#: A series' count of stored instances, recounted from its instances
+#: (parameters: the series UID twice) after marks change.
+_RECOUNT_STORED = (
+    "UPDATE series SET stored = (SELECT COUNT(*) FROM instances WHERE series_uid = ? AND stored = 1) "
+    "WHERE series_uid = ?"
+)
+
+
 class StateMismatchError(InputError):
     """The state database belongs to a different project, source or archive."""
 
@@ -401,8 +409,7 @@ class JobState:
                 [(uid, series_uid, sizes.get(uid), run, warnings.get(uid)) for uid in sop_uids],
             )
             db.execute(
-                "UPDATE series SET stored = (SELECT COUNT(*) FROM instances WHERE series_uid = ? AND stored = 1) "
-                "WHERE series_uid = ?",
+                _RECOUNT_STORED,
                 (series_uid, series_uid),
             )
 
@@ -411,8 +418,7 @@ class JobState:
         with self.transaction() as db:
             db.executemany("UPDATE instances SET stored = 0 WHERE sop_uid = ?", [(uid,) for uid in sop_uids])
             db.execute(
-                "UPDATE series SET stored = (SELECT COUNT(*) FROM instances WHERE series_uid = ? AND stored = 1) "
-                "WHERE series_uid = ?",
+                _RECOUNT_STORED,
                 (series_uid, series_uid),
             )
 
@@ -688,8 +694,7 @@ class PostgresJobState(JobState):
                  [warnings.get(uid) for uid in sop_uids]),
             )
             db.execute(
-                "UPDATE series SET stored = (SELECT COUNT(*) FROM instances WHERE series_uid = ? AND stored = 1) "
-                "WHERE series_uid = ?",
+                _RECOUNT_STORED,
                 (series_uid, series_uid),
             )
 

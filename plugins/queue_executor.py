@@ -286,18 +286,16 @@ class Node:
         )
 
     def probe_done(self, prefix: str) -> list[str]:
-        """The finished workflows of a phase (the ids the driver enqueued)."""
-        with self._probe_lock:
-            rows = self._probe.execute(
-                "SELECT workflow_uuid FROM dbos.workflow_status WHERE workflow_uuid LIKE %s AND status = ANY(%s)",
-                (_like_prefix(prefix), list(_DONE)),
-            ).fetchall()
-        return [row[0] for row in rows]
+        """The ids of a phase's finished workflows (follow-ups included)."""
+        return self._probe_ids(prefix, "status = ANY(%s)")
 
     def probe_unfinished(self, prefix: str) -> list[str]:
+        return self._probe_ids(prefix, "NOT status = ANY(%s)")
+
+    def _probe_ids(self, prefix: str, status_is: str) -> list[str]:
         with self._probe_lock:
             rows = self._probe.execute(
-                "SELECT workflow_uuid FROM dbos.workflow_status WHERE workflow_uuid LIKE %s AND NOT status = ANY(%s)",
+                f"SELECT workflow_uuid FROM dbos.workflow_status WHERE workflow_uuid LIKE %s AND {status_is}",
                 (_like_prefix(prefix), list(_DONE)),
             ).fetchall()
         return [row[0] for row in rows]
