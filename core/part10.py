@@ -6,7 +6,8 @@ from __future__ import annotations
 
 #: Explicit-VR element headers with a 4-byte length (PS3.5 7.1.2).
 LONG_HEADER_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
-_LONG_HEADER_VR_BYTES = frozenset(vr.encode("ascii") for vr in LONG_HEADER_VRS)
+#: The same, as they appear in an element header.
+LONG_HEADER_VR_BYTES = frozenset(vr.encode("ascii") for vr in LONG_HEADER_VRS)
 #: File meta VRs whose value is text worth returning.
 _TEXT_VRS = frozenset({b"UI", b"AE", b"SH", b"CS"})
 PREAMBLE_LENGTH = 128
@@ -32,7 +33,7 @@ def read_file_meta(part10: bytes) -> tuple[dict[int, str], int]:
     while pos + 8 <= len(part10) and part10[pos : pos + 2] == b"\x02\x00":
         element = int.from_bytes(part10[pos + 2 : pos + 4], "little")
         vr = part10[pos + 4 : pos + 6]
-        if vr in _LONG_HEADER_VR_BYTES:
+        if vr in LONG_HEADER_VR_BYTES:
             length, start = int.from_bytes(part10[pos + 8 : pos + 12], "little"), pos + 12
         else:
             length, start = int.from_bytes(part10[pos + 6 : pos + 8], "little"), pos + 8

@@ -31,7 +31,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 from pydicom.valuerep import validate_value
 
 from dqr.model import Labels, ReceivedInstance, Series, Study
-from dqr.part10 import LONG_HEADER_VRS
+from dqr.part10 import LONG_HEADER_VR_BYTES, LONG_HEADER_VRS
 
 DEFLATED = "1.2.840.10008.1.2.1.99"
 IMPLICIT_LITTLE = "1.2.840.10008.1.2"
@@ -174,7 +174,6 @@ _ENCODED_VRS = frozenset(
         "OW", "PN", "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI", "UL", "UN", "UR", "US", "UT", "UV",
     )
 )
-_LONG_HEADER_BYTES = frozenset(vr.encode("ascii") for vr in LONG_HEADER_VRS)
 _UNDEFINED = 0xFFFFFFFF
 
 
@@ -206,7 +205,7 @@ def _walk(data: bytes, implicit: bool) -> tuple[dict, dict] | None:
             raw_vr = data[pos + 4 : pos + 6]
             if raw_vr not in _ENCODED_VRS:
                 return None
-            if raw_vr in _LONG_HEADER_BYTES:
+            if raw_vr in LONG_HEADER_VR_BYTES:
                 if pos + 12 > size:
                     return None
                 length = unpack("<I", data, pos + 8)[0]

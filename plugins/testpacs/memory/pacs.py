@@ -23,7 +23,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dqr.matching import matches_all
-from dqr.part10 import LONG_HEADER_VRS, dataset_offset, read_file_meta
+from dqr.part10 import LONG_HEADER_VR_BYTES, dataset_offset, read_file_meta
 from dqr.relabel import IMPLICIT_LITTLE, _plain
 
 STUDY_KEYWORDS = (
@@ -60,10 +60,20 @@ _INDEXED_TAGS = {keyword: tag_for_keyword(keyword) for keyword in STUDY_KEYWORDS
 _AS_STORED_VRS = frozenset({"AE", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UI", "UC", "UT"})
 
 
+def _as_stored(vr: str | None, raw: bytes) -> str | None:
+    """The text pydicom gives back for an element's value (padding already
+    stripped) when that is the value as stored: plain ASCII of a text VR, or
+    an IS of digits alone; ``None`` when pydicom would convert it."""
+    if raw[:1] == b" " or not _plain(raw):
+        return None
+    if vr == "IS":
+        return raw.decode("ascii") if raw.isdigit() or not raw else None
+    return raw.decode("ascii") if vr in _AS_STORED_VRS else None
+
+
 #: the indexed attributes by tag, with their dictionary VR (an implicit-VR file has none of its own)
 _INDEXED_BY_TAG = {tag: (keyword, dictionary_VR(tag)) for keyword, tag in _INDEXED_TAGS.items()}
 _LAST_INDEXED_TAG = max(_INDEXED_BY_TAG)
-_EXPLICIT_LONG = frozenset(vr.encode("ascii") for vr in LONG_HEADER_VRS)
 
 
 def _scan_plain(data: bytes, offset: int, implicit: bool) -> dict[str, str] | None:
@@ -91,7 +101,7 @@ def _scan_plain(data: bytes, offset: int, implicit: bool) -> dict[str, str] | No
             vr, start = None, pos + 8
         else:
             vr = data[pos + 4 : pos + 6]
-            if vr in _EXPLICIT_LONG:
+            if vr in LONG_HEADER_VR_BYTES:
                 length, start = unpack("<I", data, pos + 8)[0], pos + 12
             else:
                 length, start = unpack("<H", data, pos + 6)[0], pos + 8
@@ -102,15 +112,10 @@ def _scan_plain(data: bytes, offset: int, implicit: bool) -> dict[str, str] | No
             keyword, dictionary_vr = indexed
             if vr is not None and vr.decode("ascii", "replace") != dictionary_vr:
                 return None
-            raw = data[start : start + length].rstrip(b" \0")
-            if raw[:1] == b" " or not _plain(raw):
+            text = _as_stored(dictionary_vr, data[start : start + length].rstrip(b" \0"))
+            if text is None:
                 return None
-            if dictionary_vr == "IS":
-                if raw and not raw.isdigit():
-                    return None
-            elif dictionary_vr not in _AS_STORED_VRS:
-                return None
-            found[keyword] = raw.decode("ascii")
+            found[keyword] = text
         pos = start + length
     return found
 
@@ -140,13 +145,13 @@ def _index_part10(path: Path) -> tuple[dict[str, str], str] | None:
         attributes = {}
         for keyword, tag in _INDEXED_TAGS.items():
             element = dataset._dict.get(tag)
-            raw = element.value.rstrip(b" \0") if isinstance(element, RawDataElement) and element.value else None
             if element is None:
                 attributes[keyword] = ""
-            elif element.VR in _AS_STORED_VRS and raw is not None and _plain(raw) and raw[:1] != b" ":
-                attributes[keyword] = raw.decode("ascii")
-            else:
-                attributes[keyword] = _text(dataset, keyword)
+                continue
+            text = None
+            if isinstance(element, RawDataElement) and element.value:
+                text = _as_stored(element.VR, element.value.rstrip(b" \0"))
+            attributes[keyword] = _text(dataset, keyword) if text is None else text
         return attributes, transfer_syntax
     except Exception:  # noqa: BLE001 - anything unusual is pydicom's to read (or to refuse)
         return None
