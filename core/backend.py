@@ -146,13 +146,11 @@ class SeriesWriter(Protocol):
         ``replaced`` maps each keyword relabeling changed to its original
         value (kept as provenance). Thread-safe for one series.
 
-        A network destination starts sending now (C-STORE, answered while
-        the next instance is prepared) or adds the instance to the series'
-        batch (STOW-RS, sent when the batch is full). A refusal raises
-        :class:`dqr.errors.DestinationRefusedError` (``.failed`` names the
-        refused instances; those it acknowledged meanwhile are still
-        returned by the next :meth:`commit`) -- here, or, for an instance
-        whose answer comes later, at a later write or the commit.
+        A network destination sends now (C-STORE) or adds the instance to
+        the series' batch (STOW-RS, sent when the batch is full). A refusal
+        raises :class:`dqr.errors.DestinationRefusedError` (``.failed``
+        names the refused instances; those it acknowledged meanwhile are
+        still returned by the next :meth:`commit`).
         """
 
     #: Optional: SOP Instance UID -> the warning the destination stored it
@@ -167,9 +165,7 @@ class SeriesWriter(Protocol):
         Only acknowledged instances are ever returned. A refusal raises
         :class:`dqr.errors.DestinationRefusedError` whose ``.stored`` holds
         the UIDs acknowledged since the last commit (the engine must record
-        them) and ``.failed`` the refused ones with their reasons; a
-        destination found down raises :class:`dqr.errors.DestinationDownError`
-        with ``.stored`` likewise."""
+        them) and ``.failed`` the refused ones with their reasons."""
 
 
 class VerifyMode(StrEnum):

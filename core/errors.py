@@ -126,18 +126,6 @@ class SourceDownError(RemoteError):
     (finished work is kept; the next run resumes)."""
 
 
-class DestinationDownError(SourceDownError):
-    """The destination stayed unreachable through every cool-down: the job
-    stops (what it acknowledged is kept; the next run resumes). ``stored``
-    lists what it acknowledged since the series' last commit, as for
-    :class:`DestinationRefusedError` (a writer may learn of the outage
-    only at the commit)."""
-
-    def __init__(self, message: str, *, stored: list[str] | None = None, **kwargs) -> None:
-        super().__init__(message, **kwargs)
-        self.stored = list(stored or [])
-
-
 class Interrupted(RemoteError):
     """The job is stopping; the instance was not stored."""
 

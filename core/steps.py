@@ -43,7 +43,6 @@ from dqr.acceptance import accept_arrival
 from dqr.backend import SeriesWriter, VerifyMode, WholeStudyBackend
 from dqr.context import JobContext
 from dqr.errors import (
-    DestinationDownError,
     DestinationRefusedError,
     IncompleteRetrieveError,
     Interrupted,
@@ -241,7 +240,7 @@ def retrieve_series(ctx: JobContext, study: Study, series: Series, labels: Label
             try:
                 report = ctx.backend.retrieve(request, lambda received: store_instance(ctx, received, target))
             finally:
-                _commit_target(ctx, series, target)
+                _commit(ctx, series, writer, target.sizes)
         except SourceDownError:
             raise  # the source, or the destination, stayed unreachable: the job stops
         except RemoteError as error:
@@ -318,22 +317,10 @@ def _commit(ctx: JobContext, series: Series, writer: SeriesWriter, sizes: dict[s
     warnings = getattr(writer, "warnings", None)
     try:
         committed = writer.commit()
-    except (DestinationRefusedError, DestinationDownError) as error:
+    except DestinationRefusedError as error:
         ctx.state.mark_stored(series.series_uid, error.stored, run, sizes, warnings)
         raise
     ctx.state.mark_stored(series.series_uid, committed, run, sizes, warnings)
-
-
-def _commit_target(ctx: JobContext, series: Series, target: StoreTarget) -> None:
-    """:func:`_commit` after a retrieval: instances the destination refused
-    for good at the commit (a STOW-RS batch, a C-STORE answered after the
-    last write) fail the series like those refused at their write."""
-    try:
-        _commit(ctx, series, target.writer, target.sizes)
-    except DestinationRefusedError as error:
-        if error.retriable:
-            raise
-        target.errors.append(str(error))
 
 
 def _expected_instances(ctx: JobContext, study: Study, series: Series) -> list[str] | None:
@@ -511,7 +498,13 @@ def retrieve_whole_study(
         failure = error
     finally:
         for one in series:
-            _commit_target(ctx, one, targets[one.series_uid])
+            target = targets[one.series_uid]
+            try:
+                _commit(ctx, one, target.writer, target.sizes)
+            except DestinationRefusedError as error:  # refused for good at commit (a STOW batch)
+                if error.retriable:
+                    raise
+                target.errors.append(str(error))
     refused = {uid: target.errors[0] for uid, target in targets.items() if target.errors}
     if failure is not None and not refused:
         raise failure

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from dqr.backend import DestinationContext
-from dqr.errors import DestinationDownError
 from dqr.manifest import MANIFEST, ManifestAppender, append_records, held_instances
 from dqr.manifest import now as manifest_now
 from dqr.model import Labels, Series, Study
@@ -193,6 +192,11 @@ def record_missing(manifest: Path, destination: str, study: Study, series: Serie
 
 def session_manifest(root: Path, project: str, subject: str, session: str) -> Path:
     return root / project / subject / session / MANIFEST
+
+
+class DestinationDownError(SourceDownError):
+    """The destination stayed unreachable through every cool-down: the job
+    stops (what it acknowledged is kept; the next run resumes)."""
 
 
 class NetworkDestination:

@@ -22,14 +22,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 from dqr.backend import DestinationContext, VerifyMode
 from dqr.config import resolve_path
-from dqr.errors import DestinationDownError, DestinationRefusedError, RemoteError
+from dqr.errors import DestinationRefusedError, RemoteError
 from dqr.model import Series, Study
 from dqr.plugins.destinations import DimseDestinationConfig
 from dqr.plugins.destinations.common import (
@@ -301,7 +300,6 @@ class DimseDestination(NetworkDestination):
         self._commitment: Any = None
         self._sop_classes: dict[str, str] = {}
         self._lock = threading.Lock()
-        self._sender: ThreadPoolExecutor | None = None
 
     # -- the Destination protocol ----------------------------------------------------
 
@@ -346,23 +344,7 @@ class DimseDestination(NetworkDestination):
 
         self.pool.capped(ConnectionCap(cap("associations", self.config.limits.max_associations)))
 
-    def sender(self) -> ThreadPoolExecutor:
-        """The threads the series writers' C-STOREs run on (each writer has
-        at most one in flight; the pool bounds the associations)."""
-        with self._lock:
-            if self._sender is None:
-                # More threads than associations: a writer's C-STORE waiting
-                # for an association must not keep another's from running.
-                self._sender = ThreadPoolExecutor(
-                    max(8, 2 * self.config.limits.max_associations), thread_name_prefix="dqr-cstore"
-                )
-            return self._sender
-
     def close(self) -> None:
-        with self._lock:
-            sender, self._sender = self._sender, None
-        if sender is not None:
-            sender.shutdown(wait=True)
         self.pool.close()
         if self._commitment is not None:
             self._commitment.stop()
@@ -461,41 +443,9 @@ class DimseDestination(NetworkDestination):
 
 
 class DimseSeriesWriter(AcknowledgingWriter):
-    """Sends one series' instances as they come (a :class:`dqr.backend.SeriesWriter`).
-
-    One instance is in flight at a time: :meth:`write` hands the C-STORE to
-    the destination's sending threads and returns, so the next instance is
-    read, relabeled and encoded while the destination answers this one
-    (without that, every instance's preparation added to the destination's
-    latency: a strict ping-pong). Before the next C-STORE starts, the
-    previous one is settled. One in flight, not more, because DIMSE without
-    an asynchronous operations window answers one operation at a time per
-    association, and the pool's associations are shared by every series.
-
-    A refusal for good is kept and raised at :meth:`commit` (the other
-    instances go on, as a STOW-RS batch's do); anything else -- a refusal
-    that may pass later, the destination down -- is raised by the next
-    :meth:`write` (that instance is not sent) or by the commit.
-    """
-
-    def __init__(self, destination: DimseDestination, acknowledged) -> None:
-        super().__init__(destination, acknowledged)
-        self._lock = threading.Lock()
-        self._in_flight: Future | None = None
-        self._refused: dict[str, str] = {}
-        self._sent = 0
+    """Sends one series' instances as they come (a :class:`dqr.backend.SeriesWriter`)."""
 
     def write(self, sop_instance_uid: str, part10: bytes, replaced: dict[str, str]) -> None:
-        with self._lock:
-            error = self._settle()
-            if error is not None:
-                raise error
-            self._sent += 1
-            self._in_flight = self.destination.sender().submit(
-                self._send, sop_instance_uid, part10, replaced
-            )
-
-    def _send(self, sop_instance_uid: str, part10: bytes, replaced: dict[str, str]) -> None:
         warning = self.destination.store(part10)
         if warning:
             log.warning("%s stored %s with a warning: %s", self.destination.describe(), sop_instance_uid, warning)
@@ -503,39 +453,8 @@ class DimseSeriesWriter(AcknowledgingWriter):
             [(sop_instance_uid, len(part10), replaced)], {sop_instance_uid: warning} if warning else None
         )
 
-    def _settle(self) -> Exception | None:
-        """Wait for the instance in flight; the error to raise, if it failed
-        other than by a refusal for good (which is kept for the commit)."""
-        future, self._in_flight = self._in_flight, None
-        if future is None:
-            return None
-        error = future.exception()
-        if isinstance(error, DestinationRefusedError) and not error.retriable:
-            self._refused.update(error.failed)
-            return None
-        return error
-
     def commit(self) -> list[str]:
-        with self._lock:
-            error = self._settle()
-            refused, self._refused = self._refused, {}
-            sent, self._sent = self._sent, 0
-        taken = self.acknowledged.take()
-        if isinstance(error, (DestinationRefusedError, DestinationDownError)):
-            error.stored = taken
-            raise error
-        if error is not None:
-            raise DestinationRefusedError(
-                str(error), stored=taken, retriable=getattr(error, "retriable", False)
-            ) from error
-        if refused:
-            uid, reason = next(iter(refused.items()))
-            raise DestinationRefusedError(
-                f"{self.destination.describe()} refused {len(refused)} of {sent} instances (e.g. {uid}: {reason})",
-                stored=taken,
-                failed=refused,
-            )
-        return taken
+        return self.acknowledged.take()
 
 
 DimseDestination.writer = DimseSeriesWriter
