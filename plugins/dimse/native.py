@@ -81,6 +81,8 @@ MAX_PDU_RECEIVED = 128 * 1024
 
 # PDU types (PS3.8 9.3.1)
 ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ, P_DATA, RELEASE_RQ, RELEASE_RP, ABORT = range(1, 8)
+#: How long a release waits for its TCP connection to be closed, seconds.
+CLOSE_WAIT = 2.0
 #: A-ABORT sources in words (PS3.8 9.3.8).
 ABORT_SOURCES = {0: "the PACS (service user)", 1: "reserved", 2: "the PACS's DICOM stack (service provider)"}
 
@@ -691,6 +693,20 @@ class Association:
             link, kind, _ = item
             if link is self.link and kind in ("release-rp", "release-rq", "abort", "lost", "error"):
                 self.state = "released"
+                if kind != "lost":
+                    self._close_transport(min(deadline, time.monotonic() + CLOSE_WAIT))
+                return
+
+    def _close_transport(self, deadline: float) -> None:
+        """Close the TCP connection and wait until it is closed (PS3.8 AR-3:
+        the requestor closes it on the A-RELEASE-RP; the acceptor waits for
+        that). Only then is the association gone for the PACS: returning
+        earlier would hand its cluster slot to a peer process while the PACS
+        still counts this connection."""
+        event_loop().call(self.link.close)
+        while True:
+            item = self.inbox.get(max(0.0, deadline - time.monotonic()))
+            if item is None or (item[0] is self.link and item[1] == "lost"):
                 return
 
     def abort(self) -> None:
