@@ -698,11 +698,13 @@ class Association:
                 return
 
     def _close_transport(self, deadline: float) -> None:
-        """Close the TCP connection and wait until it is closed (PS3.8 AR-3:
-        the requestor closes it on the A-RELEASE-RP; the acceptor waits for
-        that). Only then is the association gone for the PACS: returning
-        earlier would hand its cluster slot to a peer process while the PACS
-        still counts this connection."""
+        """Wait until the TCP connection is closed (PS3.8 AR-3: the requestor
+        closes it on the A-RELEASE-RP). The loop thread closes it as it reads
+        the answer, but only after handing the answer over, and the socket
+        goes on its next turn: returning before that would hand the
+        association's cluster slot to a peer process while the PACS still
+        counts this connection (seen on a loaded machine, where the loop
+        thread waited for the GIL)."""
         event_loop().call(self.link.close)
         while True:
             item = self.inbox.get(max(0.0, deadline - time.monotonic()))
