@@ -70,6 +70,7 @@ CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY, started REAL NOT NULL, pid INTEGER NOT NULL, host TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS instances_by_series ON instances (series_uid, stored);
 CREATE INDEX IF NOT EXISTS series_by_study ON series (study_uid);
+CREATE INDEX IF NOT EXISTS instances_by_run ON instances (run, stored, size);
 """
 
 
@@ -433,8 +434,12 @@ class JobState:
         return [tuple(r) for r in self._query(sql + " AND run = ? ORDER BY series_uid, sop_uid", run)]
 
     def stored_by_run(self, run: int) -> tuple[int, int]:
-        """Instances a run stored, and their bytes."""
-        count, size = self._query("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM instances WHERE run = ?", run)[0]
+        """Instances a run stored (and still stored: not found missing by a
+        verification since), and their bytes. From the index on run alone:
+        the queue's driver asks several times a second."""
+        count, size = self._query(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM instances WHERE run = ? AND stored = 1", run
+        )[0]
         return int(count), int(size)
 
     def instance_count(self, series_uids: Iterable[str]) -> tuple[int, int]:

@@ -325,3 +325,13 @@ def test_verify_false_says_the_studies_were_not_verified_at_the_destination(ct_c
     result = dqr("run", "--config", ct_config(stow_to(server, limits=FAST, verify=False)))
     assert result.exit_code == 0
     assert "not verified at the destination (verify: false)" in result.stderr
+
+
+def test_an_instance_found_missing_by_verification_is_not_counted_as_stored_by_the_run(
+    ct_config, dqr, mock_stow_factory
+):
+    server = mock_stow_factory()
+    server.faults.lose = [ct_instances()[1]]
+    result = dqr("run", "--config", ct_config(stow_to(server, limits=FAST)), "--json")
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["instances_stored"] == len(ct_instances()) - 1
