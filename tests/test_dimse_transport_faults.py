@@ -83,10 +83,11 @@ def test_a_retrieval_longer_than_dimse_timeout_completes_while_instances_keep_co
     # dimse_timeout bounds the wait for each message, not the whole C-GET
     # (the native transport answers its C-STOREs and Pending responses on
     # the event loop: the timer must see them all the same)
-    backend = dimse_backend_factory(mock_dimse_pacs.port, dimse_timeout=0.5)
+    # (gaps of 0.6 s against 1.5 s: a loaded CI machine once stretched 0.2 s gaps past 0.5 s)
+    backend = dimse_backend_factory(mock_dimse_pacs.port, dimse_timeout=1.5)
     study = next(backend.query_studies(StudyQuery(1, {"PatientID": "PAT00000"})))
     series = next(backend.query_series(study))
-    mock_dimse_pacs.faults.delay = 0.2  # before each sub-operation: 3 instances, > 0.5 s in all
+    mock_dimse_pacs.faults.delay = 0.6  # before each sub-operation: 3 instances, > 1.5 s in all
     received = []
     backend.retrieve(RetrieveRequest(study, series), received.append)
     assert len(received) == 3
