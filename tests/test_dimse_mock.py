@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import socket
 import threading
 import time
 
@@ -559,6 +560,41 @@ def test_an_idle_association_is_closed_after_network_timeout(mock_dimse_pacs, di
     first_study(backend)
     assert mock_dimse_pacs.current_associations == 1  # pooled
     deadline = time.monotonic() + 5
+    while mock_dimse_pacs.current_associations and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert mock_dimse_pacs.current_associations == 0
+
+
+def association_request_pdu(called_aet: str) -> bytes:
+    """An A-ASSOCIATE-RQ proposing Verification, as bytes on the wire."""
+    from pynetdicom import build_context
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+    from pynetdicom.sop_class import Verification
+
+    request = A_ASSOCIATE()
+    request.application_context_name = "1.2.840.10008.3.1.1.1"
+    request.calling_ae_title = "DQR"
+    request.called_ae_title = called_aet
+    context = build_context(Verification)
+    context.context_id = 1
+    request.presentation_context_definition_list = [context]
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = 16384
+    request.user_information = [max_length]
+    return A_ASSOCIATE_RQ(request).encode()
+
+
+def test_a_client_gone_right_after_its_association_request_is_not_counted_as_open(mock_dimse_pacs):
+    # A dqr killed (or timing out) just after it asked: the mock's reader
+    # thread may see the close before its association thread reads the
+    # request. Counted then, it stayed open for ever and every later
+    # limits test on the shared server saw one association too many.
+    request = association_request_pdu(mock_dimse_pacs.aet)
+    for _ in range(30):  # about a quarter of them lost the race before the fix
+        with socket.create_connection(("127.0.0.1", mock_dimse_pacs.port)) as client:
+            client.sendall(request)
+    deadline = time.monotonic() + 10
     while mock_dimse_pacs.current_associations and time.monotonic() < deadline:
         time.sleep(0.05)
     assert mock_dimse_pacs.current_associations == 0

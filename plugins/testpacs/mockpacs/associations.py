@@ -10,6 +10,10 @@ from typing import Any
 #: A-ASSOCIATE-RJ (result, source, reason): transient, local limit exceeded
 LIMIT_EXCEEDED = (2, 3, 2)
 
+#: marks an association whose connection closed (EVT_CONN_CLOSE), on the
+#: association object itself: ids are reused once an association is freed
+_CLOSED = "_mock_connection_closed"
+
 
 class CountedAssociations:
     """A base for a mock SCP with ``faults.max_associations``; its handlers
@@ -38,6 +42,12 @@ class CountedAssociations:
 
     def _on_requested(self, event: Any) -> None:
         with self._lock:
+            if getattr(event.assoc, _CLOSED, False):
+                # pynetdicom's reader thread saw the connection close before
+                # the association thread got to the A-ASSOCIATE-RQ (a client
+                # killed or timing out right after sending it): counting it
+                # now would count it for ever
+                return
             reject = self._reject_for(len(self._active))
             if reject is None:
                 self._active.add(id(event.assoc))
@@ -50,4 +60,5 @@ class CountedAssociations:
 
     def _on_closed(self, event: Any) -> None:
         with self._lock:
+            setattr(event.assoc, _CLOSED, True)
             self._active.discard(id(event.assoc))
