@@ -62,8 +62,13 @@ log = logging.getLogger("dqr.queue")
 
 #: How often a node looks for peers that died with steps in hand, seconds.
 RECOVERY_INTERVAL = 1.0
-#: How often the driver reads the whole job's progress, seconds.
+#: How often the driver reads the whole job's progress, seconds, at most...
 PROGRESS_INTERVAL = 0.1
+#: ...and the largest share of its time those reads may take: each counts a
+#: whole phase's workflows and the run's stored instances, which on a
+#: 100,000-study job are hundreds of thousands of rows, so a read that took
+#: long spaces the next one out instead of keeping a core (and PostgreSQL) busy.
+PROGRESS_SHARE = 0.05
 WORKFLOW_NAME = "dqr-step"
 #: The application name of each node's liveness connection (counted by --new-job).
 LIVENESS_APPLICATION = "dqr-liveness"
@@ -264,41 +269,18 @@ class Node:
     # -- reading the cluster's progress -----------------------------------------
 
     def probe_counts(self, prefix: str) -> PhaseCounts:
-        """The workflows of a phase (ids starting with ``prefix``): how many
-        the driver enqueued are finished, how many follow-ups they enqueued
-        and how many of those are finished, and the first error."""
-        pattern = _like_prefix(prefix)
+        """The workflows of a phase (ids starting with ``prefix``): see :func:`phase_counts`."""
         with self._probe_lock:
-            row = self._probe.execute(
-                "SELECT count(*) FILTER (WHERE status = ANY(%(done)s) AND NOT follow_up),"
-                " count(*) FILTER (WHERE follow_up),"
-                " count(*) FILTER (WHERE status = ANY(%(done)s) AND follow_up),"
-                " count(*) FILTER (WHERE NOT status = ANY(%(done)s)),"
-                " min(error) FILTER (WHERE status = 'ERROR')"
-                " FROM (SELECT status, error, strpos(substr(workflow_uuid, %(after)s), '/') > 0 AS follow_up"
-                "       FROM dbos.workflow_status WHERE workflow_uuid LIKE %(pattern)s) AS phase",
-                {"done": list(_DONE), "after": len(prefix) + 1, "pattern": pattern},
-            ).fetchone()
-        done, follow_ups, follow_ups_done, unfinished, error = row
-        return PhaseCounts(
-            int(done), int(follow_ups), int(follow_ups_done), int(unfinished),
-            mask_url(str(error))[:500] if error else None,
-        )
+            return phase_counts(self._probe, prefix)
 
     def probe_done(self, prefix: str) -> list[str]:
         """The ids of a phase's finished workflows (follow-ups included)."""
-        return self._probe_ids(prefix, "status = ANY(%s)")
+        with self._probe_lock:
+            return phase_ids(self._probe, prefix, done=True)
 
     def probe_unfinished(self, prefix: str) -> list[str]:
-        return self._probe_ids(prefix, "NOT status = ANY(%s)")
-
-    def _probe_ids(self, prefix: str, status_is: str) -> list[str]:
         with self._probe_lock:
-            rows = self._probe.execute(
-                f"SELECT workflow_uuid FROM dbos.workflow_status WHERE workflow_uuid LIKE %s AND {status_is}",
-                (_like_prefix(prefix), list(_DONE)),
-            ).fetchall()
-        return [row[0] for row in rows]
+            return phase_ids(self._probe, prefix, done=False)
 
     # -- running a step --------------------------------------------------------
 
@@ -548,6 +530,7 @@ class QueueExecutor:
         batched = any(size > 1 for size in sizes.values())
         stored = ctx.state.stored_by_run(ctx.run_id)[0]
         while True:
+            polled = time.monotonic()
             counts = here.probe_counts(prefix)
             if counts.done > reported:
                 if phase is not None:
@@ -571,13 +554,18 @@ class QueueExecutor:
                 raise RuntimeError(f"a {kind} step failed in a worker: {counts.error}")
             if counts.done >= len(sizes) and not counts.unfinished:
                 return
-            if stop.wait(PROGRESS_INTERVAL):
+            if stop.wait(progress_interval(time.monotonic() - polled)):
                 # Interrupted: what is still queued is not started anywhere,
                 # and this process's running steps stop at their next instance.
                 for workflow_id in here.probe_unfinished(prefix):
                     DBOS.cancel_workflow(workflow_id)
                 here.stop_borrowed()
                 return
+
+
+def progress_interval(took: float) -> float:
+    """Seconds to wait after a progress read that took ``took`` seconds."""
+    return max(PROGRESS_INTERVAL, took * (1 - PROGRESS_SHARE) / PROGRESS_SHARE)
 
 
 @dataclass(frozen=True)
@@ -589,6 +577,37 @@ class PhaseCounts:
     follow_ups_done: int
     unfinished: int
     error: str | None
+
+
+def phase_counts(conn, prefix: str) -> PhaseCounts:
+    """The workflows of a phase (ids starting with ``prefix``), read on
+    ``conn``: how many the driver enqueued are finished, how many follow-ups
+    they enqueued and how many of those are finished, and the first error."""
+    row = conn.execute(
+        "SELECT count(*) FILTER (WHERE status = ANY(%(done)s) AND NOT follow_up),"
+        " count(*) FILTER (WHERE follow_up),"
+        " count(*) FILTER (WHERE status = ANY(%(done)s) AND follow_up),"
+        " count(*) FILTER (WHERE NOT status = ANY(%(done)s)),"
+        " min(error) FILTER (WHERE status = 'ERROR')"
+        " FROM (SELECT status, error, strpos(substr(workflow_uuid, %(after)s), '/') > 0 AS follow_up"
+        "       FROM dbos.workflow_status WHERE workflow_uuid LIKE %(pattern)s) AS phase",
+        {"done": list(_DONE), "after": len(prefix) + 1, "pattern": _like_prefix(prefix)},
+    ).fetchone()
+    done, follow_ups, follow_ups_done, unfinished, error = row
+    return PhaseCounts(
+        int(done), int(follow_ups), int(follow_ups_done), int(unfinished),
+        mask_url(str(error))[:500] if error else None,
+    )
+
+
+def phase_ids(conn, prefix: str, *, done: bool) -> list[str]:
+    """The ids of a phase's finished (or unfinished) workflows, read on ``conn``."""
+    status_is = "status = ANY(%s)" if done else "NOT status = ANY(%s)"
+    rows = conn.execute(
+        f"SELECT workflow_uuid FROM dbos.workflow_status WHERE workflow_uuid LIKE %s AND {status_is}",
+        (_like_prefix(prefix), list(_DONE)),
+    ).fetchall()
+    return [row[0] for row in rows]
 
 
 def _batches(keys: Sequence[Any], workers: int) -> list[dict[str, list[Any]]]:

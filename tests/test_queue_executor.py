@@ -185,6 +185,17 @@ def test_worker_stops_cleanly_on_sigterm(tmp_path: Path, postgres_url: str) -> N
     assert time.monotonic() - sent < 10
 
 
+@pytest.mark.parametrize(("took", "waits"), [(0.0, 0.1), (0.004, 0.1), (0.05, 0.95), (1.0, 19.0)])
+def test_the_drivers_progress_reads_take_at_most_a_twentieth_of_its_time(took, waits) -> None:
+    # On a 100,000-study job each read counts hundreds of thousands of rows
+    # (the phase's workflows, the run's stored instances): a read that took
+    # long spaces the next one out; a quick one still comes every 0.1 s.
+    from dqr.plugins.queue_executor import progress_interval
+
+    assert progress_interval(took) == pytest.approx(waits)
+    assert took <= 0.05 * (took + progress_interval(took)) + 1e-12
+
+
 def _wait(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
