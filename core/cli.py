@@ -444,7 +444,7 @@ def _print_plan(table, table_path: Path | None) -> None:
     instances = "?" if table.expected_instances is None else str(table.expected_instances)
     err.print(
         f"[bold]{table.rows}[/] rows → [bold]{len(table.selected)}[/] studies selected "
-        f"({series} series, {instances} instances expected)",
+        f"({series} series, {instances} instances on the PACS)",
         highlight=False,
     )
     without = table.rows_with(RowOutcome.NO_MATCH)
@@ -501,7 +501,8 @@ def _finish(loaded, summary, table, csv_path: Path | None, json_summary: bool) -
         f"[bold]{summary.studies_stored}[/] studies stored ({summary.instances_stored} instances, "
         f"{summary.bytes_stored / 1e6:.1f} MB) in {summary.seconds:.1f} s"
         + (f"; {summary.studies_already_stored} already stored" if summary.studies_already_stored else "")
-        + (f"; {summary.studies_nothing_selected} with no series selected" if summary.studies_nothing_selected else ""),
+        + (f"; {summary.studies_nothing_selected} with no series selected" if summary.studies_nothing_selected else "")
+        + (f"; {summary.series_excluded} series left out by the series filter" if summary.series_excluded else ""),
         highlight=False,
     )
     if summary.studies_unverified:

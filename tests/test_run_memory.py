@@ -91,6 +91,16 @@ def test_series_are_chosen_by_description_globs_from_the_config(site, write_csv,
     assert {pydicom.dcmread(p).SeriesDescription for p in archive_files(tmp_path / "archive")} == {"Axial 5mm"}
 
 
+def test_the_summary_says_how_many_series_the_filter_left_out(site, write_csv, dqr):
+    # The plan counts what the PACS holds; without this line a user reads
+    # fewer instances stored than announced as instances lost.
+    config = site(csv=str(write_csv(f"Accession Number\n{CT_STUDY}\n")), series={"exclude": ["LOCALIZER"]})
+    result = dqr("run", "--config", config)
+    assert "1 studies selected (2 series, 6 instances on the PACS)" in result.output
+    assert "1 studies stored (3 instances, " in result.output
+    assert "; 1 series left out by the series filter" in result.output
+
+
 def test_series_include_on_the_command_line(site, write_csv, dqr, tmp_path):
     config = site(csv=str(write_csv(f"Accession Number\n{MR_STUDY}\n")))
     dqr("run", "--config", config, "--include", "t? *")
