@@ -81,7 +81,7 @@ MAX_PDU_RECEIVED = 128 * 1024
 
 # PDU types (PS3.8 9.3.1)
 ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ, P_DATA, RELEASE_RQ, RELEASE_RP, ABORT = range(1, 8)
-#: How long a release waits for its TCP connection to be closed, seconds.
+#: How long a release or an abort waits for its TCP connection to be closed, seconds.
 CLOSE_WAIT = 2.0
 #: A-ABORT sources in words (PS3.8 9.3.8).
 ABORT_SOURCES = {0: "the PACS (service user)", 1: "reserved", 2: "the PACS's DICOM stack (service provider)"}
@@ -261,6 +261,10 @@ class Link(asyncio.Protocol):
     def __init__(self, deliver: Callable[[Link, str, Any], None]) -> None:
         self.deliver = deliver
         self.transport: asyncio.Transport | None = None
+        #: Set once the connection is closed (``connection_lost``): what a
+        #: release or an abort waits for, from any thread, without reading
+        #: the inbox another thread may be waiting on.
+        self.gone = threading.Event()
         #: The start of a PDU not yet complete (bytes of the last reads).
         self._partial = b""
         #: The message being reassembled: its command and data set fragments
@@ -317,6 +321,7 @@ class Link(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         was_closed, self.closed = self.closed, True
+        self.gone.set()
         self.deliver(self, "lost", (was_closed, exc))
 
     # P-DATA: DIMSE messages in fragments (PS3.8 9.3.5, E.2) ---------------------
@@ -706,15 +711,20 @@ class Association:
         counts this connection (seen on a loaded machine, where the loop
         thread waited for the GIL)."""
         event_loop().call(self.link.close)
-        while True:
-            item = self.inbox.get(max(0.0, deadline - time.monotonic()))
-            if item is None or (item[0] is self.link and item[1] == "lost"):
-                return
+        self._wait_closed(deadline)
 
     def abort(self) -> None:
+        """A-ABORT and close, waiting (at most CLOSE_WAIT) until the
+        connection is closed, as pynetdicom's abort does: the cluster slot
+        handed back next must not still be counted by the PACS."""
         if self.state == "established":
             self.state = "killed"
         event_loop().call(self.link.abort)
+        self._wait_closed(time.monotonic() + CLOSE_WAIT)
+
+    def _wait_closed(self, deadline: float) -> None:
+        if threading.current_thread() is not event_loop().thread:  # the loop closes it: never block the loop
+            self.link.gone.wait(max(0.0, deadline - time.monotonic()))
 
     # internals ------------------------------------------------------------
     def _context_id(self, abstract_syntax: str) -> int:
