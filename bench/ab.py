@@ -24,7 +24,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.cases import Variant, cstore_case, dimse_source, labelled_csv, site_yaml
+from bench.cases import (
+    Variant,
+    cstore_case,
+    dimse_source,
+    labelled_csv,
+    site_yaml,
+    stop_destination_orthanc,
+)
 from bench.setup import CALLED_AET, CALLING_AET, FULL, Sizes, byte_compile, start_world
 
 
@@ -63,10 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, values in times.items():
             print(f"{name}: median {statistics.median(values):.2f} s ({', '.join(f'{v:.2f}' for v in values)})")
     finally:
-        from bench.cases import _destination
-
-        if "server" in _destination:
-            _destination.pop("server").stop()
+        stop_destination_orthanc()
         world.orthanc.stop()
         shutil.rmtree(root, ignore_errors=True)
     return 0
@@ -117,8 +121,8 @@ def _cget(world, root: Path) -> tuple[Variant, Variant]:
 
 
 def _cstore(world, root: Path) -> tuple[Variant, Variant]:
-    variants = cstore_case(world)
-    return variants[-1], variants[0]  # storescu +sd; dqr memory -> C-STORE, not verified
+    by_name = {variant.name: variant for variant in cstore_case(world)}
+    return by_name["storescu +sd"], by_name["dqr run memory->C-STORE"]  # not verified
 
 
 if __name__ == "__main__":

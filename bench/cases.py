@@ -396,6 +396,12 @@ def destination_orthanc(world: World):
     return _destination["server"]
 
 
+def stop_destination_orthanc() -> None:
+    """Stop the forwarding cases' destination Orthanc now, if one was started."""
+    if "server" in _destination:
+        _destination.pop("server").stop()
+
+
 def _emptied(server) -> None:
     """Every run starts from an empty destination (outside the measured time)."""
     for patient in server.session.get(server.http_url + "/patients", timeout=60).json():

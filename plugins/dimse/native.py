@@ -698,8 +698,7 @@ class Association:
             link, kind, _ = item
             if link is self.link and kind in ("release-rp", "release-rq", "abort", "lost", "error"):
                 self.state = "released"
-                if kind != "lost":
-                    self._close_transport(min(deadline, time.monotonic() + CLOSE_WAIT))
+                self._close_transport(min(deadline, time.monotonic() + CLOSE_WAIT))  # at once if already lost
                 return
 
     def _close_transport(self, deadline: float) -> None:
