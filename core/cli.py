@@ -769,6 +769,9 @@ def _register_plugin_commands() -> None:
 
 def main() -> None:
     """Entry point of the ``dqr`` script."""
+    from dqr.allocator import keep_freed_buffers
+
+    keep_freed_buffers()
     try:
         app()
     except SystemExit as done:
