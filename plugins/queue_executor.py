@@ -39,6 +39,7 @@ error passes through :func:`dqr.cluster_limits.mask_url`.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -215,6 +216,9 @@ class Node:
             limits = self.config.limits_for(source, {})
             _register_queue(queue_name(source), limits.max_retrievals, self.config, on_conflict="never_update")
         threading.Thread(target=self._recover_dead_peers, name="dqr-recovery", daemon=True).start()
+        # Closed when the process ends, however it ends (dqr's CLI leaves
+        # without the interpreter's teardown, but runs the exit functions).
+        atexit.register(self.close)
         log.info("queue node %s started", self.executor_id)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -682,25 +686,6 @@ def set_job_aside(config: LoadedConfig, url: str) -> None:
             aside,
             len(unfinished),
         )
-
-
-def leave_now(code: int | str | None) -> None:
-    """End a process whose command has finished (``dqr run``'s summary is
-    out, every step's outcome committed) without the interpreter's teardown,
-    which waits on DBOS's threads for a second or two. Returns if this
-    process never started a node."""
-    if _node is None:
-        return
-    import sys
-
-    _node.close()
-    logging.shutdown()
-    if isinstance(code, str):
-        print(code, file=sys.stderr)
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code or 0)
 
 
 def run_worker(config: LoadedConfig, stop: threading.Event) -> Node:

@@ -1,7 +1,8 @@
-"""`dqr run` reuses the memory of the instances it has stored for the next
-ones (dqr.allocator): a C-GET of large instances does not fault in fresh
-pages for each of them, as glibc's default trimming made it do (four page
-faults for every page stored, a fifth of the run's time)."""
+"""The `dqr` process itself: it reuses the memory of the instances it has
+stored for the next ones (dqr.allocator) -- a C-GET of large instances does
+not fault in fresh pages for each of them, as glibc's default trimming made
+it do (four page faults for every page stored, a fifth of the run's time) --
+and it ends without the interpreter's teardown, but with its exit functions."""
 
 from __future__ import annotations
 
@@ -45,3 +46,37 @@ def test_a_c_get_of_large_instances_faults_in_fewer_pages_than_it_stores(site, w
     stored_pages = sum(p.stat().st_size for p in (tmp_path / "archive").rglob("*.dcm")) // PAGE
     assert stored_pages > 5000
     assert storing - starting < stored_pages / 2
+
+
+#: A program that imports dqr's entry point with an exit function and an
+#: object whose finalizer runs only if the interpreter tears its modules down.
+ENDING = """
+import atexit, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+
+
+class TornDown:
+    def __del__(self):
+        (out / "torn-down").write_text("the interpreter tore the modules down")
+
+
+kept = TornDown()
+atexit.register(lambda: (out / "exit-function").write_text("run"))
+sys.argv = ["dqr", *sys.argv[2:]]
+from dqr.cli import main
+
+main()
+"""
+
+
+def test_the_process_ends_with_its_exit_functions_and_code_but_no_teardown(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", ENDING, str(tmp_path), "validate", "--config", str(tmp_path / "missing.yaml")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2
+    assert "Error" in done.stderr  # click refuses a --config that does not exist
+    assert (tmp_path / "exit-function").read_text() == "run"
+    assert not (tmp_path / "torn-down").exists()
