@@ -301,15 +301,19 @@ def encode_part10(decoded: DecodedInstance, received: ReceivedInstance) -> bytes
     if received.transfer_syntax == DEFLATED or not decoded.spans:
         return _encode_whole(decoded.dataset, received)
     meta = file_meta_bytes(received.sop_class_uid, received.sop_instance_uid, received.transfer_syntax)
-    return PREAMBLE + meta + _splice(decoded, received)
+    return _splice(decoded, received, PREAMBLE + meta)
 
 
-def _splice(decoded: DecodedInstance, received: ReceivedInstance) -> bytes:
-    dataset, source, spans, originals = decoded.dataset, decoded.source, decoded.spans, decoded.originals
+def _splice(decoded: DecodedInstance, received: ReceivedInstance, head: bytes) -> bytes:
+    """``head`` and the dataset, joined once: unchanged elements are taken
+    from the received bytes through a view, not copied out first (the pixel
+    data of a large instance was copied three times on its way to the file)."""
+    dataset, spans, originals = decoded.dataset, decoded.spans, decoded.originals
+    source = memoryview(decoded.source)
     implicit = received.transfer_syntax == IMPLICIT_LITTLE
     little = received.transfer_syntax != EXPLICIT_BIG
     encodings = None
-    parts: list[bytes] = []
+    parts: list[bytes | memoryview] = [head]
     for tag, element in sorted(dataset._dict.items(), key=_tag_order):
         if element is originals.get(tag):
             span = spans.get(tag)
