@@ -94,8 +94,9 @@ _RETRIEVING = ("retrieve-series", "retrieve-study", "fetch-study")
 #: A batch's rows run one after the other; a recovered batch reruns them all
 #: (a row's step is idempotent).
 _BATCHED = ("query-row",)
-#: Batches per worker of a phase, so that the work still spreads over processes.
-BATCHES_PER_WORKER = 4
+#: Steps in one batch at most: the driver's progress advances by whole
+#: batches, and a recovered batch reruns its rows.
+MAX_BATCH = 500
 _DONE = ("SUCCESS", "ERROR", "CANCELLED", "MAX_RECOVERY_ATTEMPTS_EXCEEDED")
 
 
@@ -281,6 +282,11 @@ class Node:
         """The ids of a phase's finished workflows (follow-ups included)."""
         with self._probe_lock:
             return phase_ids(self._probe, prefix, done=True)
+
+    def live_nodes(self) -> int:
+        """How many dqr processes are members of the cluster now (this one included)."""
+        with self._probe_lock:
+            return live_nodes(self._probe)
 
     def probe_unfinished(self, prefix: str) -> list[str]:
         with self._probe_lock:
@@ -514,7 +520,8 @@ class QueueExecutor:
         workflow = _register_workflow()
         # workflow id -> the steps it runs (a batch is named by its first key)
         sizes = {}
-        for key in _batches(keys, workers) if kind in _BATCHED else keys:
+        batches = _batches(keys, workers * here.live_nodes()) if kind in _BATCHED else keys
+        for key in batches:
             workflow_id = prefix + json.dumps(key["batch"][0] if isinstance(key, dict) else key)
             with SetWorkflowID(workflow_id):
                 DBOS.enqueue_workflow(name, workflow, kind, key, options, ctx.run_id)
@@ -614,10 +621,14 @@ def phase_ids(conn, prefix: str, *, done: bool) -> list[str]:
     return [row[0] for row in rows]
 
 
-def _batches(keys: Sequence[Any], workers: int) -> list[dict[str, list[Any]]]:
-    """``keys`` in :data:`BATCHES_PER_WORKER` batches per worker (or one key
-    each, when fewer), in order."""
-    size = max(1, math.ceil(len(keys) / (BATCHES_PER_WORKER * workers)))
+def _batches(keys: Sequence[Any], slots: int) -> list[dict[str, list[Any]]]:
+    """``keys`` in order, in one batch per slot the cluster has for the
+    phase (its ``workers`` on each live process), of at most
+    :data:`MAX_BATCH` keys. Not more batches than that: a queue hands out
+    at most the phase's ``workers`` a poll, so each further round waits for
+    a poll -- 40 rows in 16 batches took four polls, 0.55 s; in 4 batches
+    0.31 s (one process). Not fewer: the rows spread over the processes."""
+    size = min(MAX_BATCH, max(1, math.ceil(len(keys) / max(1, slots))))
     return [{"batch": list(keys[start : start + size])} for start in range(0, len(keys), size)]
 
 

@@ -196,6 +196,21 @@ def test_the_drivers_progress_reads_take_at_most_a_twentieth_of_its_time(took, w
     assert took <= 0.05 * (took + progress_interval(took)) + 1e-12
 
 
+@pytest.mark.parametrize(
+    ("rows", "slots", "sizes"),
+    [(40, 4, [10] * 4), (40, 12, [4] * 10), (3, 4, [1] * 3), (100_000, 4, [500] * 200)],
+)
+def test_query_rows_go_in_one_batch_per_slot_of_the_cluster_of_at_most_500(rows, slots, sizes) -> None:
+    # A queue hands out at most the phase's workers a poll: each batch past
+    # one per slot costs a poll interval; a batch is at most 500 rows so that
+    # the progress and a recovered batch stay small.
+    from dqr.plugins.queue_executor import _batches
+
+    batches = _batches(list(range(rows)), slots)
+    assert [len(batch["batch"]) for batch in batches] == sizes
+    assert [key for batch in batches for key in batch["batch"]] == list(range(rows))
+
+
 def _wait(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
