@@ -51,7 +51,6 @@ from dqr.errors import (
 )
 from dqr.matching import matches
 from dqr.model import (
-    Instance,
     Labels,
     ReceivedInstance,
     RetrieveRequest,
@@ -159,10 +158,7 @@ def list_study(ctx: JobContext, study: Study) -> list[tuple[Series, SeriesStatus
     first time, re-applying the filter later: it may have changed)."""
     state = ctx.state
     if not state.known_series(study.study_uid):
-        for series, selected in series_of(ctx, study):
-            state.record_series(series, selected)
-            if selected and series.instance_uids is not None:  # saves an image-level query per series
-                state.record_expected(series.series_uid, [Instance(series.series_uid, uid) for uid in series.instance_uids])
+        state.record_listing(series_of(ctx, study))
     else:
         for series, status in state.known_series(study.study_uid):
             if status in (SeriesStatus.PENDING, SeriesStatus.EXCLUDED):
