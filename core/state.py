@@ -380,12 +380,13 @@ class JobState:
         must leave all or none: with some, the resumed study failed for ever
         as "incomplete"."""
         with self.transaction():
-            for series, selected in listing:
-                self.record_series(series, selected)
-                if selected and series.instance_uids is not None:  # saves an image-level query per series
-                    self.record_expected(
-                        series.series_uid, [Instance(series.series_uid, uid) for uid in series.instance_uids]
-                    )
+            self._record_each(listing)
+
+    def _record_each(self, listing: list[tuple[Series, bool]]) -> None:
+        for series, selected in listing:
+            self.record_series(series, selected)
+            if selected and series.instance_uids is not None:  # saves an image-level query per series
+                self.record_expected(series.series_uid, [Instance(series.series_uid, uid) for uid in series.instance_uids])
 
     def set_series_status(
         self, series_uid: str, status: SeriesStatus, error: str | None = None, attempt: bool = False
@@ -689,10 +690,7 @@ class PostgresJobState(JobState):
         run killed while recording a study's series can leave some of them
         (the study then fails as incomplete on every later run: see
         docs/scale-out.md)."""
-        for series, selected in listing:
-            self.record_series(series, selected)
-            if selected and series.instance_uids is not None:
-                self.record_expected(series.series_uid, [Instance(series.series_uid, uid) for uid in series.instance_uids])
+        self._record_each(listing)
 
     def _query(self, sql: str, *params: Any) -> list[tuple]:
         return self._db.execute(sql, params).fetchall()
