@@ -653,12 +653,10 @@ def worker(config: ConfigOption) -> None:
     here = run_worker(loaded, stop)
     err.print(f"worker stopped after {here.steps_run} steps", highlight=False)
     # Abandoned steps hold threads that never return (their workflows stay
-    # PENDING for a peer): leave without waiting for them.
+    # PENDING for a peer): leave without waiting for them (the node closes
+    # with the exit functions).
     here.close_contexts()
-    here.close()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(EXIT_INTERRUPTED if signal.SIGINT in received else EXIT_OK)
+    _leave(EXIT_INTERRUPTED if signal.SIGINT in received else EXIT_OK)
 
 
 # -- checks and information ------------------------------------------------------

@@ -18,12 +18,11 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 LARGE = CohortSpec(patients=1, studies_per_patient=1, instances_per_series=24, rows=512, columns=512, seed=5)
 
 
-def page_faults_of_dqr(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> int:
+def page_faults_of_dqr(args: list[str], cwd: Path) -> int:
     """The minor page faults of one ``dqr`` process run to its end (exit 0)."""
     with open(cwd / "dqr-stderr.txt", "w+b") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-m", "dqr", *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=stderr,
-            env={**os.environ, **(env or {})},
+            [sys.executable, "-m", "dqr", *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=stderr
         )
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
