@@ -16,8 +16,6 @@ from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from typing import Any, Protocol, TypeVar
 
-from tenacity import Retrying, retry_if_exception, stop_after_attempt
-
 from dqr.config import Limits
 from dqr.errors import RemoteError, SourceDownError
 
@@ -116,10 +114,6 @@ def backoff_delay(attempt: int, limits: Limits) -> float:
     return random.uniform(ceiling / 2, ceiling)
 
 
-def is_retriable(error: BaseException) -> bool:
-    return isinstance(error, RemoteError) and error.retriable
-
-
 def call_with_retries(
     action: Callable[[], T],
     limits: Limits,
@@ -129,53 +123,63 @@ def call_with_retries(
 ) -> T:
     """Run ``action`` in a slot of ``limit``, retrying retriable
     :class:`RemoteError` with backoff (outside the slot, so a waiting retry
-    does not hold back other work).
+    does not hold back other work) -- at most ``limits.retries`` times.
 
     A final error (bad query, unknown move destination, 401...) is raised at
     once: retrying it would only hammer the PACS.
+
+    A plain loop rather than tenacity's: it runs once per C-STORE, and
+    building a retry controller for every instance was a tenth of dqr's own
+    time per instance (``docs/performance.md``, stop 23).
     """
-
-    def wait(retry_state) -> float:
-        error = retry_state.outcome.exception()
-        if isinstance(error, RemoteError) and error.retry_after is not None:
-            # The server said when: waiting less would only be refused again,
-            # so Retry-After wins over backoff_max (up to an hour, against nonsense).
-            return min(error.retry_after, max(limits.backoff_max, MAX_RETRY_AFTER))
-        return backoff_delay(retry_state.attempt_number, limits)
-
-    def before_sleep(retry_state) -> None:
-        error = retry_state.outcome.exception()
-        if limit is not None and isinstance(error, RemoteError) and error.slow_down:
-            limit.slow_down()
-        log.info("retrying after: %s (attempt %d)", error, retry_state.attempt_number)
-
-    for attempt in Retrying(
-        retry=retry_if_exception(is_retriable),
-        stop=stop_after_attempt(limits.retries + 1),
-        wait=wait,
-        before_sleep=before_sleep,
-        reraise=True,
-    ):
-        with attempt:
-            if breaker is not None:
-                breaker.before_call()
-            with limit.slot() if limit else nullcontext():
-                if rate is not None:
-                    rate.wait()
-                started = time.monotonic()
-                try:
-                    result = action()
-                except RemoteError as error:
-                    if breaker is not None:
-                        breaker.record_failure(error)
-                    raise
-            if limit is not None:
-                limit.record_latency(time.monotonic() - started)
+    attempt = 1
+    while True:
+        try:
+            result = _attempt(action, limit, rate, breaker)
+            break
+        except RemoteError as error:
+            if not error.retriable or attempt > limits.retries:
+                raise
+            if limit is not None and error.slow_down:
+                limit.slow_down()
+            log.info("retrying after: %s (attempt %d)", error, attempt)
+            time.sleep(retry_delay(error, attempt, limits))
+            attempt += 1
     if breaker is not None:
         breaker.record_success()
     if limit is not None:
         limit.succeeded()
     return result
+
+
+def _attempt(
+    action: Callable[[], T], limit: AdaptiveLimit | None, rate: RateLimit | None, breaker: CircuitBreaker | None
+) -> T:
+    """One try of :func:`call_with_retries`'s action, in a slot."""
+    if breaker is not None:
+        breaker.before_call()
+    with limit.slot() if limit else nullcontext():
+        if rate is not None:
+            rate.wait()
+        started = time.monotonic()
+        try:
+            result = action()
+        except RemoteError as error:
+            if breaker is not None:
+                breaker.record_failure(error)
+            raise
+    if limit is not None:
+        limit.record_latency(time.monotonic() - started)
+    return result
+
+
+def retry_delay(error: RemoteError, attempt: int, limits: Limits) -> float:
+    """How long to wait after failed attempt number ``attempt``."""
+    if error.retry_after is not None:
+        # The server said when: waiting less would only be refused again,
+        # so Retry-After wins over backoff_max (up to an hour, against nonsense).
+        return min(error.retry_after, max(limits.backoff_max, MAX_RETRY_AFTER))
+    return backoff_delay(attempt, limits)
 
 
 class CircuitBreaker:

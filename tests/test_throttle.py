@@ -109,6 +109,31 @@ def test_a_retriable_error_is_retried_then_succeeds():
     assert len(calls) == 3
 
 
+def test_a_retriable_error_is_tried_once_plus_the_configured_retries_then_raised():
+    calls = []
+
+    def down():
+        calls.append(1)
+        raise RemoteError("timeout", retriable=True)
+
+    with pytest.raises(RemoteError, match="timeout"):
+        call_with_retries(down, Limits(retries=2, backoff_initial=0.001, backoff_max=0.002))
+    assert len(calls) == 3
+
+
+def test_a_server_s_retry_after_is_waited_instead_of_the_backoff():
+    calls = []
+
+    def busy():
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise RemoteError("503", retriable=True, retry_after=0.2)
+        return "ok"
+
+    assert call_with_retries(busy, Limits(retries=1, backoff_initial=0.001, backoff_max=0.002)) == "ok"
+    assert calls[1] - calls[0] >= 0.2
+
+
 def test_the_breaker_pauses_then_gives_up_when_the_source_stays_unreachable():
     breaker = CircuitBreaker(failures=2, cooldown=0.05, max_cooldowns=2)
     refused = RemoteError("connection refused", retriable=True, unreachable=True)
