@@ -134,11 +134,13 @@ class AssociationPool:
             if pair is not None:
                 self._known.setdefault(pair)
             while True:
-                self._idle = [c for c in self._idle if c.alive or self._forget(c)]
-                for connection in self._idle:
-                    if pair is None or pair in connection.contexts:
-                        self._idle.remove(connection)
+                # Only the connection handed out is probed (a select(2) each):
+                # a peer may have closed an idle one; the others wait their turn.
+                for connection in [c for c in self._idle if pair is None or pair in c.contexts]:
+                    self._idle.remove(connection)
+                    if connection.alive:
                         return connection
+                    self._forget(connection)
                 if self._open < self.size:
                     self._open += 1
                     break
@@ -190,10 +192,12 @@ class AssociationPool:
         return open_association()
 
     def release(self, connection: _Connection, broken: bool = False) -> None:
-        if self.cap is not None and connection.alive and not broken and not self.cap.keep_idle(connection):
+        # One that was not broken has just answered: whether it is still
+        # alive is asked when it is next acquired, not here as well.
+        if self.cap is not None and not broken and not self.cap.keep_idle(connection):
             self._close(connection)  # it had its turn: the slot goes back to the cluster
             broken = True
-        if broken or not connection.alive:
+        if broken:
             if connection.alive:
                 connection.assoc.abort()
             if self.cap is not None:
