@@ -233,8 +233,16 @@ _append_locks_guard = threading.Lock()
 
 
 def now() -> str:
-    """The manifest's timestamp format (local time with offset)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    """The manifest's timestamp format (local time with offset), to the
+    second: formatted once a second, not for each of the instances stored in it."""
+    global _now
+    second = int(time.time())
+    if _now[0] != second:
+        _now = (second, time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(second)))
+    return _now[1]
+
+
+_now: tuple[int, str] = (-1, "")
 
 
 def append_records(manifest: Path, records: Iterable[dict[str, Any]], fsync: bool = True) -> None:
@@ -271,7 +279,11 @@ class ManifestAppender:
         self._lock = threading.Lock()
 
     def append(self, records: Iterable[dict[str, Any]]) -> None:
-        data = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records).encode("utf-8")
+        self.append_lines("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+
+    def append_lines(self, lines: str) -> None:
+        """Append JSON lines already encoded (each ending in a newline)."""
+        data = lines.encode("utf-8")
         if not data:
             return
         with self._lock:
