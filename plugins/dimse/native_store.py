@@ -125,6 +125,12 @@ def pdata_pdus(context_id: int, control: int, data: bytes | memoryview, max_pdu:
             return pieces
 
 
+#: How much later than its deadline a read may time out, rather than set the socket's timeout again.
+_TIMEOUT_SLACK = 0.1
+#: The least a read asks the socket for.
+_READ_AHEAD = 4096
+
+
 class StoreAssociation:
     """An association on a blocking socket, used by one thread at a time.
 
@@ -145,6 +151,9 @@ class StoreAssociation:
         self.why = ""
         self.last_used = time.monotonic()
         self._request_context = 0
+        #: Bytes read past the last PDU taken (a read asks for more than the PDU's header).
+        self._received = b""
+        self._timeout = sock.gettimeout()
 
     # -- state ---------------------------------------------------------------------
     @property
@@ -163,7 +172,7 @@ class StoreAssociation:
         except (OSError, ValueError):
             self.state = "lost"
             return False
-        if readable:
+        if readable or self._received:
             try:
                 self._read_pdu(self.timeouts.acse)
             except RemoteError:
@@ -249,7 +258,7 @@ class StoreAssociation:
             pdu.source = 0
             pdu.reason_diagnostic = 0
             try:
-                self.sock.settimeout(1.0)
+                self._set_timeout(1.0)
                 self.sock.sendall(pdu.encode())
             except OSError:
                 pass
@@ -287,7 +296,7 @@ class StoreAssociation:
             raise RemoteError(f"the association with {self.where} is no longer open ({self.why or self.state})",
                               retriable=True)
         try:
-            self.sock.settimeout(self.timeouts.dimse)
+            self._set_timeout(self.timeouts.dimse)
             self.sock.sendall(data)
         except TimeoutError:
             self.abort()
@@ -306,19 +315,42 @@ class StoreAssociation:
         self._close()
         return RemoteError(f"{operation} to {self.where} got no answer: {why}", retriable=True)
 
+    def _set_timeout(self, seconds: float) -> None:
+        """The socket's timeout, for the time left before a deadline. Each
+        ``settimeout`` is an ioctl(2): it is only set again when the time left
+        is longer than the timeout set (it would fire early) or more than
+        :data:`_TIMEOUT_SLACK` shorter (it would fire that much late)."""
+        if self._timeout is None or seconds > self._timeout or seconds < self._timeout - _TIMEOUT_SLACK:
+            self.sock.settimeout(seconds)
+            self._timeout = seconds
+
     def _recv_exactly(self, n: int, deadline: float, operation: str) -> bytes:
-        chunks = []
-        while n > 0:
+        """The next ``n`` bytes. A read asks for at least :data:`_READ_AHEAD`
+        bytes, so that a response's header and body come in one recv(2); what
+        comes past the ``n`` is kept for the next call."""
+        received = self._received
+        if len(received) >= n:
+            self._received = received[n:]
+            return received[:n]
+        chunks = [received] if received else []
+        have = len(received)
+        while have < n:
             left = deadline - time.monotonic()
             if left <= 0:
+                self._received = b"".join(chunks)
                 raise TimeoutError
-            self.sock.settimeout(left)
-            chunk = self.sock.recv(min(n, 1 << 20))
+            self._set_timeout(left)
+            chunk = self.sock.recv(min(max(n - have, _READ_AHEAD), 1 << 20))
             if not chunk:
                 raise self._lost(operation, "the destination closed the connection without releasing the association")
             chunks.append(chunk)
-            n -= len(chunk)
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            have += len(chunk)
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if len(data) == n:
+            self._received = b""
+            return data
+        self._received = data[n:]
+        return data[:n]
 
     def _read_pdu(self, timeout: float, operation: str = "A-RELEASE") -> tuple[int, bytes]:
         """The next PDU (type, whole PDU); association PDUs are handled here
@@ -447,7 +479,7 @@ def associate(
     request.presentation_context_definition_list = contexts
     request.user_information = _user_information()
     try:
-        sock.settimeout(timeouts.acse)
+        assoc._set_timeout(timeouts.acse)
         sock.sendall(A_ASSOCIATE_RQ(request).encode())
         deadline = time.monotonic() + timeouts.acse
         header = assoc._recv_exactly(6, deadline, "A-ASSOCIATE")
