@@ -153,7 +153,15 @@ class StoreAssociation:
         self._request_context = 0
         #: Bytes read past the last PDU taken (a read asks for more than the PDU's header).
         self._received = b""
+        # A plain TCP socket is used blocking, its timeouts kept by the kernel
+        # (SO_RCVTIMEO, SO_SNDTIMEO): with a Python-level timeout every send
+        # and recv is preceded by a poll(2), two more GIL hand-overs an
+        # instance for the threads storing. A TLS socket keeps Python's.
+        self._kernel_timeouts = not isinstance(sock, ssl.SSLSocket)
         self._timeout = sock.gettimeout()
+        if self._kernel_timeouts:
+            sock.settimeout(None)
+            self._timeout = None
 
     # -- state ---------------------------------------------------------------------
     @property
@@ -298,7 +306,7 @@ class StoreAssociation:
         try:
             self._set_timeout(self.timeouts.dimse)
             self.sock.sendall(data)
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_SNDTIMEO expired
             self.abort()
             raise RemoteError(
                 f"{operation} to {self.where}: could not send within {self.timeouts.dimse:g} s "
@@ -321,7 +329,13 @@ class StoreAssociation:
         is longer than the timeout set (it would fire early) or more than
         :data:`_TIMEOUT_SLACK` shorter (it would fire that much late)."""
         if self._timeout is None or seconds > self._timeout or seconds < self._timeout - _TIMEOUT_SLACK:
-            self.sock.settimeout(seconds)
+            if self._kernel_timeouts:
+                # at least a microsecond: a zero timeval means no timeout at all
+                timeval = struct.pack("ll", *divmod(max(1, round(seconds * 1e6)), 1_000_000))
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+            else:
+                self.sock.settimeout(seconds)
             self._timeout = seconds
 
     def _recv_exactly(self, n: int, deadline: float, operation: str) -> bytes:
@@ -340,7 +354,11 @@ class StoreAssociation:
                 self._received = b"".join(chunks)
                 raise TimeoutError
             self._set_timeout(left)
-            chunk = self.sock.recv(min(max(n - have, _READ_AHEAD), 1 << 20))
+            try:
+                chunk = self.sock.recv(min(max(n - have, _READ_AHEAD), 1 << 20))
+            except BlockingIOError:  # SO_RCVTIMEO expired
+                self._received = b"".join(chunks)
+                raise TimeoutError from None
             if not chunk:
                 raise self._lost(operation, "the destination closed the connection without releasing the association")
             chunks.append(chunk)
