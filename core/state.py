@@ -684,13 +684,8 @@ class PostgresJobState(JobState):
         db.execute("COMMIT")
 
     def record_listing(self, listing: list[tuple[Series, bool]]) -> None:
-        """Not yet in one transaction here, unlike the SQLite state's: made
-        so, the queue suite failed 2 of 5 runs with a study whose series no
-        step had recorded ("the PACS listed no series"), cause not found. A
-        run killed while recording a study's series can leave some of them
-        (the study then fails as incomplete on every later run: see
-        docs/scale-out.md)."""
-        self._record_each(listing)
+        with self.transaction():
+            self._record_each(listing)
 
     def _query(self, sql: str, *params: Any) -> list[tuple]:
         return self._db.execute(sql, params).fetchall()

@@ -161,9 +161,6 @@ def job_state(request, tmp_path):
     the queue executor's PostgreSQL schema."""
     from dqr.state import JobState, PostgresJobState
 
-    if request.param == "postgresql" and "whole_or_not" in request.node.name:
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="PostgresJobState.record_listing is not one transaction yet (see its docstring)"))
     if request.param == "sqlite":
         state = JobState(tmp_path / "job.sqlite")
     else:
