@@ -24,6 +24,7 @@ import select
 import socket
 import ssl
 import struct
+import sys
 import time
 from collections.abc import Iterator
 from io import BytesIO
@@ -156,8 +157,9 @@ class StoreAssociation:
         # A plain TCP socket is used blocking, its timeouts kept by the kernel
         # (SO_RCVTIMEO, SO_SNDTIMEO): with a Python-level timeout every send
         # and recv is preceded by a poll(2), two more GIL hand-overs an
-        # instance for the threads storing. A TLS socket keeps Python's.
-        self._kernel_timeouts = not isinstance(sock, ssl.SSLSocket)
+        # instance for the threads storing. A TLS socket keeps Python's, and
+        # so does a platform whose SO_RCVTIMEO is not a struct timeval.
+        self._kernel_timeouts = sys.platform.startswith("linux") and not isinstance(sock, ssl.SSLSocket)
         self._timeout = sock.gettimeout()
         if self._kernel_timeouts:
             sock.settimeout(None)

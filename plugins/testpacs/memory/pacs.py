@@ -162,7 +162,7 @@ def read_file(path: Path) -> bytes:
     """A file's bytes in three system calls (open, read, close) where
     ``Path.read_bytes`` makes seven (fstat, isatty, lseek...): each releases
     and retakes the GIL, which the store path's threads then contend for."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))  # not inherited (PEP 446)
     try:
         chunks = []
         while chunk := os.read(fd, _READ_SIZE):
