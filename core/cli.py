@@ -650,7 +650,17 @@ def worker(config: ConfigOption) -> None:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
-    here = run_worker(loaded, stop)
+
+    def on_ready(here: Any) -> None:
+        # The line a supervisor (or a script starting workers before the
+        # driver) waits for: from now on this process takes steps.
+        err.print(
+            f"worker {here.executor_id} is on the job: {here.live_nodes()} dqr processes "
+            f"share the queue database (${loaded.executor.database_url_env}); SIGTERM stops it",
+            highlight=False,
+        )
+
+    here = run_worker(loaded, stop, on_ready)
     err.print(f"worker stopped after {here.steps_run} steps", highlight=False)
     # Abandoned steps hold threads that never return (their workflows stay
     # PENDING for a peer): leave without waiting for them (the node closes

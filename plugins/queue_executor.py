@@ -48,7 +48,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -699,8 +699,11 @@ def set_job_aside(config: LoadedConfig, url: str) -> None:
         )
 
 
-def run_worker(config: LoadedConfig, stop: threading.Event) -> Node:
-    """``dqr worker``: be a node until ``stop`` is set, then stop cleanly."""
+def run_worker(
+    config: LoadedConfig, stop: threading.Event, ready: Callable[[Node], None] | None = None
+) -> Node:
+    """``dqr worker``: be a node until ``stop`` is set, then stop cleanly.
+    ``ready(node)`` is called once the node takes steps from the queue."""
     if config.executor.type != "queue":
         raise QueueConfigError(
             Problem(
@@ -709,6 +712,8 @@ def run_worker(config: LoadedConfig, stop: threading.Event) -> Node:
             )
         )
     here = node(config)
+    if ready is not None:
+        ready(here)
     stop.wait()
     here.stop()
     return here

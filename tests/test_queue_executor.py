@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from io import BytesIO
 from pathlib import Path
@@ -59,6 +60,61 @@ def dqr(
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
+
+
+class Worker:
+    """A ``dqr worker`` on ``config``, started and -- by :meth:`wait_ready` --
+    waited for until it says it takes steps. Its stderr is read as it comes
+    (:attr:`lines`), so that a chatty worker never blocks on a full pipe."""
+
+    READY = "is on the job"
+
+    def __init__(self, config: Path, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dqr", "worker", "--config", str(config)],
+            env={**os.environ, **env}, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.pid = self.process.pid
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stderr:
+            self.lines.append(line)
+            if self.READY in line:
+                self._ready.set()
+        self._ready.set()  # it ended: wait_ready says so
+
+    def wait_ready(self, timeout: float = 120) -> Worker:
+        assert self._ready.wait(timeout), f"worker {self.pid} did not join within {timeout} s"
+        assert self.process.poll() is None, "".join(self.lines)[-3000:]
+        return self
+
+    def stop(self, timeout: float = 15) -> int:
+        """SIGTERM, and its exit code."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self._reader.join(timeout=5)
+
+
+def start_workers(config: Path, env: dict[str, str], count: int) -> list[Worker]:
+    """``count`` workers on ``config``, each already taking steps: a driver
+    started after them shares its phases with all of them."""
+    workers = [Worker(config, env) for _ in range(count)]
+    try:
+        return [worker.wait_ready() for worker in workers]
+    except BaseException:
+        for worker in workers:
+            worker.kill()
+        raise
 
 
 def archive_contents(root: Path) -> dict[str, bytes]:
@@ -163,26 +219,21 @@ def test_a_wrong_password_is_never_shown(tmp_path: Path, postgres) -> None:
     assert "queue database" in result.stderr
 
 
-def test_worker_stops_cleanly_on_sigterm(tmp_path: Path, postgres_url: str) -> None:
+def test_worker_says_when_it_joins_and_stops_cleanly_on_sigterm(tmp_path: Path, postgres_url: str) -> None:
     queued = write_site(tmp_path, {"type": "queue", "database_url_env": "DQR_TEST_QUEUE_URL"})
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "dqr", "worker", "--config", str(queued)],
-        env={**os.environ, "DQR_TEST_QUEUE_URL": postgres_url},
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    (worker,) = start_workers(queued, {"DQR_TEST_QUEUE_URL": postgres_url}, 1)
     try:
-        time.sleep(3)  # started: DBOS launched, waiting for steps
-        assert worker.poll() is None
         sent = time.monotonic()
-        worker.send_signal(signal.SIGTERM)
-        code = worker.wait(timeout=15)
+        code = worker.stop()
     finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
+        worker.kill()
 
-    assert code == 0, worker.stderr.read()
+    assert code == 0, "".join(worker.lines)
     assert time.monotonic() - sent < 10
+    joined = next(line for line in worker.lines if Worker.READY in line)
+    assert "1 dqr processes share the queue database ($DQR_TEST_QUEUE_URL)" in joined
+    assert postgres_url not in "".join(worker.lines)
+    assert "worker stopped after 0 steps" in worker.lines[-1]
 
 
 @pytest.mark.parametrize(("took", "waits"), [(0.0, 0.1), (0.004, 0.1), (0.05, 0.95), (1.0, 19.0)])
@@ -244,17 +295,14 @@ def test_run_and_two_workers_survive_a_sigkill_mid_retrieval_within_the_cluster_
     data["sources"] = {"pacs": source}
     config.write_text(yaml.safe_dump(data, sort_keys=False))
     csv = all_studies_csv(tmp_path, spec.patients, spec.studies_per_patient)
-    env = {**os.environ, "DQR_TEST_QUEUE_URL": postgres_url}
+    env = {"DQR_TEST_QUEUE_URL": postgres_url}
 
-    def start(*args: str) -> subprocess.Popen:
-        return subprocess.Popen(
-            [sys.executable, "-m", "dqr", *args, "--config", str(config)],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-
-    workers = [start("worker"), start("worker")]
-    run = start("run", "--csv", str(csv))
-    started = [*workers, run]
+    workers = start_workers(config, env, 2)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "dqr", "run", "--csv", str(csv), "--config", str(config)],
+        env={**os.environ, **env}, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
     try:
         worker_pids = {w.pid for w in workers}
         _wait(
@@ -275,13 +323,13 @@ def test_run_and_two_workers_survive_a_sigkill_mid_retrieval_within_the_cluster_
         assert run.returncode == 0, errors[-3000:]
 
         survivor = next(w for w in workers if w.pid != victim)
-        survivor.send_signal(signal.SIGTERM)
-        assert survivor.wait(timeout=15) == 0
+        assert survivor.stop() == 0
     finally:
-        for process in started:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
+        for worker in workers:
+            worker.kill()
+        if run.poll() is None:
+            run.kill()
+        run.wait()
         proxy.stop()
 
     originals = {d.SOPInstanceUID: d for d in generate_cohort(spec)}
@@ -315,28 +363,20 @@ def _run_with_workers(config: Path, env: dict[str, str], workers: int, *run_args
     processes on ``config``; asserts it exits 0, stops the workers by SIGTERM
     and returns its stderr."""
 
-    def start(*args: str) -> subprocess.Popen:
-        return subprocess.Popen(
-            [sys.executable, "-m", "dqr", *args, "--config", str(config)],
-            env={**os.environ, **env}, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-
-    started = [start("worker") for _ in range(workers)]
+    started = start_workers(config, env, workers)
     try:
-        run = start("run", *run_args)
-        started.append(run)
-        _, errors = run.communicate(timeout=240)
-        assert run.returncode == 0, errors[-3000:]
-        for worker in started[:-1]:
-            worker.send_signal(signal.SIGTERM)
-            assert worker.wait(timeout=15) == 0
-        return errors
+        run = subprocess.run(
+            [sys.executable, "-m", "dqr", "run", *run_args, "--config", str(config)],
+            env={**os.environ, **env}, stdin=subprocess.DEVNULL,
+            capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+        for worker in started:
+            assert worker.stop() == 0, "".join(worker.lines)[-3000:]
+        return run.stderr
     finally:
-        for process in started:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
+        for worker in started:
+            worker.kill()
 
 
 @pytest.mark.slow
@@ -459,22 +499,12 @@ def test_new_job_is_refused_while_a_worker_is_on_the_job(tmp_path: Path, postgre
     env = {"DQR_TEST_QUEUE_URL": postgres_url}
     csv = all_studies_csv(tmp_path)
     assert dqr("run", "--config", queued, "--csv", csv, env=env).returncode == 0
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "dqr", "worker", "--config", str(queued)],
-        env={**os.environ, **env}, stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    (worker,) = start_workers(queued, env, 1)
     try:
-        import psycopg
-
-        from dqr.plugins.queue_executor import live_nodes
-
-        with psycopg.connect(postgres_url, autocommit=True) as conn:
-            _wait(lambda: live_nodes(conn) == 1, 60, "the worker to join")
         refused = dqr("run", "--config", queued, "--csv", csv, "--new-job", env=env)
     finally:
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(timeout=15)
+        worker.stop()
+        worker.kill()
 
     assert refused.returncode == 2
     assert "1 dqr process(es)" in refused.stderr and "stop them first" in refused.stderr
