@@ -9,6 +9,7 @@ hostile content, see :mod:`dqr.plugins.testpacs.memory.hostile`); the
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -29,6 +30,8 @@ REJECT_REASONS = {
     "congestion": (3, 1),
     "local-limit": (3, 2),
 }
+#: Seconds a retrieval waits for the others of a ``meet`` fault before it goes on alone.
+MEET_TIMEOUT = 10.0
 #: Keys of an identifier that are not matching or return keys.
 NOT_KEYS = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet"})
 
@@ -77,6 +80,13 @@ class Faults(_Mutable):
     abort: AbortFault | None = None
     statuses: list[StatusFault] = Field(default_factory=list)
     max_associations: int | None = Field(None, ge=1, description="reject beyond this many at once")
+    meet: int | None = Field(
+        None,
+        ge=1,
+        description="retrievals (C-GET/C-MOVE) hold their first sub-operation until this many are "
+        "in progress at once (or MEET_TIMEOUT passed); then none waits again until reset. "
+        "Retrievals dqr may overlap then do overlap, however loaded the machine",
+    )
     hostile: HostileFaults = Field(default_factory=HostileFaults, description="hostile content (UID rewrites apply at start)")
 
 
@@ -117,6 +127,9 @@ class MockDimseServer(CountedAssociations):
         self.faults = config.faults
         self.aet = config.aet
         self.requests: Counter[str] = Counter()
+        self._retrieving = 0
+        self._met = False
+        self._meeting = threading.Condition()
         self._initial = config.model_copy(deep=True)
         self._server = self._new_ae().start_server(
             (config.host, config.port), block=False, evt_handlers=self._handlers()
@@ -261,7 +274,26 @@ class MockDimseServer(CountedAssociations):
     def _sub_operations(
         self, event: Any, instances: list[StoredInstance]
     ) -> Iterator[tuple[int, Any]]:
-        """C-STORE sub-operations, with the abort fault."""
+        """C-STORE sub-operations, with the meet and abort faults."""
+        with self._meeting:
+            self._retrieving += 1
+            self._meeting.notify_all()
+        try:
+            self._meet()
+            yield from self._stores(event, instances)
+        finally:
+            with self._meeting:
+                self._retrieving -= 1
+
+    def _meet(self) -> None:
+        with self._meeting:
+            wanted = self.faults.meet
+            if wanted is None or self._met:
+                return
+            self._meeting.wait_for(lambda: self._retrieving >= wanted, timeout=MEET_TIMEOUT)
+            self._met = True  # met or waited out: the later retrievals go straight on
+
+    def _stores(self, event: Any, instances: list[StoredInstance]) -> Iterator[tuple[int, Any]]:
         abort = self.faults.abort
         abort_after = abort.after_stores if abort is not None and _take(abort) else None
         for sent, instance in enumerate(instances):
@@ -322,6 +354,8 @@ class MockDimseServer(CountedAssociations):
             self.faults = initial.faults
             self.requests.clear()
             self.max_concurrent_associations = len(self._active)
+        with self._meeting:
+            self._met = False
 
     def add_destination(self, aet: str, host: str, port: int) -> None:
         """Make ``aet`` a known C-MOVE destination."""
