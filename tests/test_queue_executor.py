@@ -389,6 +389,9 @@ def test_a_c_store_destinations_max_associations_bounds_all_processes_together(
     scp = mock_store_scp_factory()
     # Every association to the Storage SCP passes the proxy, which names the
     # process that opened it; slow answers make the processes' sends overlap.
+    # One step at a time per process: while one process holds the association,
+    # the others take studies of their own and wait for it, so more than one
+    # process sends (with 8 threads one process could take every study).
     with CountingProxy(("127.0.0.1", scp.port), identify=True, delay=0.005) as proxy:
         destination = {
             "type": "dimse", "host": "127.0.0.1", "port": proxy.port, "called_aet": scp.aet,
@@ -396,7 +399,7 @@ def test_a_c_store_destinations_max_associations_bounds_all_processes_together(
         }  # fmt: skip
         config = write_site(
             tmp_path,
-            {"type": "queue", "database_url_env": "DQR_TEST_QUEUE_URL"},
+            {"type": "queue", "database_url_env": "DQR_TEST_QUEUE_URL", "threads": 1},
             destination=destination,
         )
         csv = all_studies_csv(tmp_path)
