@@ -24,9 +24,10 @@ from typing import Any
 from dqr.backend import VerifyMode
 from dqr.config import LoadedConfig
 from dqr.context import JobContext
-from dqr.model import Labels, RowOutcome, RowQuery, SeriesStatus, Study, StudyStatus
+from dqr.model import Labels, RowOutcome, RowQuery, Series, SeriesStatus, Study, StudyStatus
 from dqr.pluginmanager import executor_types
 from dqr.results import ResultLine, ResultsTable, build_table, flag_label_collisions, write_table
+from dqr.state import SeriesCounts
 from dqr.steps import Step, StepKind
 
 log = logging.getLogger("dqr")
@@ -168,18 +169,22 @@ def retrieve(ctx: JobContext, lines: Sequence[ResultLine]) -> RunSummary:
             chosen.setdefault(line.study.study_uid, line)
     summary.studies_selected = len(chosen)
     to_do: list[tuple[ResultLine, Study]] = []
+    to_select: list[tuple[Study, Labels, int]] = []
+    known = state.studies_labels(chosen)
     for study_uid, line in chosen.items():
         assert line.study is not None
         labels = ctx.labels_for(line.subject, line.session, line.study)
-        problem = _label_conflict(ctx, study_uid, labels)
+        previous, status = known.get(study_uid, (None, StudyStatus.FOUND))
+        problem = _label_conflict(ctx, study_uid, labels, previous, status)
         if problem:
             summary.failures.append(Failure(FailureKind.STUDY, line.row, problem, study_uid))
             continue
-        if state.study_status(study_uid) == StudyStatus.STORED:
+        if status == StudyStatus.STORED:
             summary.studies_already_stored += 1
             continue
-        state.select_study(line.study, labels, line.row)
+        to_select.append((line.study, labels, line.row))
         to_do.append((line, line.study))
+    state.select_studies(to_select)
 
     # One step per study lists it and then fetches it -- in one request when
     # every series is wanted, else by the retrieve-series steps it returns --
@@ -198,8 +203,11 @@ def retrieve(ctx: JobContext, lines: Sequence[ResultLine]) -> RunSummary:
     return _finish(ctx, summary, to_do, started)
 
 
-def _label_conflict(ctx: JobContext, study_uid: str, labels) -> str | None:
-    previous, status = ctx.state.study_labels(study_uid)
+def _label_conflict(
+    ctx: JobContext, study_uid: str, labels: Labels, previous: Labels | None, status: StudyStatus
+) -> str | None:
+    """Why a study may not be stored under ``labels``, given what an earlier
+    run stored it as (``previous``, its ``status``); ``None`` if it may."""
     if previous is None or status not in (StudyStatus.STORED, StudyStatus.RETRIEVING, StudyStatus.FAILED):
         return None
     if (previous.subject, previous.session) == (labels.subject, labels.session):
@@ -221,17 +229,19 @@ def _has_stored_instances(ctx: JobContext, study_uid: str) -> bool:
     return any(ctx.state.stored_instances(s.series_uid) for s, _ in ctx.state.known_series(study_uid))
 
 
-def judge_study(ctx: JobContext, study: Study) -> tuple[StudyStatus | None, str | None, bool]:
+def judge_study(
+    study: Study, known: list[tuple[Series, SeriesStatus]], counts: dict[str, SeriesCounts]
+) -> tuple[StudyStatus | None, str | None, bool]:
     """A study's status once its series steps ran: stored only when every
     selected series is and the PACS's own counts agree; ``None`` while some
     series are still to do (interrupted). Also whether its completeness is
-    verified by counts the PACS announced."""
-    known = ctx.state.known_series(study.study_uid)
+    verified by counts the PACS announced. ``known``: its series as the job
+    state has them; ``counts``: their instances (by series UID)."""
     statuses = [status for _, status in known]
     selected = [s for s, status in known if status != SeriesStatus.EXCLUDED]
-    counts = f"announced {_count(study.n_series)} series, {_count(study.n_instances)} instances"
+    announced = f"announced {_count(study.n_series)} series, {_count(study.n_instances)} instances"
     if not known:
-        return StudyStatus.FAILED, f"the PACS listed no series for this study ({counts}); nothing stored", True
+        return StudyStatus.FAILED, f"the PACS listed no series for this study ({announced}); nothing stored", True
     if not selected:
         return StudyStatus.NOTHING_SELECTED, None, True
     if SeriesStatus.FAILED in statuses:
@@ -239,23 +249,24 @@ def judge_study(ctx: JobContext, study: Study) -> tuple[StudyStatus | None, str 
         return StudyStatus.FAILED, f"{failed} of {len(selected)} series failed", True
     if any(status != SeriesStatus.STORED for status in statuses if status != SeriesStatus.EXCLUDED):
         return None, None, True
-    expected, stored = ctx.state.instance_count(s.series_uid for s in selected)
-    found_instances = sum(_series_size(ctx, s) for s, _ in known)
+    none = SeriesCounts(False, 0, 0)
+    stored = sum(counts.get(s.series_uid, none).stored for s in selected)
+    found_instances = sum(_series_size(s, counts.get(s.series_uid, none)) for s, _ in known)
     if study.n_series is not None and len(known) < study.n_series:
-        return StudyStatus.FAILED, f"incomplete: {counts}; found {len(known)} series, stored {len(selected)}", True
+        return StudyStatus.FAILED, f"incomplete: {announced}; found {len(known)} series, stored {len(selected)}", True
     if study.n_instances is not None and found_instances < study.n_instances:
         return (
             StudyStatus.FAILED,
-            f"incomplete: {counts}; found {found_instances} instances, stored {stored}",
+            f"incomplete: {announced}; found {found_instances} instances, stored {stored}",
             True,
         )
     return StudyStatus.STORED, None, study.n_series is not None or study.n_instances is not None
 
 
-def _series_size(ctx: JobContext, series) -> int:
-    expected = ctx.state.expected_instances(series.series_uid)
-    if expected is not None:
-        return len(expected)
+def _series_size(series: Series, counts: SeriesCounts) -> int:
+    """Instances a series has: as its listing named them, else as the PACS announced."""
+    if counts.expected_known:
+        return counts.known
     return series.n_instances or 0
 
 
@@ -265,19 +276,22 @@ def _count(value: int | None) -> str:
 
 def _finish(ctx: JobContext, summary: RunSummary, to_do: list[tuple[ResultLine, Study]], started: float) -> RunSummary:
     state = ctx.state
+    uids = [study.study_uid for _, study in to_do]
+    series_of_study = state.studies_series(uids)
+    counts = state.studies_instance_counts(uids)
+    outcomes: list[tuple[str, StudyStatus, str | None]] = []
     for line, study in to_do:
-        status, reason, verified = judge_study(ctx, study)
+        known = series_of_study[study.study_uid]
+        status, reason, verified = judge_study(study, known, counts)
         if status is not None:
-            state.set_study_status(study.study_uid, status, reason)
+            outcomes.append((study.study_uid, status, reason))
         if status == StudyStatus.STORED:
             summary.studies_stored += 1
             summary.studies_unverified += not verified
         elif status == StudyStatus.NOTHING_SELECTED:
             summary.studies_nothing_selected += 1
         elif status == StudyStatus.FAILED:
-            failed_series = [
-                (s, st) for s, st in state.known_series(study.study_uid) if st == SeriesStatus.FAILED
-            ]
+            failed_series = [(s, st) for s, st in known if st == SeriesStatus.FAILED]
             if failed_series:
                 for s, _ in failed_series:
                     summary.failures.append(
@@ -286,9 +300,10 @@ def _finish(ctx: JobContext, summary: RunSummary, to_do: list[tuple[ResultLine, 
                     )
             else:
                 summary.failures.append(Failure(FailureKind.STUDY, line.row, reason or "", study.study_uid))
-        for _, series_status in state.known_series(study.study_uid):
+        for _, series_status in known:
             summary.series_stored += series_status == SeriesStatus.STORED
             summary.series_excluded += series_status == SeriesStatus.EXCLUDED
+    state.set_study_statuses(outcomes)
     if getattr(ctx.destination, "verify_mode", None) == VerifyMode.OFF:
         summary.studies_unverified_at_destination = summary.studies_stored
     summary.instances_stored, summary.bytes_stored = state.stored_by_run(ctx.run_id)

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,65 @@ _RECOUNT_STORED = (
     "UPDATE series SET stored = (SELECT COUNT(*) FROM instances WHERE series_uid = ? AND stored = 1) "
     "WHERE series_uid = ?"
 )
+
+
+_SELECT_STUDY = (
+    "UPDATE studies SET subject = ?, session = ?, relabel_subject = ?, relabel_session = ?, line = ?, "
+    "status = CASE WHEN status IN (?, ?) THEN status ELSE ? END, updated = ? "
+    "WHERE study_uid = ?"
+)
+
+_RECORD_STUDY = (
+    "INSERT INTO studies (study_uid, data, updated) VALUES (?, ?, ?) "
+    "ON CONFLICT (study_uid) DO UPDATE SET data = excluded.data WHERE studies.status = ?"
+)
+_ROW_QUERIED = (
+    "UPDATE rows SET status = ?, attempts = attempts + 1, error = NULL, warnings = ? WHERE input = ? AND line = ?"
+)
+
+
+def _warnings_json(warnings: Iterable[str]) -> str | None:
+    return json.dumps(list(dict.fromkeys(warnings))) if warnings else None
+
+
+#: A series listed again keeps its progress (stored, being retrieved,
+#: failed) if the filter still selects it; else it takes the new status.
+_KEEP_PROGRESS = (
+    f"CASE WHEN series.status IN ('{SeriesStatus.STORED}', '{SeriesStatus.RETRIEVING}', '{SeriesStatus.FAILED}') "
+    f"AND excluded.status = '{SeriesStatus.PENDING}' THEN series.status ELSE excluded.status END"
+)
+
+
+def _series_data(series: Series) -> str:
+    """A series row's ``data``; its instance UIDs live in the instances table, not in every series row."""
+    return json.dumps({**asdict(series), "sop_class_uids": sorted(series.sop_class_uids),
+                       "transfer_syntaxes": sorted(series.transfer_syntaxes), "instance_uids": None})
+
+
+def _listed_status(selected: bool) -> SeriesStatus:
+    return SeriesStatus.PENDING if selected else SeriesStatus.EXCLUDED
+
+
+#: Keys in one ``IN (...)`` at most (SQLite allows 32,766 parameters; a
+#: chunk also bounds one answer's size).
+_CHUNK = 500
+
+
+def _chunks(keys: Iterable[str]) -> Iterator[tuple[list[str], str]]:
+    """``keys`` in chunks, each with its ``?, ?, ...`` placeholders."""
+    keys = list(keys)
+    for start in range(0, len(keys), _CHUNK):
+        chunk = keys[start:start + _CHUNK]
+        yield chunk, ",".join("?" * len(chunk))
+
+
+@dataclass(frozen=True)
+class SeriesCounts:
+    """What the job state knows of a series' instances (:meth:`JobState.studies_instance_counts`)."""
+
+    expected_known: bool  # its listing named them (else only the PACS's announced count is known)
+    known: int  # instances recorded: the expected ones, and any stored
+    stored: int
 
 
 class StateMismatchError(InputError):
@@ -252,18 +311,13 @@ class JobState:
         with self.transaction() as db:
             for position, study in enumerate(studies):
                 db.execute(
-                    "INSERT INTO studies (study_uid, data, updated) VALUES (?, ?, ?) "
-                    "ON CONFLICT (study_uid) DO UPDATE SET data = excluded.data WHERE studies.status = ?",
+                    _RECORD_STUDY,
                     (study.study_uid, json.dumps(asdict(study)), time.time(), StudyStatus.FOUND),
                 )
                 db.execute(
                     "INSERT OR IGNORE INTO matches VALUES (?, ?, ?, ?)", (input_id, line, position, study.study_uid)
                 )
-            db.execute(
-                "UPDATE rows SET status = ?, attempts = attempts + 1, error = NULL, warnings = ? "
-                "WHERE input = ? AND line = ?",
-                (RowStatus.QUERIED, json.dumps(list(dict.fromkeys(warnings))) if warnings else None, input_id, line),
-            )
+            db.execute(_ROW_QUERIED, (RowStatus.QUERIED, _warnings_json(warnings), input_id, line))
 
     def record_row_failure(self, input_id: int, line: int, error: str, still_pending: bool = False) -> None:
         """Record why a row's query failed; ``still_pending`` leaves it to do
@@ -323,9 +377,7 @@ class JobState:
                 (study.study_uid, json.dumps(asdict(study)), time.time()),
             )
             db.execute(
-                "UPDATE studies SET subject = ?, session = ?, relabel_subject = ?, relabel_session = ?, line = ?, "
-                "status = CASE WHEN status IN (?, ?) THEN status ELSE ? END, updated = ? "
-                "WHERE study_uid = ?",
+                _SELECT_STUDY,
                 (labels.subject, labels.session, int(labels.relabel_subject), int(labels.relabel_session), line,
                  StudyStatus.STORED, StudyStatus.RETRIEVING, StudyStatus.SELECTED, time.time(), study.study_uid),
             )
@@ -340,11 +392,93 @@ class JobState:
         found = self._query("SELECT status FROM studies WHERE study_uid = ?", study_uid)
         return StudyStatus(found[0][0]) if found else None
 
+    # A job's studies are planned and judged many at a time: one statement per
+    # chunk of studies, not a few per study, which on the queue database are
+    # round trips the driver makes one after the other (100,000 studies: ~600,000).
+
+    def studies_labels(self, study_uids: Iterable[str]) -> dict[str, tuple[Labels | None, StudyStatus]]:
+        """:meth:`study_labels` of many studies; a study the job does not know is absent."""
+        found: dict[str, tuple[Labels | None, StudyStatus]] = {}
+        for chunk, marks in _chunks(study_uids):
+            for uid, subject, session, rs, rss, status in self._query(
+                    "SELECT study_uid, subject, session, relabel_subject, relabel_session, status FROM studies "
+                    f"WHERE study_uid IN ({marks})", *chunk):
+                labels = None if subject is None else Labels(subject, session, bool(rs), bool(rss))
+                found[uid] = (labels, StudyStatus(status))
+        return found
+
+    def select_studies(self, selected: Iterable[tuple[Study, Labels, int]]) -> None:
+        """:meth:`select_study` of many studies, in one transaction."""
+        selected = list(selected)
+        if not selected:
+            return
+        now = time.time()
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO studies (study_uid, data, updated) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                [(study.study_uid, json.dumps(asdict(study)), now) for study, _, _ in selected],
+            )
+            db.executemany(
+                _SELECT_STUDY,
+                [(labels.subject, labels.session, int(labels.relabel_subject), int(labels.relabel_session), line,
+                  StudyStatus.STORED, StudyStatus.RETRIEVING, StudyStatus.SELECTED, now, study.study_uid)
+                 for study, labels, line in selected],
+            )
+
+    def set_study_statuses(self, outcomes: Iterable[tuple[str, StudyStatus, str | None]]) -> None:
+        """:meth:`set_study_status` of many studies ``(uid, status, error)``, in one transaction."""
+        outcomes = list(outcomes)
+        if not outcomes:
+            return
+        now = time.time()
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE studies SET status = ?, error = ?, attempts = attempts + ?, updated = ? WHERE study_uid = ?",
+                [(status, error, int(status == StudyStatus.FAILED), now, uid) for uid, status, error in outcomes],
+            )
+
     # -- series and instances ------------------------------------------------------
 
     def known_series(self, study_uid: str) -> list[tuple[Series, SeriesStatus]]:
         rows = self._query("SELECT data, status FROM series WHERE study_uid = ? ORDER BY rowid", study_uid)
         return [(_series_from_json(data), SeriesStatus(status)) for data, status in rows]
+
+    def studies_series(self, study_uids: Iterable[str]) -> dict[str, list[tuple[Series, SeriesStatus]]]:
+        """:meth:`known_series` of many studies (each one's as listed, in order)."""
+        study_uids = list(study_uids)
+        found: dict[str, list[tuple[Series, SeriesStatus]]] = {uid: [] for uid in study_uids}
+        for chunk, marks in _chunks(study_uids):
+            for study_uid, data, status in self._query(
+                    f"SELECT study_uid, data, status FROM series WHERE study_uid IN ({marks}) ORDER BY rowid", *chunk):
+                found[study_uid].append((_series_from_json(data), SeriesStatus(status)))
+        return found
+
+    def studies_instance_counts(self, study_uids: Iterable[str]) -> dict[str, SeriesCounts]:
+        """Per series of these studies: whether its expected instances are
+        known, how many instances the job knows of it and how many are stored."""
+        found: dict[str, SeriesCounts] = {}
+        for chunk, marks in _chunks(study_uids):
+            for series_uid, expected, known, stored in self._query(
+                    "SELECT s.series_uid, s.expected, COUNT(i.sop_uid), COALESCE(SUM(i.stored), 0) FROM series s "
+                    "LEFT JOIN instances i ON i.series_uid = s.series_uid "
+                    f"WHERE s.study_uid IN ({marks}) GROUP BY s.series_uid, s.expected", *chunk):
+                found[series_uid] = SeriesCounts(expected is not None, int(known), int(stored))
+        return found
+
+    def study_instances(self, study_uid: str) -> dict[str, tuple[list[str] | None, set[str]]]:
+        """Per series of a study: its expected instances (:meth:`expected_instances`)
+        and its stored ones (:meth:`stored_instances`), in one read."""
+        found: dict[str, tuple[list[str] | None, set[str]]] = {}
+        for series_uid, expected, sop_uid, stored in self._query(
+                "SELECT s.series_uid, s.expected, i.sop_uid, i.stored FROM series s "
+                "LEFT JOIN instances i ON i.series_uid = s.series_uid WHERE s.study_uid = ?", study_uid):
+            uids, done = found.setdefault(series_uid, ([] if expected is not None else None, set()))
+            if sop_uid is not None:
+                if uids is not None:
+                    uids.append(sop_uid)
+                if stored:
+                    done.add(sop_uid)
+        return found
 
     def series_status(self, series_uid: str) -> SeriesStatus | None:
         found = self._query("SELECT status FROM series WHERE series_uid = ?", series_uid)
@@ -359,17 +493,10 @@ class JobState:
         return _series_from_json(data)
 
     def record_series(self, series: Series, selected: bool) -> None:
-        # instance UIDs live in the instances table, not in every series row
-        data = json.dumps({**asdict(series), "sop_class_uids": sorted(series.sop_class_uids),
-                           "transfer_syntaxes": sorted(series.transfer_syntaxes), "instance_uids": None})
-        status = SeriesStatus.PENDING if selected else SeriesStatus.EXCLUDED
         self._write(
             "INSERT INTO series (series_uid, study_uid, data, status, updated) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT (series_uid) DO UPDATE SET data = excluded.data, "
-            "status = CASE WHEN series.status IN (?, ?, ?) AND excluded.status = ? "
-            "THEN series.status ELSE excluded.status END",
-            (series.series_uid, series.study_uid, data, status, time.time(),
-             SeriesStatus.STORED, SeriesStatus.RETRIEVING, SeriesStatus.FAILED, SeriesStatus.PENDING),
+            "ON CONFLICT (series_uid) DO UPDATE SET data = excluded.data, status = " + _KEEP_PROGRESS,
+            (series.series_uid, series.study_uid, _series_data(series), _listed_status(selected), time.time()),
         )
 
     def record_listing(self, listing: list[tuple[Series, bool]]) -> None:
@@ -395,6 +522,14 @@ class JobState:
             "UPDATE series SET status = ?, error = ?, attempts = attempts + ?, updated = ? WHERE series_uid = ?",
             (status, error, int(attempt), time.time(), series_uid),
         )
+
+    def set_series_statuses(self, series_uids: Iterable[str], status: SeriesStatus) -> None:
+        """:meth:`set_series_status` of many series (no error, no attempt counted)."""
+        for chunk, marks in _chunks(series_uids):
+            self._write(
+                f"UPDATE series SET status = ?, error = NULL, updated = ? WHERE series_uid IN ({marks})",
+                (status, time.time(), *chunk),
+            )
 
     def record_expected(self, series_uid: str, instances: list[Instance]) -> None:
         with self.transaction() as db:
@@ -465,11 +600,8 @@ class JobState:
 
     def instance_count(self, series_uids: Iterable[str]) -> tuple[int, int]:
         """Expected and stored instances of these series."""
-        uids = list(series_uids)
         expected = stored = 0
-        for start in range(0, len(uids), 500):
-            chunk = uids[start:start + 500]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _chunks(series_uids):
             e, s_ = self._query(
                 f"SELECT COUNT(*), COALESCE(SUM(stored), 0) FROM instances WHERE series_uid IN ({marks})", *chunk)[0]
             expected, stored = expected + int(e), stored + int(s_)
@@ -684,8 +816,56 @@ class PostgresJobState(JobState):
         db.execute("COMMIT")
 
     def record_listing(self, listing: list[tuple[Series, bool]]) -> None:
-        with self.transaction():
-            self._record_each(listing)
+        # The SQLite state's statements, series after series, as one
+        # statement: atomic by itself, one round trip for the whole study
+        # instead of BEGIN, two per series and COMMIT.
+        rows: dict[str, tuple[str, str, str, int | None]] = {}
+        instances: list[tuple[str, str]] = []
+        for series, selected in listing:
+            expected = None
+            if selected and series.instance_uids is not None:
+                expected = len(series.instance_uids)
+                instances += [(uid, series.series_uid) for uid in series.instance_uids]
+            # a series listed twice is written once (one statement may not
+            # update a row twice), in first place, as one after the other would
+            # leave it: the last listing's data and status, the last count
+            if expected is None and series.series_uid in rows:
+                expected = rows[series.series_uid][3]
+            rows[series.series_uid] = (series.study_uid, _series_data(series), _listed_status(selected), expected)
+        if not rows:
+            return
+        uids = list(rows)
+        self._write(
+            "WITH added AS (INSERT INTO instances (sop_uid, series_uid) "
+            "SELECT u, s FROM unnest(?::text[], ?::text[]) AS i (u, s) ON CONFLICT DO NOTHING) "
+            "INSERT INTO series (series_uid, study_uid, data, status, updated, expected) "
+            "SELECT uid, study, data, status, ?, expected "
+            "FROM unnest(?::text[], ?::text[], ?::text[], ?::text[], ?::integer[]) WITH ORDINALITY "
+            "AS t (uid, study, data, status, expected, n) ORDER BY n "
+            "ON CONFLICT (series_uid) DO UPDATE SET data = excluded.data, status = " + _KEEP_PROGRESS
+            + ", expected = COALESCE(excluded.expected, series.expected)",
+            ([u for u, _ in instances], [s for _, s in instances], time.time(),
+             uids, [rows[u][0] for u in uids], [rows[u][1] for u in uids], [rows[u][2] for u in uids],
+             [rows[u][3] for u in uids]),
+        )
+
+    def record_row_matches(self, input_id: int, line: int, studies: list[Study], warnings: list[str] = ()) -> None:
+        # The SQLite state's statements as one: the row's studies and matches
+        # and its status, one round trip instead of five or more.
+        data: dict[str, str] = {}
+        for study in studies:  # a study answered twice: recorded once, as last answered
+            data[study.study_uid] = json.dumps(asdict(study))
+        uids = list(data)
+        self._write(
+            "WITH found AS (INSERT INTO studies (study_uid, data, updated) "
+            "SELECT u, d, ? FROM unnest(?::text[], ?::text[]) AS t (u, d) "
+            "ON CONFLICT (study_uid) DO UPDATE SET data = excluded.data WHERE studies.status = ?), "
+            "matched AS (INSERT INTO matches SELECT ?, ?, p - 1, u FROM unnest(?::text[]) WITH ORDINALITY AS m (u, p) "
+            "ON CONFLICT DO NOTHING) " + _ROW_QUERIED,
+            (time.time(), uids, [data[u] for u in uids], StudyStatus.FOUND,
+             input_id, line, [study.study_uid for study in studies],
+             RowStatus.QUERIED, _warnings_json(warnings), input_id, line),
+        )
 
     def _query(self, sql: str, *params: Any) -> list[tuple]:
         return self._db.execute(sql, params).fetchall()
@@ -714,19 +894,20 @@ class PostgresJobState(JobState):
         warnings = warnings or {}
         # once each: one statement may not update a row twice
         sop_uids = list(dict.fromkeys(sop_uids))
-        with self.transaction() as db:
-            db.execute(
-                "INSERT INTO instances (sop_uid, series_uid, stored, size, run, warning) "
-                "SELECT u, ?, 1, s, ?, w FROM unnest(?::text[], ?::integer[], ?::text[]) AS t (u, s, w) "
-                "ON CONFLICT (sop_uid) DO UPDATE SET stored = 1, size = excluded.size, run = excluded.run, "
-                "warning = excluded.warning WHERE instances.stored = 0",
-                (series_uid, run, sop_uids, [sizes.get(uid) for uid in sop_uids],
-                 [warnings.get(uid) for uid in sop_uids]),
-            )
-            db.execute(
-                _RECOUNT_STORED,
-                (series_uid, series_uid),
-            )
+        # One statement, a transaction by itself (not BEGIN, insert, recount,
+        # COMMIT: four round trips a series). Its recount reads the rows as
+        # they were before it, so the instances it newly stored are added:
+        # those RETURNING names (inserted, or updated from not stored).
+        self._write(
+            "WITH added AS (INSERT INTO instances (sop_uid, series_uid, stored, size, run, warning) "
+            "SELECT u, ?, 1, s, ?, w FROM unnest(?::text[], ?::integer[], ?::text[]) AS t (u, s, w) "
+            "ON CONFLICT (sop_uid) DO UPDATE SET stored = 1, size = excluded.size, run = excluded.run, "
+            "warning = excluded.warning WHERE instances.stored = 0 RETURNING 1) "
+            "UPDATE series SET stored = (SELECT COUNT(*) FROM instances WHERE series_uid = ? AND stored = 1) "
+            "+ (SELECT COUNT(*) FROM added) WHERE series_uid = ?",
+            (series_uid, run, sop_uids, [sizes.get(uid) for uid in sop_uids],
+             [warnings.get(uid) for uid in sop_uids], series_uid, series_uid),
+        )
 
     def expected_instances(self, series_uid: str) -> list[str] | None:
         # One statement, not two: called a few times a series by each step.

@@ -157,10 +157,11 @@ def list_study(ctx: JobContext, study: Study) -> list[tuple[Series, SeriesStatus
     """Make the job state know a study's series (querying the source the
     first time, re-applying the filter later: it may have changed)."""
     state = ctx.state
-    if not state.known_series(study.study_uid):
+    known = state.known_series(study.study_uid)
+    if not known:
         state.record_listing(series_of(ctx, study))
     else:
-        for series, status in state.known_series(study.study_uid):
+        for series, status in known:
             if status in (SeriesStatus.PENDING, SeriesStatus.EXCLUDED):
                 state.record_series(series, _selects(ctx, study, series))
     return state.known_series(study.study_uid)
@@ -168,15 +169,24 @@ def list_study(ctx: JobContext, study: Study) -> list[tuple[Series, SeriesStatus
 
 def list_study_step(ctx: JobContext, study_uid: str) -> None:
     """The ``list-study`` step: list one selected study's series."""
-    study, _, line = ctx.state.selected_study(study_uid)
+    _list_selected(ctx, study_uid)
+
+
+def _list_selected(ctx: JobContext, study_uid: str) -> tuple[Study, Labels, list[tuple[Series, SeriesStatus]] | None]:
+    """List a selected study (:func:`list_study`), recording a failure
+    instead of raising it: the study, its labels and its series as the job
+    state now has them (``None`` if the listing failed)."""
+    study, labels, line = ctx.state.selected_study(study_uid)
+    known = None
     try:
-        list_study(ctx, study)
+        known = list_study(ctx, study)
     except SourceDownError as error:
         ctx.give_up(str(error))
     except RemoteError as error:
         log.warning("row %d: series query of study %s failed: %s", line, study_uid, error)
         ctx.state.set_study_status(study_uid, StudyStatus.FAILED, f"series query failed: {error}")
     ctx.reporter.advance("series")
+    return study, labels, known
 
 
 # -- retrieve one series ----------------------------------------------------------
@@ -270,13 +280,15 @@ def _store_failure(target: StoreTarget, retriable: bool) -> RemoteError:
     return RemoteError(f"could not store an instance: {target.errors[0]}{more}", retriable=retriable)
 
 
-def _stored(ctx: JobContext, study: Study, series: Series, expected: list[str] | None) -> None:
+def _stored(
+    ctx: JobContext, study: Study, series: Series, expected: list[str] | None, sent: bool = False
+) -> None:
     """The series is in the destination: confirmed there first, when it was
-    sent by this step (a series already stored was confirmed then). A
-    mismatch fails the series naming what is missing, and those instances
-    are to be sent again."""
+    sent by this step (a series already stored was confirmed then; ``sent``:
+    this step sent it, no need to read its status). A mismatch fails the
+    series naming what is missing, and those instances are to be sent again."""
     state = ctx.state
-    if state.series_status(series.series_uid) != SeriesStatus.STORED and expected:
+    if (sent or state.series_status(series.series_uid) != SeriesStatus.STORED) and expected:
         mode = getattr(ctx.destination, "verify_mode", VerifyMode.LOCAL)
         if mode not in (VerifyMode.LOCAL, VerifyMode.OFF):
             missing = ctx.destination.verify(study, series, expected)
@@ -291,24 +303,28 @@ def _stored(ctx: JobContext, study: Study, series: Series, expected: list[str] |
     state.set_series_status(series.series_uid, SeriesStatus.STORED)
 
 
-def _adopt_found(ctx: JobContext, series: Series, writer: SeriesWriter, expected: list[str]) -> set[str]:
+def _adopt_found(
+    ctx: JobContext, series: Series, writer: SeriesWriter, expected: list[str], stored: set[str] | None = None
+) -> set[str]:
     """Record the expected instances the destination already holds that the
     job state does not know (an interrupted run's, or a set-aside state's
     files: the destination checks each is that instance, as asked); return
-    what is stored now."""
-    stored = ctx.state.stored_instances(series.series_uid)
+    what is stored now. ``stored``: what the job state has stored, if just read."""
+    if stored is None:
+        stored = ctx.state.stored_instances(series.series_uid)
     for uid in expected:
         if uid not in stored:
             writer.exists(uid)  # registers a proven file for the commit
-    _commit(ctx, series, writer, None)
+    if not _commit(ctx, series, writer, None):
+        return stored
     return ctx.state.stored_instances(series.series_uid)
 
 
-def _commit(ctx: JobContext, series: Series, writer: SeriesWriter, sizes: dict[str, int] | None) -> None:
+def _commit(ctx: JobContext, series: Series, writer: SeriesWriter, sizes: dict[str, int] | None) -> list[str]:
     """What the destination made durable (and, when remote, acknowledged) is
-    stored -- only that, also when it refused the rest. ``sizes`` are of what
-    this run stored; ``None`` for files found from an earlier run (not
-    counted as this run's)."""
+    stored -- only that, also when it refused the rest; returned. ``sizes``
+    are of what this run stored; ``None`` for files found from an earlier
+    run (not counted as this run's)."""
     run = None if sizes is None else ctx.run_id
     warnings = getattr(writer, "warnings", None)
     try:
@@ -317,6 +333,7 @@ def _commit(ctx: JobContext, series: Series, writer: SeriesWriter, sizes: dict[s
         ctx.state.mark_stored(series.series_uid, error.stored, run, sizes, warnings)
         raise
     ctx.state.mark_stored(series.series_uid, committed, run, sizes, warnings)
+    return committed
 
 
 def _expected_instances(ctx: JobContext, study: Study, series: Series) -> list[str] | None:
@@ -404,9 +421,18 @@ def _store(ctx: Any, received: ReceivedInstance, target_of: Callable[[Any], Stor
 # -- retrieve one study in one request -------------------------------------------
 
 
+@dataclass(frozen=True)
+class WholeStudy:
+    """A study to fetch in one request (:func:`whole_study_series`): its
+    series, and each one's expected instances (none of them stored yet)."""
+
+    series: list[Series]
+    expected: dict[str, list[str]]
+
+
 def whole_study_series(
     ctx: JobContext, study_uid: str, known: list[tuple[Series, SeriesStatus]] | None = None
-) -> list[Series] | None:
+) -> WholeStudy | None:
     """The series of a study when it can be fetched in one request: the
     backend can, every series is selected and pending, each one's instances
     are known and none is stored. ``None`` otherwise (series by series).
@@ -417,26 +443,32 @@ def whole_study_series(
         known = ctx.state.known_series(study_uid)
     if not known or any(status != SeriesStatus.PENDING for _, status in known):
         return None
+    instances = ctx.state.study_instances(study_uid)
+    expected: dict[str, list[str]] = {}
     for series, _ in known:
-        if ctx.state.expected_instances(series.series_uid) is None or ctx.state.stored_instances(series.series_uid):
+        listed, stored = instances.get(series.series_uid, (None, set()))
+        if listed is None or stored:
             return None
-    return [series for series, _ in known]
+        expected[series.series_uid] = listed
+    return WholeStudy([series for series, _ in known], expected)
 
 
-def retrieve_study_step(ctx: JobContext, study_uid: str, series: list[Series] | None = None) -> None:
+def retrieve_study_step(
+    ctx: JobContext, study_uid: str, whole: WholeStudy | None = None, selected: tuple[Study, Labels] | None = None
+) -> None:
     """The ``retrieve-study`` step: one request for the whole study; then a
     series it completed is confirmed (verified at a network destination)
     and the others are made complete by :func:`retrieve_series_step`, which
-    asks only for what is missing. ``series``: the study's, if just read."""
-    study, labels, _ = ctx.state.selected_study(study_uid)
-    if series is None:
-        series = [s for s, _ in ctx.state.known_series(study_uid)]
+    asks only for what is missing. ``whole``: what :func:`whole_study_series`
+    found, and ``selected``: the study and its labels, if just read."""
+    study, labels = selected or ctx.state.selected_study(study_uid)[:2]
+    series = whole.series if whole is not None else [s for s, _ in ctx.state.known_series(study_uid)]
     if not ctx.wait_for_window():
         return
     refused: dict[str, str] = {}
     complete: dict[str, list[str]] = {}
     try:
-        refused, complete = retrieve_whole_study(ctx, study, series, labels)
+        refused, complete = retrieve_whole_study(ctx, study, series, labels, whole.expected if whole else None)
     except SourceDownError as error:
         ctx.give_up(str(error))
         return
@@ -455,35 +487,46 @@ def retrieve_study_step(ctx: JobContext, study_uid: str, series: list[Series] | 
             # every expected instance was committed just now: what
             # retrieve-series would find, without reading it all back
             expected = complete[one.series_uid]
-            _settle_series(ctx, study, one, lambda one=one, expected=expected: _stored(ctx, study, one, expected))
+            _settle_series(
+                ctx, study, one, lambda one=one, expected=expected: _stored(ctx, study, one, expected, sent=True)
+            )
             continue
         retrieve_series_step(ctx, one.series_uid)
 
 
 def retrieve_whole_study(
-    ctx: JobContext, study: Study, series: list[Series], labels: Labels
+    ctx: JobContext, study: Study, series: list[Series], labels: Labels,
+    expected: dict[str, list[str]] | None = None,
 ) -> tuple[dict[str, str], dict[str, list[str]]]:
     """One attempt to fetch a study in one request; what arrived is stored
     (committed per series) whatever happens, the rest is left to do.
     Returns, per series, the first instance that could not be stored; and
     the series that are complete (every expected instance committed, none
-    refused), with their expected instances."""
+    refused), with their expected instances. ``expected``: each series'
+    expected instances, none stored, if just read (else read here)."""
     state = ctx.state
+    instances = None if expected is not None else state.study_instances(study.study_uid)
     targets: dict[str, StoreTarget] = {}
+    stored_before: dict[str, set[str]] = {}
     for one in series:
-        expected = state.expected_instances(one.series_uid) or []
+        if expected is not None:
+            listed, stored = expected.get(one.series_uid) or [], set()
+        else:
+            found, stored = instances.get(one.series_uid, (None, set()))
+            listed = found or []
         writer = ctx.destination.open_series(study, one, labels.subject, labels.session, labels=labels)
-        if _adopt_found(ctx, one, writer, expected):
+        stored_before[one.series_uid] = stored = _adopt_found(ctx, one, writer, listed, stored)
+        if stored:
             # some of it is in the destination already: fetch only what is missing
             raise RemoteError("part of the study is in the destination already")
-        targets[one.series_uid] = StoreTarget(RetrieveRequest(study, one), labels, writer, expected)
-    for one in series:
-        state.set_series_status(one.series_uid, SeriesStatus.RETRIEVING)
+        targets[one.series_uid] = StoreTarget(RetrieveRequest(study, one), labels, writer, listed)
+    state.set_series_statuses([one.series_uid for one in series], SeriesStatus.RETRIEVING)
     # with the expected instances: a C-MOVE's storage SCP accepts only those
     request = StudyRetrieveRequest(
         study, tuple(replace(one, instance_uids=tuple(targets[one.series_uid].expected or ())) for one in series)
     )
     failure: Exception | None = None
+    committed: dict[str, list[str]] = {}
     try:
         ctx.guard.retrieve_once(
             lambda: ctx.backend.retrieve_study(request, lambda received: store_study_instance(ctx, received, targets))  # type: ignore[attr-defined]
@@ -496,7 +539,7 @@ def retrieve_whole_study(
         for one in series:
             target = targets[one.series_uid]
             try:
-                _commit(ctx, one, target.writer, target.sizes)
+                committed[one.series_uid] = _commit(ctx, one, target.writer, target.sizes)
             except DestinationRefusedError as error:  # refused for good at commit (a STOW batch)
                 if error.retriable:
                     raise
@@ -507,7 +550,8 @@ def retrieve_whole_study(
     complete: dict[str, list[str]] = {}
     for uid, target in targets.items():
         if not target.errors and target.expected:
-            stored = state.stored_instances(uid)  # as committed: the job state, not what was sent
+            # as committed (what the job state now has stored), not as sent
+            stored = stored_before[uid].union(committed.get(uid, ()))
             if all(sop in stored for sop in target.expected):
                 complete[uid] = list(target.expected)
     return refused, complete
@@ -522,16 +566,15 @@ def fetch_study_step(ctx: JobContext, study_uid: str) -> FollowUps:
     otherwise return one ``retrieve-series`` step per wanted series, for the
     executor to run alongside the other studies' steps. Either way the study
     is listed as soon as a worker is free, not after every other study."""
-    list_study_step(ctx, study_uid)
-    if ctx.stop.is_set() or ctx.state.study_status(study_uid) == StudyStatus.FAILED:
+    study, labels, known = _list_selected(ctx, study_uid)
+    if ctx.stop.is_set() or known is None:  # stopped, or the listing failed (recorded)
         return []
-    known = ctx.state.known_series(study_uid)
     wanted = [series for series, status in known if status != SeriesStatus.EXCLUDED]
     ctx.reporter.grow("retrieve", len(wanted))
     ctx.reporter.grow("instances", sum(series.n_instances or 0 for series in wanted))
     whole = whole_study_series(ctx, study_uid, known)
     if whole is not None:
-        retrieve_study_step(ctx, study_uid, whole)
+        retrieve_study_step(ctx, study_uid, whole, (study, labels))
         return []
     return [(StepKind.RETRIEVE_SERIES, series.series_uid) for series in wanted]
 

@@ -191,3 +191,116 @@ def test_a_study_listing_is_recorded_whole_or_not_at_all(job_state):
         ("1.2.3.1", SeriesStatus.PENDING), ("1.2.3.2", SeriesStatus.EXCLUDED),
     ]
     assert sorted(job_state.expected_instances("1.2.3.1")) == ["1.2.3.1.1", "1.2.3.1.2"]
+
+
+def _listed(job_state, study="1.2.3"):
+    """A study of two selected series (three and two expected instances) and an excluded one."""
+    from dqr.model import Series
+
+    job_state.record_listing([
+        (Series(study, f"{study}.1", instance_uids=tuple(f"{study}.1.{n}" for n in (1, 2, 3))), True),
+        (Series(study, f"{study}.2", instance_uids=(f"{study}.2.1", f"{study}.2.2")), True),
+        (Series(study, f"{study}.3", n_instances=7), False),
+    ])
+    return study
+
+
+def test_a_series_count_of_stored_instances_follows_every_mark(job_state):
+    # PostgreSQL marks and recounts in one statement: instances marked twice,
+    # or stored by an earlier mark, are counted once.
+    study = _listed(job_state)
+    job_state.mark_stored(f"{study}.1", [f"{study}.1.1", f"{study}.1.2"])
+    job_state.mark_stored(f"{study}.1", [f"{study}.1.2", f"{study}.1.3", f"{study}.1.3"])
+    job_state.mark_stored(f"{study}.2", [f"{study}.2.9"])  # not expected: stored all the same
+    stored = dict(job_state._query("SELECT series_uid, stored FROM series WHERE study_uid = ?", study))
+    assert stored == {f"{study}.1": 3, f"{study}.2": 1, f"{study}.3": 0}
+    job_state.unmark_stored(f"{study}.1", [f"{study}.1.1"])
+    assert job_state._query("SELECT stored FROM series WHERE series_uid = ?", f"{study}.1") == [(2,)]
+
+
+def test_a_study_instances_are_read_in_one_go_as_series_by_series(job_state):
+    study = _listed(job_state)
+    job_state.mark_stored(f"{study}.2", [f"{study}.2.1"])
+    found = job_state.study_instances(study)
+    assert set(found) == {f"{study}.1", f"{study}.2", f"{study}.3"}
+    assert sorted(found[f"{study}.1"][0]) == sorted(job_state.expected_instances(f"{study}.1"))
+    assert found[f"{study}.1"][1] == set()
+    assert sorted(found[f"{study}.2"][0]) == [f"{study}.2.1", f"{study}.2.2"]
+    assert found[f"{study}.2"][1] == job_state.stored_instances(f"{study}.2") == {f"{study}.2.1"}
+    assert found[f"{study}.3"] == (None, set())  # excluded: its instances were never listed
+
+
+def test_studies_are_planned_and_judged_many_at_a_time_as_one_by_one(job_state):
+    from dqr.model import Labels, Study, StudyStatus
+    from dqr.state import SeriesCounts
+
+    first, second = _listed(job_state, "1.2.3"), _listed(job_state, "1.2.4")
+    job_state.mark_stored(f"{first}.1", [f"{first}.1.1"])
+    assert job_state.studies_labels([first, "9.9"]) == {}  # found nowhere yet: not selected
+    job_state.select_studies([(Study(first), Labels("S1", "S1_MR"), 2), (Study(second), Labels("S2", "S2_MR"), 3)])
+    assert job_state.studies_labels([first, second, "9.9"]) == {
+        uid: job_state.study_labels(uid) for uid in (first, second)
+    }
+    assert job_state.studies_labels([first])[first] == (Labels("S1", "S1_MR"), StudyStatus.SELECTED)
+    assert job_state.studies_series([first, second, "9.9"]) == {
+        first: job_state.known_series(first), second: job_state.known_series(second), "9.9": []}
+    assert job_state.studies_instance_counts([first]) == {
+        f"{first}.1": SeriesCounts(True, 3, 1), f"{first}.2": SeriesCounts(True, 2, 0),
+        f"{first}.3": SeriesCounts(False, 0, 0),
+    }
+    job_state.set_study_statuses([(first, StudyStatus.STORED, None), (second, StudyStatus.FAILED, "why")])
+    assert [job_state.study_status(uid) for uid in (first, second)] == [StudyStatus.STORED, StudyStatus.FAILED]
+    assert job_state.failures() == [
+        {"kind": "study", "row": 3, "StudyInstanceUID": second, "error": "why", "attempts": 1}]
+
+
+def test_many_studies_are_read_in_chunks(job_state):
+    from dqr.model import Labels, Study
+
+    uids = [f"1.2.{n}" for n in range(1, 1203)]  # more than two chunks of placeholders
+    job_state.select_studies([(Study(uid), Labels(f"S{n}", f"S{n}_CT"), n) for n, uid in enumerate(uids)])
+    assert len(job_state.studies_labels(uids)) == len(uids)
+    assert job_state.studies_labels(uids)[uids[-1]][0] == Labels(f"S{len(uids) - 1}", f"S{len(uids) - 1}_CT")
+
+
+def test_a_series_listed_again_keeps_its_progress_while_the_filter_selects_it(job_state):
+    from dqr.model import Series
+
+    study = _listed(job_state)
+    job_state.set_series_status(f"{study}.1", SeriesStatus.STORED)
+    again = [(Series(study, f"{study}.1", instance_uids=(f"{study}.1.1",)), True), (Series(study, f"{study}.3"), True)]
+    job_state.record_listing(again)
+    statuses = {s.series_uid: status for s, status in job_state.known_series(study)}
+    assert statuses == {f"{study}.1": SeriesStatus.STORED, f"{study}.2": SeriesStatus.PENDING,
+                        f"{study}.3": SeriesStatus.PENDING}
+    job_state.record_listing([(Series(study, f"{study}.1"), False)])
+    assert job_state.known_series(study)[0][1] == SeriesStatus.EXCLUDED
+
+
+def test_a_series_a_pacs_lists_twice_is_recorded_once_in_its_first_place(job_state):
+    from dqr.model import Series
+
+    study = "1.2.3"
+    job_state.record_listing([
+        (Series(study, "1.2.3.1", instance_uids=("1.2.3.1.1",)), True),
+        (Series(study, "1.2.3.2"), True),
+        (Series(study, "1.2.3.1", instance_uids=("1.2.3.1.1", "1.2.3.1.2")), False),
+    ])
+    assert [(s.series_uid, status) for s, status in job_state.known_series(study)] == [
+        ("1.2.3.1", SeriesStatus.EXCLUDED), ("1.2.3.2", SeriesStatus.PENDING)]
+    assert job_state.expected_instances("1.2.3.1") == ["1.2.3.1.1"]
+
+
+def test_a_row_answer_is_recorded_with_its_studies_in_answer_order_each_once(job_state):
+    from dqr.model import RowOutcome, RowQuery, Study
+
+    rows = [RowQuery(2, {"AccessionNumber": "A1"}, "S1", "S1_CT"), RowQuery(3, {"AccessionNumber": "A2"})]
+    input_id = job_state.begin_input("csv", "studies.csv", "fingerprint", rows)
+    answered = [Study("1.2.5", accession_number="A1"), Study("1.2.4"), Study("1.2.5", accession_number="A1b")]
+    job_state.record_row_matches(input_id, 2, answered, ["a remark", "a remark"])
+    job_state.record_row_failure(input_id, 3, "refused")
+    first, second = job_state.row_answers(input_id)
+    assert [s.study_uid for s in first.studies] == ["1.2.5", "1.2.4"]
+    assert first.studies[0].accession_number == "A1b"  # as last answered
+    assert (first.outcome, first.notes, first.subject) == (RowOutcome.MATCHED, ("a remark",), "S1")
+    assert (second.outcome, second.reason, second.studies) == (RowOutcome.QUERY_FAILED, "refused", [])
