@@ -205,10 +205,29 @@ def main() -> None:
             baseline = statistics.median(r["wall_s"] for r in results if r["variant"] == f"queue1-{n}-baseline")
             overhead |= {"baseline_queue1_median_s": baseline,
                          "baseline_overhead_pct": round(100 * (baseline - local) / local, 1)}  # fmt: skip
+        if args.studies != n and 1 in args.processes:
+            walls = {v: statistics.median(r["wall_s"] for r in results if r["variant"] == v)
+                     for v in (f"local-{args.studies}", f"queue1-{args.studies}")}  # fmt: skip
+            overhead |= split_overhead({n: local, args.studies: walls[f"local-{args.studies}"]},
+                                       {n: queued, args.studies: walls[f"queue1-{args.studies}"]})  # fmt: skip
         print(json.dumps(overhead))
         results.append(overhead)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def split_overhead(local: dict[int, float], queued: dict[int, float]) -> dict[str, float]:
+    """The queue's extra time, from the walls of two job sizes (studies ->
+    seconds, one process): what each further study costs it against the
+    local executor (the slopes' ratio, in %), and what it costs once
+    whatever the size (the intercepts' difference: DBOS's import and launch,
+    the phases' hand-overs)."""
+    small, large = sorted(local)
+    slope_local = (local[large] - local[small]) / (large - small)
+    slope_queue = (queued[large] - queued[small]) / (large - small)
+    fixed = (queued[small] - slope_queue * small) - (local[small] - slope_local * small)
+    return {"marginal_overhead_pct": round(100 * (slope_queue / slope_local - 1), 1),
+            "fixed_overhead_s": round(fixed, 2)}  # fmt: skip
 
 
 def _part10(dataset) -> bytes:
