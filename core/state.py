@@ -92,6 +92,9 @@ _SELECT_STUDY = (
     "WHERE study_uid = ?"
 )
 
+_SET_STUDY_STATUS = (
+    "UPDATE studies SET status = ?, error = ?, attempts = attempts + ?, updated = ? WHERE study_uid = ?"
+)
 _RECORD_STUDY = (
     "INSERT INTO studies (study_uid, data, updated) VALUES (?, ?, ?) "
     "ON CONFLICT (study_uid) DO UPDATE SET data = excluded.data WHERE studies.status = ?"
@@ -371,22 +374,10 @@ class JobState:
         return study_from_dict(json.loads(data)), Labels(subject, session, bool(rs), bool(rss)), line
 
     def select_study(self, study: Study, labels: Labels, line: int) -> None:
-        with self.transaction() as db:
-            db.execute(
-                "INSERT INTO studies (study_uid, data, updated) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
-                (study.study_uid, json.dumps(asdict(study)), time.time()),
-            )
-            db.execute(
-                _SELECT_STUDY,
-                (labels.subject, labels.session, int(labels.relabel_subject), int(labels.relabel_session), line,
-                 StudyStatus.STORED, StudyStatus.RETRIEVING, StudyStatus.SELECTED, time.time(), study.study_uid),
-            )
+        self.select_studies([(study, labels, line)])
 
     def set_study_status(self, study_uid: str, status: StudyStatus, error: str | None = None) -> None:
-        self._write(
-            "UPDATE studies SET status = ?, error = ?, attempts = attempts + ?, updated = ? WHERE study_uid = ?",
-            (status, error, int(status == StudyStatus.FAILED), time.time(), study_uid),
-        )
+        self._write(_SET_STUDY_STATUS, (status, error, int(status == StudyStatus.FAILED), time.time(), study_uid))
 
     def study_status(self, study_uid: str) -> StudyStatus | None:
         found = self._query("SELECT status FROM studies WHERE study_uid = ?", study_uid)
@@ -433,7 +424,7 @@ class JobState:
         now = time.time()
         with self.transaction() as db:
             db.executemany(
-                "UPDATE studies SET status = ?, error = ?, attempts = attempts + ?, updated = ? WHERE study_uid = ?",
+                _SET_STUDY_STATUS,
                 [(status, error, int(status == StudyStatus.FAILED), now, uid) for uid, status, error in outcomes],
             )
 
