@@ -133,17 +133,18 @@ def _wait_for_node(url: str, count: int = 1, timeout: float = 120) -> None:
 
 
 def _steps(url: str) -> tuple[int, int]:
-    """The job's steps (one per CSV row, study and follow-up) and the workflows
-    that ran them (query rows go in batches, one workflow each)."""
+    """The job's steps (one per CSV row, selected study and follow-up) and
+    the workflows that ran them (query rows and studies go in batches)."""
     import psycopg
 
     with psycopg.connect(url, autocommit=True) as conn:
-        workflows, others = conn.execute(
-            "SELECT count(*), count(*) FILTER (WHERE workflow_uuid NOT LIKE '%/query-row/%') "
+        workflows, follow_ups = conn.execute(
+            "SELECT count(*), count(*) FILTER (WHERE workflow_uuid LIKE '%/retrieve-series/%') "
             "FROM dbos.workflow_status WHERE name = 'dqr-step'"
         ).fetchone()
         (rows,) = conn.execute("SELECT count(*) FROM dqr.rows").fetchone()
-    return others + rows, workflows
+        (studies,) = conn.execute("SELECT count(*) FROM dqr.studies WHERE line IS NOT NULL").fetchone()
+    return rows + studies + follow_ups, workflows
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ How it works (docs/scale-out.md has the operator's view):
   calls ``STEPS[kind](ctx, key)``: the step reads its inputs from the job
   state and records its outcome there.
 - :meth:`QueueExecutor.run` (the driver in ``dqr run``) enqueues one workflow
-  per key (for query-row steps, per batch of keys: :data:`_BATCHED`) on the
+  per key (for query-row and fetch-study steps, per batch of keys: :data:`_BATCHED`) on the
   source's queue, whose global concurrency it sets to the
   phase's ``workers`` (``max_queries`` / ``max_retrievals``), waits until all
   are done -- with the follow-up steps they enqueued themselves, under their
@@ -87,16 +87,21 @@ _PHASES = {
 }
 #: The step kinds that store instances (the driver counts them from the job state).
 _RETRIEVING = ("retrieve-series", "retrieve-study", "fetch-study")
-#: Step kinds run in batches, one workflow per batch: a query-row step takes
-#: a few ms (one C-FIND, one write), the workflow around it as much again in
-#: DBOS's bookkeeping, and a queue hands out no more than the phase's
-#: ``workers`` a poll -- 40 rows took 1.5 s, the local executor's 0.15 s.
-#: A batch's rows run one after the other; a recovered batch reruns them all
-#: (a row's step is idempotent).
-_BATCHED = ("query-row",)
-#: Steps in one batch at most: the driver's progress advances by whole
+#: Step kinds run in batches, one workflow per batch: kind -> (steps in one
+#: batch at most, batches for each slot of the cluster at least). A
+#: batch's steps run one after the other; a recovered batch reruns them all
+#: (each step is idempotent). A query-row step takes a few ms (one C-FIND,
+#: one write), the workflow around it as much again in DBOS's bookkeeping,
+#: and a queue hands out no more than the phase's ``workers`` a poll -- 40
+#: rows took 1.5 s, the local executor's 0.15 s: one batch per slot. A
+#: fetch-study step takes 50-100 ms, its workflow ~7 ms of the process's
+#: CPU, which bounds the job (docs/scale-out.md, stop 26): four studies to
+#: a workflow, and at least four batches per slot so that the work still
+#: spreads over the processes and what a killed one leaves is small.
+_BATCHED: dict[str, tuple[int, int]] = {"query-row": (500, 1), "fetch-study": (4, 4)}
+#: Query rows in one batch at most: the driver's progress advances by whole
 #: batches, and a recovered batch reruns its rows.
-MAX_BATCH = 500
+MAX_BATCH = _BATCHED["query-row"][0]
 _DONE = ("SUCCESS", "ERROR", "CANCELLED", "MAX_RECOVERY_ATTEMPTS_EXCEEDED")
 
 
@@ -520,7 +525,7 @@ class QueueExecutor:
         workflow = _register_workflow()
         # workflow id -> the steps it runs (a batch is named by its first key)
         sizes = {}
-        batches = _batches(keys, workers * here.live_nodes()) if kind in _BATCHED else keys
+        batches = _batches(keys, workers * here.live_nodes(), *_BATCHED[kind]) if kind in _BATCHED else keys
         for key in batches:
             workflow_id = prefix + json.dumps(key["batch"][0] if isinstance(key, dict) else key)
             with SetWorkflowID(workflow_id):
@@ -621,14 +626,16 @@ def phase_ids(conn, prefix: str, *, done: bool) -> list[str]:
     return [row[0] for row in rows]
 
 
-def _batches(keys: Sequence[Any], slots: int) -> list[dict[str, list[Any]]]:
-    """``keys`` in order, in one batch per slot the cluster has for the
-    phase (its ``workers`` on each live process), of at most
-    :data:`MAX_BATCH` keys. Not more batches than that: a queue hands out
-    at most the phase's ``workers`` a poll, so each further round waits for
-    a poll -- 40 rows in 16 batches took four polls, 0.55 s; in 4 batches
-    0.31 s (one process). Not fewer: the rows spread over the processes."""
-    size = min(MAX_BATCH, max(1, math.ceil(len(keys) / max(1, slots))))
+def _batches(
+    keys: Sequence[Any], slots: int, largest: int = MAX_BATCH, per_slot: int = 1
+) -> list[dict[str, list[Any]]]:
+    """``keys`` in order, in ``per_slot`` batches per slot the cluster has
+    for the phase (its ``workers`` on each live process), of at most
+    ``largest`` keys. For query rows one per slot, not more: a queue hands
+    out at most the phase's ``workers`` a poll, so each further round waits
+    for a poll -- 40 rows in 16 batches took four polls, 0.55 s; in 4
+    batches 0.31 s (one process). Not fewer: the rows spread over the processes."""
+    size = min(largest, max(1, math.ceil(len(keys) / max(1, slots * per_slot))))
     return [{"batch": list(keys[start : start + size])} for start in range(0, len(keys), size)]
 
 

@@ -262,6 +262,20 @@ def test_query_rows_go_in_one_batch_per_slot_of_the_cluster_of_at_most_500(rows,
     assert [key for batch in batches for key in batch["batch"]] == list(range(rows))
 
 
+@pytest.mark.parametrize(
+    ("studies", "slots", "sizes"),
+    [(80, 4, [4] * 20), (40, 4, [3] * 13 + [1]), (6, 12, [1] * 6)],
+)
+def test_fetch_study_steps_go_four_to_a_workflow_and_four_batches_per_slot_at_least(studies, slots, sizes) -> None:
+    # DBOS's bookkeeping of a workflow costs the process ~7 ms of CPU, a
+    # study's step 50-100 ms: four to a batch; but a small job still spreads.
+    from dqr.plugins.queue_executor import _BATCHED, _batches
+
+    batches = _batches(list(range(studies)), slots, *_BATCHED["fetch-study"])
+    assert [len(batch["batch"]) for batch in batches] == sizes
+    assert [key for batch in batches for key in batch["batch"]] == list(range(studies))
+
+
 def _wait(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
