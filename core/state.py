@@ -357,24 +357,12 @@ class JobState:
 
     # -- studies -------------------------------------------------------------------
 
-    def study_labels(self, study_uid: str) -> tuple[Labels | None, StudyStatus]:
-        found = self._query(
-            "SELECT subject, session, relabel_subject, relabel_session, status FROM studies WHERE study_uid = ?",
-            study_uid)
-        if not found or found[0][0] is None:
-            return None, StudyStatus(found[0][4]) if found else StudyStatus.FOUND
-        subject, session, rs, rss, status = found[0]
-        return Labels(subject, session, bool(rs), bool(rss)), StudyStatus(status)
-
     def selected_study(self, study_uid: str) -> tuple[Study, Labels, int]:
         """A selected study, its labels and the CSV line it is retrieved for."""
         data, subject, session, rs, rss, line = self._query(
             "SELECT data, subject, session, relabel_subject, relabel_session, line FROM studies WHERE study_uid = ?",
             study_uid)[0]
         return study_from_dict(json.loads(data)), Labels(subject, session, bool(rs), bool(rss)), line
-
-    def select_study(self, study: Study, labels: Labels, line: int) -> None:
-        self.select_studies([(study, labels, line)])
 
     def set_study_status(self, study_uid: str, status: StudyStatus, error: str | None = None) -> None:
         self._write(_SET_STUDY_STATUS, (status, error, int(status == StudyStatus.FAILED), time.time(), study_uid))
@@ -388,7 +376,8 @@ class JobState:
     # round trips the driver makes one after the other (100,000 studies: ~600,000).
 
     def studies_labels(self, study_uids: Iterable[str]) -> dict[str, tuple[Labels | None, StudyStatus]]:
-        """:meth:`study_labels` of many studies; a study the job does not know is absent."""
+        """Per study: the labels it was selected under (``None`` if never) and
+        its status; a study the job does not know is absent."""
         found: dict[str, tuple[Labels | None, StudyStatus]] = {}
         for chunk, marks in _chunks(study_uids):
             for uid, subject, session, rs, rss, status in self._query(
@@ -399,7 +388,8 @@ class JobState:
         return found
 
     def select_studies(self, selected: Iterable[tuple[Study, Labels, int]]) -> None:
-        """:meth:`select_study` of many studies, in one transaction."""
+        """Select studies ``(study, labels, CSV line)`` for retrieval, in one
+        transaction: a study stored or being retrieved keeps its status."""
         selected = list(selected)
         if not selected:
             return
@@ -588,15 +578,6 @@ class JobState:
             "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM instances WHERE run = ? AND stored = 1", run
         )[0]
         return int(count), int(size)
-
-    def instance_count(self, series_uids: Iterable[str]) -> tuple[int, int]:
-        """Expected and stored instances of these series."""
-        expected = stored = 0
-        for chunk, marks in _chunks(series_uids):
-            e, s_ = self._query(
-                f"SELECT COUNT(*), COALESCE(SUM(stored), 0) FROM instances WHERE series_uid IN ({marks})", *chunk)[0]
-            expected, stored = expected + int(e), stored + int(s_)
-        return expected, stored
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Counts per status of rows (latest input), studies and series."""

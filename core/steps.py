@@ -507,7 +507,6 @@ def retrieve_whole_study(
     state = ctx.state
     instances = None if expected is not None else state.study_instances(study.study_uid)
     targets: dict[str, StoreTarget] = {}
-    stored_before: dict[str, set[str]] = {}
     for one in series:
         if expected is not None:
             listed, stored = expected.get(one.series_uid) or [], set()
@@ -515,8 +514,7 @@ def retrieve_whole_study(
             found, stored = instances.get(one.series_uid, (None, set()))
             listed = found or []
         writer = ctx.destination.open_series(study, one, labels.subject, labels.session, labels=labels)
-        stored_before[one.series_uid] = stored = _adopt_found(ctx, one, writer, listed, stored)
-        if stored:
+        if _adopt_found(ctx, one, writer, listed, stored):
             # some of it is in the destination already: fetch only what is missing
             raise RemoteError("part of the study is in the destination already")
         targets[one.series_uid] = StoreTarget(RetrieveRequest(study, one), labels, writer, listed)
@@ -550,8 +548,9 @@ def retrieve_whole_study(
     complete: dict[str, list[str]] = {}
     for uid, target in targets.items():
         if not target.errors and target.expected:
-            # as committed (what the job state now has stored), not as sent
-            stored = stored_before[uid].union(committed.get(uid, ()))
+            # as committed (what the job state now has stored; nothing was
+            # before, or the study would not be fetched in one request), not as sent
+            stored = set(committed.get(uid, ()))
             if all(sop in stored for sop in target.expected):
                 complete[uid] = list(target.expected)
     return refused, complete

@@ -239,9 +239,7 @@ def test_studies_are_planned_and_judged_many_at_a_time_as_one_by_one(job_state):
     assert job_state.studies_labels([first, "9.9"]) == {}  # found nowhere yet: not selected
     job_state.select_studies([(Study(first), Labels("S1", "S1_MR"), 2), (Study(second), Labels("S2", "S2_MR"), 3)])
     assert job_state.studies_labels([first, second, "9.9"]) == {
-        uid: job_state.study_labels(uid) for uid in (first, second)
-    }
-    assert job_state.studies_labels([first])[first] == (Labels("S1", "S1_MR"), StudyStatus.SELECTED)
+        first: (Labels("S1", "S1_MR"), StudyStatus.SELECTED), second: (Labels("S2", "S2_MR"), StudyStatus.SELECTED)}
     assert job_state.studies_series([first, second, "9.9"]) == {
         first: job_state.known_series(first), second: job_state.known_series(second), "9.9": []}
     assert job_state.studies_instance_counts([first]) == {
