@@ -78,12 +78,10 @@ CREATE INDEX IF NOT EXISTS instances_by_run ON instances (run, stored, size);
 ADDED_COLUMNS = {"instances": {"size": "INTEGER", "run": "INTEGER", "warning": "TEXT"}}
 
 
-#: A series' count of stored instances, recounted from its instances
-#: (parameters: the series UID twice) after marks change.
-_RECOUNT_STORED = (
-    "UPDATE series SET stored = (SELECT COUNT(*) FROM instances WHERE series_uid = ? AND stored = 1) "
-    "WHERE series_uid = ?"
-)
+#: A series' count of stored instances (parameter: the series UID)...
+_STORED_COUNT = "(SELECT COUNT(*) FROM instances WHERE series_uid = ? AND stored = 1)"
+#: ...recounted from its instances (parameters: the series UID twice) after marks change.
+_RECOUNT_STORED = f"UPDATE series SET stored = {_STORED_COUNT} WHERE series_uid = ?"
 
 
 _SELECT_STUDY = (
@@ -373,7 +371,8 @@ class JobState:
 
     # A job's studies are planned and judged many at a time: one statement per
     # chunk of studies, not a few per study, which on the queue database are
-    # round trips the driver makes one after the other (100,000 studies: ~600,000).
+    # round trips the driver makes one after the other (~6 a study before the
+    # retrieval and ~6 after it: 1.2 million for 100,000 studies).
 
     def studies_labels(self, study_uids: Iterable[str]) -> dict[str, tuple[Labels | None, StudyStatus]]:
         """Per study: the labels it was selected under (``None`` if never) and
@@ -875,8 +874,7 @@ class PostgresJobState(JobState):
             "SELECT u, ?, 1, s, ?, w FROM unnest(?::text[], ?::integer[], ?::text[]) AS t (u, s, w) "
             "ON CONFLICT (sop_uid) DO UPDATE SET stored = 1, size = excluded.size, run = excluded.run, "
             "warning = excluded.warning WHERE instances.stored = 0 RETURNING 1) "
-            "UPDATE series SET stored = (SELECT COUNT(*) FROM instances WHERE series_uid = ? AND stored = 1) "
-            "+ (SELECT COUNT(*) FROM added) WHERE series_uid = ?",
+            f"UPDATE series SET stored = {_STORED_COUNT} + (SELECT COUNT(*) FROM added) WHERE series_uid = ?",
             (series_uid, run, sop_uids, [sizes.get(uid) for uid in sop_uids],
              [warnings.get(uid) for uid in sop_uids], series_uid, series_uid),
         )
